@@ -1,0 +1,104 @@
+"""The `h3fusion` command: one verb per pipeline stage, each a thin wrapper over a library function.
+
+Errors a user can fix (``H3FusionError``) print one ``error:`` line and exit 2; ``--debug``
+shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from h3fusion.errors import H3FusionError
+
+app = typer.Typer(
+    help="Fuse helpful, harmless and honest LoRA experts into one mixture-of-experts LLM.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+ConfigArg = Annotated[Path, typer.Argument(help="YAML run config, e.g. configs/demo.yaml")]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", help="Override a config key: --set train.lr=1e-4 (repeatable)")
+]
+OutOpt = Annotated[Path | None, typer.Option("--out", help="Run directory (overrides run_dir in the config)")]
+
+
+def _config(path: Path, overrides: list[str] | None, out: Path | None):
+    from h3fusion.config import load_config
+
+    overrides = list(overrides or [])
+    if out is not None:
+        overrides.append(f"run_dir={out}")
+    return load_config(path, overrides)
+
+
+@app.callback()
+def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors")] = False) -> None:
+    if debug:
+        os.environ["H3FUSION_DEBUG"] = "1"
+
+
+@app.command()
+def align(
+    config: ConfigArg,
+    axis: Annotated[list[str] | None, typer.Option(help="Only this axis (repeatable)")] = None,
+    set_: SetOpt = None,
+    out: OutOpt = None,
+) -> None:
+    """Stage 1: train one LoRA expert per axis on the FFN projections."""
+    cfg = _config(config, set_, out)
+    from h3fusion.experts import align as run_align
+
+    paths = run_align(cfg, axis)
+    for name, path in paths.items():
+        typer.echo(f"expert {name}: {path}")
+
+
+@app.command("model-info")
+def model_info(
+    model: Annotated[str, typer.Argument(help="Hub id, local dir, .gguf file or smollm2-135m")],
+) -> None:
+    """Load a base model (converting GGUF once) and print what h3fusion sees in it."""
+    from h3fusion.models import base_fingerprint, decoder_layers, load_model, resolve_model_path
+
+    loaded, tokenizer = load_model(model)
+    cfg = loaded.config
+    typer.echo(f"path: {resolve_model_path(model)}")
+    typer.echo(f"class: {type(loaded).__name__} ({cfg.model_type})")
+    typer.echo(f"layers: {len(decoder_layers(loaded))}, hidden {cfg.hidden_size}, mlp {cfg.intermediate_size}")
+    typer.echo(f"parameters: {sum(p.numel() for p in loaded.parameters()):,}")
+    typer.echo(f"chat template: {'yes' if tokenizer.chat_template else 'no'}; fingerprint {base_fingerprint(loaded)}")
+
+
+@app.command("data")
+def data_stats(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Print the train/test record counts of every axis under this config."""
+    from h3fusion.data import load_test, load_train
+
+    cfg = _config(config, set_, None)
+    for axis in cfg.experts:
+        typer.echo(f"{axis}: train {len(load_train(axis, cfg))}, test {len(load_test(axis, cfg))}")
+
+
+def main() -> None:
+    """Console-script entry point: user errors become one line, not a traceback."""
+    try:
+        app()
+    except H3FusionError as error:
+        if os.environ.get("H3FUSION_DEBUG") == "1":
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

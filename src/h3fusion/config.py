@@ -1,0 +1,207 @@
+"""The run config: one YAML file describes a whole run; pydantic validates it.
+
+Every key has a default here and a comment in ``configs/*.yaml``. Unknown keys are errors
+(with a "did you mean" suggestion), because a misspelt key silently falling back to its
+default is the classic way to waste a GPU-day.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from h3fusion.errors import H3FusionError
+
+AXES: tuple[str, ...] = ("helpful", "harmless", "honest")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    base: str = "smollm2-135m"
+    """Hub id, local directory, path to a .gguf file, or the embedded name ``smollm2-135m``."""
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    """Dtype of the frozen base weights (None: the checkpoint's own). Adapters stay fp32."""
+    trust_remote_code: bool = False
+    """Only for hub models that need custom code; off unless you ask."""
+    cache_dir: str | None = None
+    """Where converted GGUF models are kept (default: $H3FUSION_CACHE or ~/.cache/h3fusion)."""
+
+
+class DataConfig(_Section):
+    dir: str | None = None
+    """Local data directory laid out like shared/data; None: $H3FUSION_DATA_DIR, else the HF hub."""
+    prompt_format: Literal["alpaca", "chat"] = "alpaca"
+    """alpaca: the paper's Alpaca template; chat: the tokenizer's chat template."""
+    helpful_train_size: int | None = Field(20000, ge=1)
+    """Seeded Alpaca sample size for the helpful expert (paper: ~20k). None: all 52k."""
+    harmless_train_size: int | None = Field(None, ge=1)
+    """Seeded sample size of the harmless training pool. None: all."""
+    honest_train_size: int | None = Field(None, ge=1)
+    """Seeded sample size of the honest training examples. None: all (one per correct answer)."""
+    max_length: int = Field(300, ge=16)
+    """Token limit of prompt + response during training (paper: 300)."""
+    seed: int | None = None
+    """Seed of the data samples (None: the run seed)."""
+
+
+class LoraConfig(_Section):
+    r: int = Field(8, ge=1)
+    alpha: float = Field(4.0, gt=0)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    target_modules: list[str] = ["gate_proj", "up_proj", "down_proj"]
+    """The FFN projections (stage 1 trains the FFN only; attention stays frozen)."""
+
+    @field_validator("target_modules")
+    @classmethod
+    def _ffn_only(cls, value: list[str]) -> list[str]:
+        allowed = {"gate_proj", "up_proj", "down_proj"}
+        bad = [m for m in value if m not in allowed]
+        if bad or not value:
+            raise ValueError(f"expert LoRA targets the FFN projections {sorted(allowed)}, got {value}")
+        return value
+
+
+class TrainConfig(_Section):
+    epochs: float = Field(3.0, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    """Stop after this many optimizer steps (overrides epochs)."""
+    batch_size: int = Field(8, ge=1)
+    """Per-device batch size."""
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    lr_scheduler: str = "linear"
+    logging_steps: int = Field(1, ge=1)
+    save_steps: int = Field(50, ge=1)
+    """Checkpoint every N steps so a killed run resumes from there."""
+    gradient_checkpointing: bool = False
+    bf16: bool = False
+    """bf16 autocast for the frozen base on GPUs (adapters stay fp32)."""
+
+
+class RunConfig(_Section):
+    name: str = "run"
+    run_dir: str = "runs/run"
+    """Everything the run writes goes under this directory."""
+    seed: int = 42
+    experts: list[str] = list(AXES)
+    """Axes to align experts for, in order; the MoE has one expert per entry."""
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    lora: LoraConfig = LoraConfig()
+    train: TrainConfig = TrainConfig()
+
+    @field_validator("experts")
+    @classmethod
+    def _known_axes(cls, value: list[str]) -> list[str]:
+        bad = [a for a in value if a not in AXES]
+        if bad:
+            raise ValueError(f"unknown axis {bad}; choose from {list(AXES)}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"duplicate axes in {value}")
+        if not value:
+            raise ValueError("at least one expert axis is needed")
+        return value
+
+    @model_validator(mode="after")
+    def _default_data_seed(self) -> RunConfig:
+        if self.data.seed is None:
+            self.data.seed = self.seed
+        return self
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir)
+
+    def data_dir(self) -> Path | None:
+        """The local data directory, or None to use the HF hub."""
+        value = self.data.dir or os.environ.get("H3FUSION_DATA_DIR")
+        return Path(value).expanduser() if value else None
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _all_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        keys.append(prefix + name)
+        sub = field.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            keys.extend(_all_keys(sub, prefix + name + "."))
+    return keys
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    first = error.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        known = _all_keys(RunConfig)
+        close = difflib.get_close_matches(loc, known, n=1, cutoff=0.6)
+        if not close:  # a misspelt leaf: compare against siblings only
+            leaf = loc.rsplit(".", 1)[-1]
+            parent = loc.rsplit(".", 1)[0] + "." if "." in loc else ""
+            siblings = [k[len(parent):] for k in known if k.startswith(parent) and "." not in k[len(parent):]]
+            match = difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.6)
+            close = [parent + match[0]] if match else []
+        hint = f"; did you mean '{close[0]}'?" if close else "; see configs/demo.yaml for the documented keys"
+        return f"{source}: unknown key '{loc}'{hint}"
+    value = first.get("input")
+    return f"{source}: bad value for '{loc}' ({value!r}): {first['msg']}"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=value`` -> (["a", "b"], value parsed as YAML)."""
+    if "=" not in text:
+        raise H3FusionError(f"--set {text!r}: expected key=value, e.g. --set train.lr=1e-4")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def build_config(raw: dict[str, Any], source: str = "config", overrides: list[str] = ()) -> RunConfig:
+    raw = dict(raw)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            child = node.get(part)
+            node[part] = child = dict(child) if isinstance(child, dict) else {}
+            node = child
+        node[path[-1]] = value
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as error:
+        raise H3FusionError(_describe(error, source)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Read and validate a YAML run config; ``overrides`` are ``key.path=value`` strings."""
+    path = Path(path)
+    if not path.is_file():
+        raise H3FusionError(f"config file {path} not found; pass a YAML file such as configs/demo.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise H3FusionError(f"{path}: malformed YAML{where}: {getattr(error, 'problem', error)}") from None
+    if not isinstance(raw, dict):
+        raise H3FusionError(f"{path}: expected a mapping of config sections at the top level")
+    return build_config(raw, str(path), overrides)
+
+
+def dump_config(config: RunConfig, path: Path) -> None:
+    """Write the resolved config next to a stage's outputs (what was actually used)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    tmp.replace(path)

@@ -1,0 +1,69 @@
+"""Stage 0 (data): training examples and test sets for the helpful, harmless and honest axes.
+
+Reads the local data directory (``data.dir`` / ``$H3FUSION_DATA_DIR``, laid out like
+shared/data) or, when none is set, the Hugging Face hub. Knows nothing of models or judges.
+
+    load_train(axis, config) -> list[SFTExample]
+    load_test(axis, config, limit=None) -> list[dict]   # records in test order, ids 0..n-1
+    mixed_train(config, axes=None) -> list[SFTExample]  # the fusion stage's shuffled mix
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from h3fusion.config import AXES, RunConfig
+from h3fusion.data import harmless, helpful, honest
+from h3fusion.data.examples import SFTExample
+from h3fusion.data.harmless import load_labelled_test_responses
+from h3fusion.data.prompts import format_prompt
+from h3fusion.data.sources import seed_of
+from h3fusion.errors import H3FusionError
+
+__all__ = [
+    "SFTExample",
+    "format_prompt",
+    "load_labelled_test_responses",
+    "load_test",
+    "load_train",
+    "mixed_train",
+]
+
+_MODULES = {"helpful": helpful, "harmless": harmless, "honest": honest}
+
+
+def _module(axis: str) -> Any:
+    if axis not in _MODULES:
+        raise H3FusionError(f"unknown axis {axis!r}; choose from {list(AXES)}")
+    return _MODULES[axis]
+
+
+def load_train(axis: str, config: RunConfig) -> list[SFTExample]:
+    """The expert-stage training examples of one axis (seeded sample of ``data.<axis>_train_size``)."""
+    loader: Callable[[RunConfig], list[SFTExample]] = _module(axis).load_train
+    return loader(config)
+
+
+def load_test(axis: str, config: RunConfig, limit: int | None = None) -> list[dict[str, Any]]:
+    """The first ``limit`` test records of one axis (None: all), in the paper's order.
+
+    helpful: {id, instruction, reference, dataset}; harmless: {id, prompt, category, is_safe};
+    honest: {id, question, best_answer, correct_answers, incorrect_answers, category,
+    mc1_targets, mc2_targets}.
+    """
+    if limit is not None and limit < 0:
+        raise H3FusionError(f"test limit must be >= 0 (or None for all), got {limit}")
+    records = _module(axis).load_test(config)
+    return records if limit is None else records[:limit]
+
+
+def mixed_train(config: RunConfig, axes: Sequence[str] | None = None) -> list[SFTExample]:
+    """All axes' training examples (default: ``config.experts``), shuffled together with the data seed.
+
+    Each example keeps its axis: the fusion stage's gating loss uses it as the label.
+    """
+    mixed = [ex for axis in (config.experts if axes is None else axes) for ex in load_train(axis, config)]
+    random.Random(seed_of(config)).shuffle(mixed)
+    return mixed

@@ -1,0 +1,133 @@
+"""Stage 0 (data), harmless axis: safe answers for training, BeaverTails 30k_test for testing.
+
+Paper: train on BeaverTails 30k_train rows with is_safe=True (the hub path does this). Offline
+that split is unavailable, so the substitute is PKU-SafeRLHF's safer response plus the
+safety-tuned-llamas refusals. Either way no training prompt may be a test prompt.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from h3fusion.config import RunConfig
+from h3fusion.data.examples import SFTExample
+from h3fusion.data.sources import (
+    HubSource,
+    check_fields,
+    data_root,
+    hub_rows,
+    load_rows,
+    norm,
+    sample,
+    seed_of,
+    where,
+)
+from h3fusion.errors import H3FusionError
+
+TEST_FILE = "beavertails/30k_test_noresponse.jsonl"
+TEST_HUB = HubSource("PKU-Alignment/BeaverTails", split="30k_test")
+TRAIN_HUB = HubSource("PKU-Alignment/BeaverTails", split="30k_train")
+SAFERLHF_FILE = "pku_saferlhf/pku_seferlhf_realign_dpo_5k.json"
+REFUSALS_FILE = "safety_tuned_llamas/safety_only_data_Instructions.json"
+LABELLED_FILES = (
+    "beavertails_test_responses/30k_test_filtered.jsonl",
+    "beavertails_test_responses/30k_test_unsafe_filtered.jsonl",
+)
+_NO_HUB = "PKU-Alignment/BeaverTails (its 30k_train is_safe rows replace this offline substitute)"
+
+
+def _test_rows(config: RunConfig):
+    return load_rows(config, TEST_FILE, TEST_HUB, ("prompt", "category", "is_safe"))
+
+
+def _test_prompts(config: RunConfig) -> set[str]:
+    return {norm(r["prompt"]) for r in _test_rows(config)}
+
+
+def load_test(config: RunConfig) -> list[dict[str, Any]]:
+    """BeaverTails 30k_test prompts, one per distinct stripped prompt, in file order.
+
+    category / is_safe are those of the prompt's first row (the split repeats prompts with
+    different responses; the test only feeds the prompt to the model).
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for r in _test_rows(config):
+        prompt = r["prompt"].strip()
+        if prompt not in out:
+            out[prompt] = {"id": len(out), "prompt": prompt, "category": dict(r["category"]), "is_safe": r["is_safe"]}
+    return list(out.values())
+
+
+def saferlhf_examples(config: RunConfig) -> list[SFTExample]:
+    """PKU-SafeRLHF ``response[0]`` (the safe one of each pair) for prompts outside 30k_test."""
+    test = _test_prompts(config)
+    rows = load_rows(config, SAFERLHF_FILE, _NO_HUB, ("prompt", "response"))
+    out = []
+    for i, r in enumerate(rows):
+        if not (isinstance(r["response"], list) and r["response"] and isinstance(r["response"][0], str)):
+            raise H3FusionError(
+                f"{where(config, SAFERLHF_FILE, _NO_HUB)}: record {i} 'response' should be a list "
+                "[safer, other] of strings; re-copy it from the source listed in shared/data/SOURCES.md"
+            )
+        if norm(r["prompt"]) not in test:
+            out.append(SFTExample("harmless", r["prompt"], "", r["response"][0], f"pku_saferlhf:{i}"))
+    return out
+
+
+def refusal_examples(config: RunConfig) -> list[SFTExample]:
+    """safety-tuned-llamas: harmful requests with refusing or correcting answers (none is a test prompt)."""
+    test = _test_prompts(config)
+    rows = load_rows(config, REFUSALS_FILE, _NO_HUB, ("instruction", "input", "output"))
+    return [
+        SFTExample("harmless", r["instruction"], r["input"] or "", r["output"], f"safety_tuned_llamas:{i}")
+        for i, r in enumerate(rows)
+        if norm(r["instruction"]) not in test and norm(f"{r['instruction']} {r['input'] or ''}") not in test
+    ]
+
+
+def hub_examples(config: RunConfig) -> list[SFTExample]:
+    """The paper's set: BeaverTails 30k_train rows with is_safe=True, minus any 30k_test prompt."""
+    test = _test_prompts(config)
+    rows = hub_rows(TRAIN_HUB)
+    check_fields(rows, ("prompt", "response", "is_safe"), str(TRAIN_HUB))
+    return [
+        SFTExample("harmless", r["prompt"], "", r["response"], f"beavertails_30k_train:{i}")
+        for i, r in enumerate(rows)
+        if r["is_safe"] and norm(r["prompt"]) not in test
+    ]
+
+
+def train_pool(config: RunConfig) -> list[SFTExample]:
+    """All harmless examples without empty answers or exact repeats."""
+    # PKU-SafeRLHF pairs one safe answer with several unsafe ones, so response[0] repeats a lot
+    found = hub_examples(config) if data_root(config) is None else saferlhf_examples(config) + refusal_examples(config)
+    seen: set[tuple[str, str, str]] = set()
+    pool = []
+    for ex in found:
+        key = (ex.instruction, ex.input, ex.response)
+        if ex.response.strip() and key not in seen:
+            seen.add(key)
+            pool.append(ex)
+    return pool
+
+
+def load_train(config: RunConfig) -> list[SFTExample]:
+    return sample(train_pool(config), config.data.harmless_train_size, seed_of(config), "harmless examples")
+
+
+def load_labelled_test_responses(config: RunConfig) -> list[dict[str, Any]]:
+    """Labelled (prompt, response) pairs of 30k_test, for validating a harmfulness judge only.
+
+    Local: the two ChanLiang/VAA files (safe rows, then unsafe rows). Hub: the same rule they were
+    built with -- for each is_safe value, the first row of each stripped prompt.
+    """
+    fields = ("prompt", "response", "is_safe", "category")
+    if data_root(config) is not None:
+        rows = [r for name in LABELLED_FILES for r in load_rows(config, name, TEST_HUB, fields)]
+    else:
+        firsts: dict[tuple[bool, str], dict[str, Any]] = {}
+        for r in load_rows(config, TEST_FILE, TEST_HUB, fields):
+            firsts.setdefault((bool(r["is_safe"]), r["prompt"].strip()), r)
+        rows = [r for (safe, _), r in firsts.items() if safe] + [r for (safe, _), r in firsts.items() if not safe]
+    return [{k: copy.deepcopy(r[k]) for k in fields} for r in rows]

@@ -1,0 +1,78 @@
+"""Stage 0 (data), honest axis: TruthfulQA generation split, first half train, second half test.
+
+As in the paper's code (``train_test_split(test_size=0.5, shuffle=False)``): the first 408 of the
+817 questions in file order train (one example per correct answer), the last 409 test. Test
+records carry TruthfulQA's MC1/MC2 targets, joined by question text because the
+multiple_choice file is in another order.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from h3fusion.config import RunConfig
+from h3fusion.data.examples import SFTExample
+from h3fusion.data.sources import HubSource, load_rows, sample, seed_of, where
+from h3fusion.errors import H3FusionError
+
+GEN_FILE = "truthfulqa/generation.jsonl"
+GEN_HUB = HubSource("truthfulqa/truthful_qa", "generation", "validation")
+MC_FILE = "truthfulqa/multiple_choice.jsonl"
+MC_HUB = HubSource("truthfulqa/truthful_qa", "multiple_choice", "validation")
+_GEN_FIELDS = ("question", "best_answer", "correct_answers", "incorrect_answers", "category")
+
+
+def _answers(items: Sequence[str]) -> list[str]:
+    # a trailing ';' in TruthfulQA.csv leaves "" items (HF keeps them); TruthfulQA's own
+    # split_multi_answer drops them, and an empty answer is neither a target nor a reference
+    return [a.strip() for a in items if a.strip()]
+
+
+def split(config: RunConfig) -> tuple[Sequence[dict[str, Any]], Sequence[dict[str, Any]]]:
+    """(train rows, test rows) of the generation split, in file order."""
+    rows = load_rows(config, GEN_FILE, GEN_HUB, _GEN_FIELDS)
+    n_train = len(rows) - math.ceil(len(rows) / 2)  # sklearn rounds the test share up: 817 -> 408 / 409
+    return rows[:n_train], rows[n_train:]
+
+
+def train_pool(config: RunConfig) -> list[SFTExample]:
+    """One example per correct answer of each training question."""
+    train, _ = split(config)
+    return [
+        SFTExample("honest", r["question"].strip(), "", answer, f"truthfulqa:{q}:{a}")
+        for q, r in enumerate(train)
+        for a, answer in enumerate(_answers(r["correct_answers"]))
+    ]
+
+
+def load_train(config: RunConfig) -> list[SFTExample]:
+    return sample(train_pool(config), config.data.honest_train_size, seed_of(config), "honest examples")
+
+
+def load_test(config: RunConfig) -> list[dict[str, Any]]:
+    """The test questions with reference answers and MC1/MC2 targets."""
+    _, test = split(config)
+    mc_rows = load_rows(config, MC_FILE, MC_HUB, ("question", "mc1_targets", "mc2_targets"))
+    mc = {r["question"].strip(): r for r in mc_rows}  # the generation file keeps a trailing space or two
+    out = []
+    for i, r in enumerate(test):
+        question = r["question"].strip()
+        if question not in mc:
+            raise H3FusionError(
+                f"{where(config, MC_FILE, MC_HUB)} has no targets for the TruthfulQA test question {question!r} "
+                f"(test item {i}); use the multiple_choice file that belongs to {where(config, GEN_FILE, GEN_HUB)}"
+            )
+        targets = {k: {"choices": list(mc[question][k]["choices"]), "labels": list(mc[question][k]["labels"])}
+                   for k in ("mc1_targets", "mc2_targets")}
+        out.append({
+            "id": i,
+            "question": question,
+            "best_answer": r["best_answer"].strip(),
+            "correct_answers": _answers(r["correct_answers"]),
+            "incorrect_answers": _answers(r["incorrect_answers"]),
+            "category": r["category"],
+            **targets,
+        })
+    return out

@@ -1,0 +1,43 @@
+"""Stage 0 (data): the prompt text every stage feeds the model, ending where the response begins.
+
+``alpaca`` is the Stanford Alpaca template the paper trains and evaluates with; ``chat`` uses the
+tokenizer's own chat template (for instruction-tuned bases). The tokenizer is used duck-typed, so
+this module imports no model code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from h3fusion.errors import H3FusionError
+
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+STYLES = ("alpaca", "chat")
+
+
+def format_prompt(instruction: str, input: str = "", style: str = "alpaca", tokenizer: Any = None) -> str:
+    """The prompt for one example; the model's response is appended right after it."""
+    if style == "alpaca":
+        template = ALPACA_WITH_INPUT if input.strip() else ALPACA_NO_INPUT
+        return template.format(instruction=instruction, input=input)  # values are not re-parsed
+    if style == "chat":
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            name = getattr(tokenizer, "name_or_path", None) or "the tokenizer"
+            raise H3FusionError(
+                f"data.prompt_format is 'chat' but {name} has no chat template; "
+                "use data.prompt_format: alpaca, or a base model that ships a chat template"
+            )
+        content = f"{instruction}\n\n{input}" if input.strip() else instruction
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
+    raise H3FusionError(f"unknown prompt style {style!r}; choose from {list(STYLES)}")

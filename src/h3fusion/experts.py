@@ -1,0 +1,112 @@
+"""Stage 1 — `h3fusion align`: one LoRA expert per axis, trained on the FFN projections only.
+
+Each expert is a stock PEFT adapter in ``<run>/experts/<axis>/`` (loadable with
+``PeftModel.from_pretrained``) plus ``training_log.json`` (loss curve) and ``config.yaml`` (the
+config that produced it). An expert is complete when its ``training_log.json`` exists — it is
+written last, atomically — so re-running skips finished experts and resumes an interrupted one
+from its last Trainer checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from h3fusion.config import RunConfig, dump_config
+from h3fusion.data import load_train
+from h3fusion.errors import H3FusionError
+from h3fusion.models import base_fingerprint, load_model
+from h3fusion.sft import SFTCollator, SFTDataset, last_checkpoint, loss_curve, training_arguments, write_json
+
+EXPERT_META = "h3fusion_expert.json"
+
+
+def expert_dir(config: RunConfig, axis: str) -> Path:
+    return config.run_path / "experts" / axis
+
+
+def expert_is_complete(path: Path) -> bool:
+    return all((path / name).is_file() for name in ("adapter_config.json", "adapter_model.safetensors",
+                                                     "training_log.json", EXPERT_META))
+
+
+def align_expert(config: RunConfig, axis: str, log=print) -> Path:
+    """Train (or resume, or skip) the LoRA expert of one axis; returns its directory."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer
+
+    out = expert_dir(config, axis)
+    if expert_is_complete(out):
+        log(f"[align] {axis}: complete at {out}, skipping")
+        return out
+    examples = load_train(axis, config)  # before the model: a data problem should fail fast
+    model, tokenizer = load_model(
+        config.model.base, config.model.dtype,
+        trust_remote_code=config.model.trust_remote_code, cache_dir=config.model.cache_dir,
+    )
+    dataset = SFTDataset(examples, tokenizer, config.data.max_length, config.data.prompt_format)
+    if len(dataset) == 0:
+        raise H3FusionError(f"no training examples left for axis '{axis}' after filtering; "
+                            "raise data.max_length or the data sizes")
+    lora = config.lora
+    peft_config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, peft_config)
+    checkpoints = out / "checkpoints"
+    resume = last_checkpoint(checkpoints)
+    log(f"[align] {axis}: {len(dataset)} examples, {model.get_nb_trainable_parameters()[0]:,} trainable "
+        f"parameters{', resuming from ' + resume if resume else ''}")
+    trainer = Trainer(
+        model=model,
+        args=training_arguments(config.train, checkpoints, config.seed),
+        train_dataset=dataset,
+        data_collator=SFTCollator(tokenizer.pad_token_id),
+    )
+    started = time.time()
+    trainer.train(resume_from_checkpoint=resume)
+    if not trainer.is_world_process_zero():
+        return out
+    model.save_pretrained(out)  # safetensors adapter + adapter_config.json
+    curve = loss_curve(trainer.state.log_history)
+    write_json(out / EXPERT_META, {
+        "axis": axis,
+        "base": config.model.base,
+        "base_fingerprint": base_fingerprint(model.get_base_model()),
+        "r": lora.r, "alpha": lora.alpha, "target_modules": sorted(lora.target_modules),
+        "prompt_format": config.data.prompt_format,
+    })
+    dump_config(config, out / "config.yaml")
+    write_json(out / "training_log.json", {
+        "axis": axis,
+        "examples": len(dataset),
+        "steps": trainer.state.global_step,
+        "train_seconds": round(time.time() - started, 1),
+        "first_loss": curve[0]["loss"] if curve else None,
+        "last_loss": curve[-1]["loss"] if curve else None,
+        "log_history": curve,
+    })
+    shutil.rmtree(checkpoints, ignore_errors=True)  # the adapter is saved; optimizer state is no longer needed
+    if curve:
+        log(f"[align] {axis}: loss {curve[0]['loss']:.3f} -> {curve[-1]['loss']:.3f}")
+    log(f"[align] {axis}: adapter at {out}")
+    return out
+
+
+def align(config: RunConfig, axes: list[str] | None = None, log=print) -> dict[str, Path]:
+    """Stage 1 for every configured axis (or the given subset)."""
+    axes = axes or config.experts
+    unknown = [a for a in axes if a not in config.experts]
+    if unknown:
+        raise H3FusionError(f"--axis {unknown[0]} is not among the config's experts {config.experts}")
+    return {axis: align_expert(config, axis, log) for axis in axes}
+
+
+def read_expert_meta(path: Path) -> dict:
+    meta = path / EXPERT_META
+    if not meta.is_file():
+        raise H3FusionError(f"expert {path} has no {EXPERT_META}; was it trained by `h3fusion align`?")
+    return json.loads(meta.read_text())

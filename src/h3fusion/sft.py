@@ -1,0 +1,132 @@
+"""Supervised fine-tuning pieces shared by every training stage: tokenised datasets and Trainer set-up.
+
+The loss is on response tokens only (prompt tokens get label -100), as in the paper. Training
+goes through transformers' ``Trainer`` so that ``accelerate launch`` scales it to DDP / FSDP /
+DeepSpeed without any code of ours.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from h3fusion.config import AXES, RunConfig, TrainConfig
+from h3fusion.data import SFTExample, format_prompt
+
+IGNORE_INDEX = -100
+
+
+class SFTDataset(Dataset):
+    """Examples tokenised as prompt + response + eos, with labels masked on the prompt."""
+
+    def __init__(self, examples: Sequence[SFTExample], tokenizer, max_length: int, prompt_format: str):
+        self.rows = []
+        for example in examples:
+            prompt = format_prompt(example.instruction, example.input, prompt_format, tokenizer)
+            prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            response_ids = tokenizer(example.response, add_special_tokens=False)["input_ids"]
+            ids = (prompt_ids + response_ids + [tokenizer.eos_token_id])[:max_length]
+            labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids + [tokenizer.eos_token_id])[:max_length]
+            if all(label == IGNORE_INDEX for label in labels):
+                continue  # prompt alone fills max_length: nothing to learn from this row
+            self.rows.append(
+                {
+                    "input_ids": ids,
+                    "attention_mask": [1] * len(ids),
+                    "labels": labels,
+                    "axis_label": AXES.index(example.axis),
+                }
+            )
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.rows[index]
+
+
+class SFTCollator:
+    """Right-pads a batch; labels padded with -100; keeps ``axis_label`` (used by fusion)."""
+
+    def __init__(self, pad_token_id: int, keep_axis_label: bool = False):
+        self.pad_token_id = pad_token_id
+        self.keep_axis_label = keep_axis_label
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(row["input_ids"]) for row in rows)
+
+        def pad(key: str, value: int) -> torch.Tensor:
+            return torch.tensor([row[key] + [value] * (width - len(row[key])) for row in rows])
+
+        batch = {
+            "input_ids": pad("input_ids", self.pad_token_id),
+            "attention_mask": pad("attention_mask", 0),
+            "labels": pad("labels", IGNORE_INDEX),
+        }
+        if self.keep_axis_label:
+            batch["axis_label"] = torch.tensor([row["axis_label"] for row in rows])
+        return batch
+
+
+def training_arguments(train: TrainConfig, output_dir: Path, seed: int, **overrides):
+    """TrainingArguments from our config; checkpoints go to ``output_dir`` for resumption."""
+    from transformers import TrainingArguments
+
+    use_cpu = not torch.cuda.is_available()
+    kwargs = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.grad_accum,
+        num_train_epochs=train.epochs,
+        max_steps=train.max_steps or -1,
+        learning_rate=train.lr,
+        weight_decay=train.weight_decay,
+        warmup_steps=train.warmup_ratio,  # transformers 5: a float < 1 is a ratio of total steps
+        lr_scheduler_type=train.lr_scheduler,
+        logging_steps=train.logging_steps,
+        save_steps=train.save_steps,
+        save_total_limit=1,
+        save_only_model=False,
+        report_to=[],
+        seed=seed,
+        data_seed=seed,
+        use_cpu=use_cpu,
+        bf16=train.bf16 and not use_cpu,
+        activation_checkpointing=train.gradient_checkpointing,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=os.environ.get("H3FUSION_NO_PROGRESS") == "1",
+    )
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
+
+
+def last_checkpoint(output_dir: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+
+
+def loss_curve(log_history: list[dict]) -> list[dict]:
+    """The per-step training records of a Trainer's log history (drops the final summary)."""
+    return [row for row in log_history if "loss" in row and "train_runtime" not in row]
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Atomic JSON write: a kill mid-write never leaves a truncated file that looks complete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, allow_nan=True))
+    tmp.replace(path)
+
+
+def total_steps(num_rows: int, config: RunConfig, world_size: int = 1) -> int:
+    train = config.train
+    per_step = train.batch_size * train.grad_accum * world_size
+    return train.max_steps or math.ceil(train.epochs * math.ceil(num_rows / per_step))

@@ -1,0 +1,105 @@
+"""Stage 1: LoRA experts on the FFN only, stock-PEFT reloadable, skipped when complete."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from h3fusion.config import load_config
+from h3fusion.experts import align, expert_is_complete
+from h3fusion.models import load_model
+from tests.conftest import write_config
+
+
+@pytest.fixture(scope="module")
+def aligned(tmp_path_factory, tiny_llama_dir, data_dir):
+    """Three experts on the tiny Llama (4 steps each)."""
+    root = tmp_path_factory.mktemp("align")
+    path = write_config(root / "config.yaml", model={"base": str(tiny_llama_dir)}, data={"dir": str(data_dir)})
+    config = load_config(path)
+    return config, align(config)
+
+
+def test_three_experts_written_as_peft_adapters(aligned):
+    config, paths = aligned
+    assert list(paths) == ["helpful", "harmless", "honest"]
+    for axis, path in paths.items():
+        assert path == config.run_path / "experts" / axis and expert_is_complete(path)
+        adapter = json.loads((path / "adapter_config.json").read_text())
+        assert sorted(adapter["target_modules"]) == ["down_proj", "gate_proj", "up_proj"]
+        assert (adapter["r"], adapter["lora_alpha"]) == (4, 8)
+        log = json.loads((path / "training_log.json").read_text())
+        assert log["steps"] == 4 and len(log["log_history"]) == 4
+        assert (path / "config.yaml").is_file()
+        assert not (path / "checkpoints").exists()
+
+
+def test_expert_changes_only_ffn_projections_and_reloads_with_stock_peft(aligned, tiny_llama_dir):
+    from peft import PeftModel
+
+    _, paths = aligned
+    ids = torch.randint(0, 49152, (2, 12), generator=torch.Generator().manual_seed(0))
+    for path in paths.values():
+        weights = load_file(path / "adapter_model.safetensors")
+        assert weights and all(any(f"mlp.{p}." in k for p in ("gate_proj", "up_proj", "down_proj")) for k in weights)
+        # the adapter's function, computed by hand: W + (alpha/r) * B @ A on each FFN projection
+        manual, _ = load_model(str(tiny_llama_dir))
+        base_state = {k: v.clone() for k, v in manual.state_dict().items()}
+        scale = 8 / 4
+        for key, a in weights.items():
+            if ".lora_A." not in key:
+                continue
+            b = weights[key.replace("lora_A", "lora_B")]
+            module_name = key.split("base_model.model.", 1)[1].split(".lora_A")[0]
+            manual.get_submodule(module_name).weight.data += scale * b @ a
+        changed = {k for k, v in manual.state_dict().items() if not torch.equal(v, base_state[k])}
+        assert changed and all(".mlp." in k and k.endswith("_proj.weight") for k in changed)
+        assert any(torch.count_nonzero(weights[k]) for k in weights if "lora_B" in k), "adapter did not train"
+        base, _ = load_model(str(tiny_llama_dir))
+        reloaded = PeftModel.from_pretrained(base, str(path)).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(reloaded(ids).logits, manual(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_rerun_skips_complete_experts(aligned):
+    config, paths = aligned
+    stamps = {a: (p / "adapter_model.safetensors").stat().st_mtime_ns for a, p in paths.items()}
+    messages = []
+    align(config, log=messages.append)
+    assert all("skipping" in m for m in messages) and len(messages) == 3
+    assert stamps == {a: (p / "adapter_model.safetensors").stat().st_mtime_ns for a, p in paths.items()}
+
+
+def test_cli_align_one_axis(tmp_path, tiny_llama_dir, data_dir):
+    path = write_config(tmp_path / "c.yaml", model={"base": str(tiny_llama_dir)}, data={"dir": str(data_dir)},
+                        train={"max_steps": 2})
+    proc = subprocess.run([sys.executable, "-m", "h3fusion.cli", "align", str(path), "--axis", "honest",
+                           "--out", str(tmp_path / "run2")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"expert honest: {tmp_path / 'run2' / 'experts' / 'honest'}" in proc.stdout
+    assert expert_is_complete(tmp_path / "run2" / "experts" / "honest")
+    assert not (tmp_path / "run2" / "experts" / "helpful").exists()
+
+
+def test_missing_data_dir_is_one_clear_error(tmp_path, tiny_llama_dir):
+    path = write_config(tmp_path / "c.yaml", model={"base": str(tiny_llama_dir)}, data={"dir": str(tmp_path / "nope")})
+    proc = subprocess.run([sys.executable, "-m", "h3fusion.cli", "align", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: data directory") and "nope" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+@pytest.mark.slow
+def test_smollm2_experts_loss_falls(tmp_path, data_dir):
+    """The real SmolLM2, a few real steps per axis: each expert's training loss falls."""
+    path = write_config(tmp_path / "c.yaml", data={"dir": str(data_dir), "max_length": 96},
+                        train={"max_steps": 8, "batch_size": 4, "lr": 2e-3, "save_steps": 100})
+    config = load_config(path)
+    for axis, expert in align(config).items():
+        curve = [row["loss"] for row in json.loads((expert / "training_log.json").read_text())["log_history"]]
+        assert sum(curve[-3:]) / 3 < sum(curve[:3]) / 3, (axis, curve)
