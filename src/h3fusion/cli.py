@@ -60,6 +60,74 @@ def align(
         typer.echo(f"expert {name}: {path}")
 
 
+@app.command()
+def build(config: ConfigArg, set_: SetOpt = None, out: OutOpt = None) -> None:
+    """Stage 2: build the MoE from the base model and the expert adapters into <run>/moe/."""
+    cfg = _config(config, set_, out)
+    from h3fusion.moe.build import build_run
+
+    typer.echo(f"moe: {build_run(cfg)}")
+
+
+@app.command()
+def fuse(config: ConfigArg, set_: SetOpt = None, out: OutOpt = None) -> None:
+    """Stage 3: fusion training (gating loss + drift regularisation) into <run>/fused/."""
+    cfg = _config(config, set_, out)
+    from h3fusion.fusion import fuse_run
+
+    typer.echo(f"fused: {fuse_run(cfg)}")
+
+
+@app.command()
+def export(
+    model: Annotated[Path, typer.Argument(help="A fused model directory (e.g. runs/demo/fused)")],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the exported checkpoint")],
+    format: Annotated[str, typer.Option("--format", help="Export format: mixtral")] = "mixtral",
+) -> None:
+    """Write a fused model in another format (mixtral: standard Mixtral for vLLM / llama.cpp)."""
+    if format != "mixtral":
+        raise H3FusionError(f"unknown export format '{format}'; supported: mixtral")
+    from h3fusion.models import load_model
+    from h3fusion.moe.export import export_mixtral
+    from h3fusion.moe.modeling import H3FusionForCausalLM
+
+    loaded, tokenizer = load_model(str(model))
+    if not isinstance(loaded, H3FusionForCausalLM):
+        raise H3FusionError(f"{model} is not an h3fusion model (it loads as {type(loaded).__name__})")
+    export_mixtral(loaded, out)
+    tokenizer.save_pretrained(out)
+    typer.echo(f"mixtral: {out}")
+
+
+@app.command()
+def routing(
+    config: ConfigArg,
+    model: Annotated[Path | None, typer.Option(help="MoE model dir (default: <run>/fused)")] = None,
+    set_: SetOpt = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Output dir (default: <model>/routing)")] = None,
+) -> None:
+    """Routing diagnostics on held-out prompts of each axis: heat-map, intensity histograms, accuracy."""
+    cfg = _config(config, set_, None)
+    from h3fusion.fusion import fused_dir, heldout_prompts
+    from h3fusion.models import load_model
+    from h3fusion.moe.modeling import H3FusionForCausalLM
+    from h3fusion.moe.routing import plot_routing, routing_stats
+    from h3fusion.sft import write_json
+
+    model = model or fused_dir(cfg)
+    loaded, tokenizer = load_model(str(model))
+    if not isinstance(loaded, H3FusionForCausalLM):
+        raise H3FusionError(f"{model} is not an h3fusion MoE model (it loads as {type(loaded).__name__})")
+    stats = routing_stats(loaded, tokenizer, heldout_prompts(cfg, tokenizer))
+    out = out or model / "routing"
+    write_json(out / "routing.json", stats)
+    plot_routing(stats, out, title=f"routing of held-out prompts: {model}")
+    for axis, s in stats["axes"].items():
+        typer.echo(f"{axis}: router accuracy {s['accuracy']:.2f}, mean probs "
+                   + ", ".join(f"{n} {p:.2f}" for n, p in zip(stats["experts"], s["mean_probs"], strict=True)))
+    typer.echo(f"routing: {out}")
+
+
 @app.command("model-info")
 def model_info(
     model: Annotated[str, typer.Argument(help="Hub id, local dir, .gguf file or smollm2-135m")],

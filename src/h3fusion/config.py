@@ -88,6 +88,58 @@ class TrainConfig(_Section):
     """bf16 autocast for the frozen base on GPUs (adapters stay fp32)."""
 
 
+class MoEConfig(_Section):
+    top_k: int = Field(2, ge=1)
+    """Experts per token (paper 2); must be <= the number of experts."""
+    storage: Literal["compact", "dense"] = "compact"
+    """compact: base FFN held once + low-rank expert deltas (~1x base); dense: N FFN copies (paper)."""
+    router_init: Literal["random", "prototype"] = "random"
+    """random (paper) or prototype: rows = each axis's mean hidden state on a few training prompts."""
+    prototype_prompts: int = Field(16, ge=1)
+    """Training prompts per axis used by router_init=prototype."""
+    expert_bias: dict[str, float] = {}
+    """Runtime alignment dial: router-logit bias per expert name, e.g. {harmless: 1.0}."""
+    adapters: dict[str, str] = {}
+    """Bring your own experts: axis -> PEFT adapter dir (default: <run_dir>/experts/<axis>)."""
+
+
+class FusionConfig(_Section):
+    gate_lambda: float = Field(0.01, ge=0)
+    """lambda: weight of the gating loss L_gate (paper 0.01)."""
+    gate_loss: Literal["nll", "authors_ce"] = "nll"
+    """nll: -log of the mean router mass on the example's axis; authors_ce: CrossEntropy applied to
+    probabilities (the released code's softmax-twice form; compatibility only)."""
+    gamma: dict[str, float] = {}
+    """gamma_k per expert name: weight of its drift regulariser R_k (missing names get gamma_default)."""
+    gamma_default: float = Field(0.001, ge=0)
+    """gamma for experts not listed in gamma (authors' README example 0.001)."""
+    lora_r: int = Field(8, ge=1)
+    """Rank of the fusion-stage LoRA on attention (q,k,v,o) and on every expert's projections."""
+    lora_alpha: float = Field(16.0, gt=0)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    attention_lora: bool = True
+    """Train LoRA on attention q,k,v,o during fusion (paper: yes)."""
+    train_router: bool = True
+    """Train the router (the authors' code leaves it frozen at random init: a bug)."""
+    examples_per_axis: int | None = Field(None, ge=1)
+    """Seeded sample of each axis's training set for fusion (None: the whole expert training sets)."""
+    heldout_prompts: int = Field(32, ge=1)
+    """Held-out test prompts per axis on which router accuracy is measured after training."""
+    train: TrainConfig = TrainConfig()
+    """Optimisation of the fusion stage (same keys as the top-level train section)."""
+
+
+class CompatConfig(_Section):
+    """Switches that reproduce the authors' released code, one bug each (for the report's ablation)."""
+
+    unscaled_shared_experts: bool = False
+    """Experts built without alpha/r and from one shared tensor: all equal base + sum_k B_k A_k."""
+    frozen_random_router: bool = False
+    """Router random and never trained."""
+    honest_labelled_harmless: bool = False
+    """Honest fusion examples carry the harmless label."""
+
+
 class RunConfig(_Section):
     name: str = "run"
     run_dir: str = "runs/run"
@@ -99,6 +151,9 @@ class RunConfig(_Section):
     data: DataConfig = DataConfig()
     lora: LoraConfig = LoraConfig()
     train: TrainConfig = TrainConfig()
+    moe: MoEConfig = MoEConfig()
+    fusion: FusionConfig = FusionConfig()
+    compat: CompatConfig = CompatConfig()
 
     @field_validator("experts")
     @classmethod
@@ -113,10 +168,24 @@ class RunConfig(_Section):
         return value
 
     @model_validator(mode="after")
-    def _default_data_seed(self) -> RunConfig:
+    def _cross_checks(self) -> RunConfig:
         if self.data.seed is None:
             self.data.seed = self.seed
+        if self.moe.top_k > len(self.experts):
+            raise ValueError(f"moe.top_k={self.moe.top_k} exceeds the number of experts ({len(self.experts)})")
+        for key, names in (("moe.expert_bias", self.moe.expert_bias), ("moe.adapters", self.moe.adapters),
+                           ("fusion.gamma", self.fusion.gamma)):
+            unknown = sorted(set(names) - set(self.experts))
+            if unknown:
+                raise ValueError(f"{key} names unknown expert(s) {unknown}; experts are {self.experts}")
+        bad = {k: v for k, v in self.fusion.gamma.items() if v < 0}
+        if bad:
+            raise ValueError(f"fusion.gamma must be >= 0, got {bad}")
         return self
+
+    def gammas(self) -> list[float]:
+        """gamma_k in expert order."""
+        return [self.fusion.gamma.get(name, self.fusion.gamma_default) for name in self.experts]
 
     @property
     def run_path(self) -> Path:
@@ -155,8 +224,10 @@ def _describe(error: ValidationError, source: str) -> str:
             close = [parent + match[0]] if match else []
         hint = f"; did you mean '{close[0]}'?" if close else "; see configs/demo.yaml for the documented keys"
         return f"{source}: unknown key '{loc}'{hint}"
-    value = first.get("input")
-    return f"{source}: bad value for '{loc}' ({value!r}): {first['msg']}"
+    message = first["msg"].removeprefix("Value error, ")
+    if not loc:  # a cross-field check: its message names the keys
+        return f"{source}: {message}"
+    return f"{source}: bad value for '{loc}' ({first.get('input')!r}): {message}"
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -8,15 +8,14 @@ DeepSpeed without any code of ours.
 from __future__ import annotations
 
 import json
-import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
-from h3fusion.config import AXES, RunConfig, TrainConfig
+from h3fusion.config import TrainConfig
 from h3fusion.data import SFTExample, format_prompt
 
 IGNORE_INDEX = -100
@@ -25,7 +24,9 @@ IGNORE_INDEX = -100
 class SFTDataset(Dataset):
     """Examples tokenised as prompt + response + eos, with labels masked on the prompt."""
 
-    def __init__(self, examples: Sequence[SFTExample], tokenizer, max_length: int, prompt_format: str):
+    def __init__(self, examples: Sequence[SFTExample], tokenizer, max_length: int, prompt_format: str,
+                 axis_labels: Mapping[str, int] | None = None):
+        """``axis_labels`` maps each axis to its router index (fusion); without it the label is -1."""
         self.rows = []
         for example in examples:
             prompt = format_prompt(example.instruction, example.input, prompt_format, tokenizer)
@@ -40,7 +41,7 @@ class SFTDataset(Dataset):
                     "input_ids": ids,
                     "attention_mask": [1] * len(ids),
                     "labels": labels,
-                    "axis_label": AXES.index(example.axis),
+                    "axis_label": axis_labels[example.axis] if axis_labels else -1,
                 }
             )
 
@@ -124,9 +125,3 @@ def write_json(path: Path, payload: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2, allow_nan=True))
     tmp.replace(path)
-
-
-def total_steps(num_rows: int, config: RunConfig, world_size: int = 1) -> int:
-    train = config.train
-    per_step = train.batch_size * train.grad_accum * world_size
-    return train.max_steps or math.ceil(train.epochs * math.ceil(num_rows / per_step))

@@ -1,0 +1,255 @@
+"""Stage 3 — `h3fusion fuse`: fine-tune the MoE on the three axes mixed, each example labelled with its axis.
+
+Trainable: LoRA on attention (q,k,v,o), a fusion LoRA on every expert's projections, and the router.
+
+    loss = L_SFT + lambda * L_gate + sum_k gamma_k * R_k
+
+* L_SFT: next-token cross-entropy on response tokens.
+* L_gate: per sequence, the router probabilities averaged over its real tokens and all layers
+  (p_bar, N values), then -log p_bar[axis]. ``gate_loss: authors_ce`` instead feeds p_bar to
+  CrossEntropyLoss as if it were logits (the released code's softmax-twice form; compatibility only).
+* R_k: expert k's fusion-stage change, sum over its projections of ||B'A'||_F, averaged over layers.
+
+Built on transformers' Trainer (so ``accelerate launch`` gives DDP/DeepSpeed); checkpoints hold only
+the trainable tensors, so resuming a killed run costs megabytes, not a copy of the model. The result,
+``<run>/fused/``, has the attention and expert LoRAs merged in and loads with
+``AutoModelForCausalLM.from_pretrained`` after ``import h3fusion``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from transformers import Trainer
+
+from h3fusion.config import RunConfig, dump_config
+from h3fusion.errors import H3FusionError
+from h3fusion.moe.modeling import H3FusionForCausalLM, moe_layers
+from h3fusion.moe.routing import mean_router_probs, plot_routing, routing_stats
+from h3fusion.sft import SFTCollator, SFTDataset, last_checkpoint, training_arguments, write_json
+
+ATTENTION_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+TRAINABLE_FILE = "trainable.safetensors"
+
+
+def gating_loss(p_bar: torch.Tensor, axis_labels: torch.Tensor, form: str = "nll") -> torch.Tensor:
+    """-log p_bar[axis] averaged over the batch (``authors_ce``: CrossEntropy on probabilities)."""
+    if form == "authors_ce":
+        return F.cross_entropy(p_bar, axis_labels)
+    return -torch.log(p_bar.gather(1, axis_labels[:, None]).clamp_min(1e-9)).mean()
+
+
+def drift_penalties(model) -> torch.Tensor:
+    """R_k for every expert [N]: its fusion-LoRA change, averaged over layers."""
+    return torch.stack([layer.drift_norms() for layer in moe_layers(model)]).mean(dim=0)
+
+
+class FusionTrainer(Trainer):
+    """Trainer with the H3Fusion loss, per-component logging and trainable-only checkpoints."""
+
+    def __init__(self, *args, gate_lambda: float, gammas: Sequence[float], gate_loss_form: str,
+                 expert_names: Sequence[str], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gate_lambda = gate_lambda
+        self.gammas = torch.tensor(list(gammas), dtype=torch.float32)
+        self.gate_loss_form = gate_loss_form
+        self.expert_names = list(expert_names)
+        self._sums: dict[str, float] = defaultdict(float)
+        self._count = 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        axis_labels = inputs.pop("axis_label")
+        outputs = model(**inputs)
+        lm_loss = outputs.loss
+        p_bar = mean_router_probs(model, inputs["attention_mask"])
+        gate = gating_loss(p_bar, axis_labels, self.gate_loss_form)
+        drift = drift_penalties(model)
+        loss = lm_loss + self.gate_lambda * gate + (self.gammas.to(drift.device, drift.dtype) * drift).sum()
+        with torch.no_grad():  # running means for the next log line
+            self._sums["lm_loss"] += lm_loss.item()
+            self._sums["gate_loss"] += gate.item()
+            self._sums["router_accuracy"] += (p_bar.argmax(dim=1) == axis_labels).float().mean().item()
+            for name, value in zip(self.expert_names, drift.tolist(), strict=True):
+                self._sums[f"drift_{name}"] += value
+            self._count += 1
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._count and "loss" in logs:
+            logs.update({key: round(value / self._count, 6) for key, value in self._sums.items()})
+            self._sums.clear()
+            self._count = 0
+        super().log(logs, start_time)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        # only what training changes: a checkpoint of a 7B fusion stays a few hundred MB
+        output_dir = output_dir or self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        model = self.accelerator.unwrap_model(self.model)
+        trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(trainable, os.path.join(output_dir, TRAINABLE_FILE))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        model = self.accelerator.unwrap_model(model or self.model)
+        state = load_file(os.path.join(resume_from_checkpoint, TRAINABLE_FILE))
+        expected = {n for n, p in model.named_parameters() if p.requires_grad}
+        if set(state) != expected:
+            raise H3FusionError(f"checkpoint {resume_from_checkpoint} does not match this fusion set-up; "
+                                "delete it to start the fusion stage afresh")
+        model.load_state_dict(state, strict=False)
+
+
+def prepare_for_fusion(model: H3FusionForCausalLM, config: RunConfig) -> None:
+    """Attach the fusion-stage LoRAs and set what trains: attention LoRA, expert LoRA, router."""
+    fusion = config.fusion
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if fusion.attention_lora:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        inject_adapter_in_model(
+            LoraConfig(r=fusion.lora_r, lora_alpha=fusion.lora_alpha, lora_dropout=fusion.lora_dropout,
+                       target_modules=ATTENTION_PROJECTIONS, bias="none"),
+            model,
+        )
+    for layer in model.moe_layers():
+        layer.add_fusion_lora(fusion.lora_r, fusion.lora_alpha, fusion.lora_dropout)
+        layer.router.weight.requires_grad_(fusion.train_router and not config.compat.frozen_random_router)
+    for name, param in model.named_parameters():  # inject_adapter_in_model only marks its own
+        if "lora_" in name or ".fusion_" in name:
+            param.requires_grad_(True)
+
+
+@torch.no_grad()
+def merge_fusion_adapters(model: H3FusionForCausalLM) -> H3FusionForCausalLM:
+    """Fold the attention LoRA into q/k/v/o and each fusion LoRA into its expert (no LoRA left)."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent_name, child = name.rsplit(".", 1)
+            setattr(model.get_submodule(parent_name), child, module.get_base_layer())
+    for layer in model.moe_layers():
+        layer.merge_fusion_lora()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model
+
+
+def heldout_prompts(config: RunConfig, tokenizer) -> dict[str, list[str]]:
+    """The first ``fusion.heldout_prompts`` test prompts of each axis (never trained on), formatted."""
+    from h3fusion.data import format_prompt, load_test
+
+    field = {"helpful": "instruction", "harmless": "prompt", "honest": "question"}
+    return {
+        axis: [format_prompt(row[field[axis]], "", config.data.prompt_format, tokenizer)
+               for row in load_test(axis, config, limit=config.fusion.heldout_prompts)]
+        for axis in config.experts
+    }
+
+
+def fusion_examples(config: RunConfig) -> list:
+    """The mixed three-axis training set (each example keeps its axis), optionally sampled per axis."""
+    from h3fusion.data import load_train
+
+    rng = random.Random(config.data.seed)
+    examples = []
+    for axis in config.experts:
+        rows = load_train(axis, config)
+        size = config.fusion.examples_per_axis
+        if size is not None and size < len(rows):
+            rows = rng.sample(rows, size)
+        examples.extend(rows)
+    rng.shuffle(examples)
+    return examples
+
+
+def axis_labels(config: RunConfig) -> dict[str, int]:
+    """Router index of each axis' examples; the compat switch reproduces the authors' mislabelling."""
+    labels = {axis: i for i, axis in enumerate(config.experts)}
+    if config.compat.honest_labelled_harmless and "honest" in labels and "harmless" in labels:
+        labels["honest"] = labels["harmless"]
+    return labels
+
+
+def fused_dir(config: RunConfig) -> Path:
+    return config.run_path / "fused"
+
+
+def fuse_run(config: RunConfig, log=print) -> Path:
+    """Stage 3 for a run config: <run>/moe -> <run>/fused (skipped when complete, resumed when killed)."""
+    from h3fusion.models import load_model
+    from h3fusion.moe.build import moe_dir
+
+    out = fused_dir(config)
+    if (out / "fusion_log.json").is_file():
+        log(f"[fuse] complete at {out}, skipping")
+        return out
+    source = moe_dir(config)
+    if not (source / "h3fusion_build.json").is_file():
+        raise H3FusionError(f"no MoE at {source}; run `h3fusion build` first")
+    examples = fusion_examples(config)
+    model, tokenizer = load_model(str(source), config.model.dtype)
+    labels = axis_labels(config)
+    dataset = SFTDataset(examples, tokenizer, config.data.max_length, config.data.prompt_format, labels)
+    prompts = heldout_prompts(config, tokenizer)
+    before = routing_stats(model, tokenizer, prompts)["axes"]
+    prepare_for_fusion(model, config)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    checkpoints = out / "checkpoints"
+    resume = last_checkpoint(checkpoints)
+    log(f"[fuse] {len(dataset)} examples ({', '.join(f'{a}={i}' for a, i in labels.items())}), "
+        f"{trainable:,} trainable parameters{', resuming from ' + resume if resume else ''}")
+    trainer = FusionTrainer(
+        model=model,
+        args=training_arguments(config.fusion.train, checkpoints, config.seed),
+        train_dataset=dataset,
+        data_collator=SFTCollator(tokenizer.pad_token_id, keep_axis_label=True),
+        gate_lambda=config.fusion.gate_lambda, gammas=config.gammas(),
+        gate_loss_form=config.fusion.gate_loss, expert_names=config.experts,
+    )
+    started = time.time()
+    trainer.train(resume_from_checkpoint=resume)
+    if not trainer.is_world_process_zero():
+        return out
+    history = [row for row in trainer.state.log_history if "lm_loss" in row]
+    merge_fusion_adapters(model)
+    routing = routing_stats(model, tokenizer, prompts)
+    after = routing["axes"]
+    model.save_pretrained(out)
+    write_json(out / "routing.json", routing)
+    plot_routing(routing, out / "plots", title=f"{config.name}: routing of held-out prompts after fusion")
+    tokenizer.save_pretrained(out)
+    dump_config(config, out / "config.yaml")
+    write_json(out / "fusion_log.json", {  # written last: marks the stage complete
+        "examples": len(dataset),
+        "axis_labels": labels,
+        "steps": trainer.state.global_step,
+        "train_seconds": round(time.time() - started, 1),
+        "trainable_parameters": trainable,
+        "router_accuracy": {axis: r["accuracy"] for axis, r in after.items()},
+        "router_accuracy_before": {axis: r["accuracy"] for axis, r in before.items()},
+        "router_mean_probs": {axis: r["mean_probs"] for axis, r in after.items()},
+        "heldout_prompts_per_axis": config.fusion.heldout_prompts,
+        "log_history": history,
+    })
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    if history:
+        log(f"[fuse] lm {history[0]['lm_loss']:.3f} -> {history[-1]['lm_loss']:.3f}, "
+            f"gate {history[0]['gate_loss']:.3f} -> {history[-1]['gate_loss']:.3f}")
+    log("[fuse] router accuracy on held-out prompts: " + ", ".join(
+        f"{axis} {before[axis]['accuracy']:.2f} -> {after[axis]['accuracy']:.2f}" for axis in after))
+    log(f"[fuse] fused model at {out}")
+    return out

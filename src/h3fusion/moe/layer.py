@@ -1,0 +1,531 @@
+"""The H3Fusion MoE MLP: one decoder layer's gated MLP turned into N LoRA experts plus a router.
+
+Expert k is the base MLP with its projections shifted by a low-rank delta,
+``W_k = W + s_k·B_k A_k`` (``s_k = alpha/r``, the factor the authors' code drops), and the layer routes
+exactly like Mixtral: ``p = softmax(W_r x + expert_bias)`` over all N experts (fp32), keep the top-k,
+renormalise them to sum 1, ``y = Σ_kept p_k · expert_k(x)``.
+
+Two storage layouts hold the same function::
+
+    compact (default): base once + low-rank factors     dense (paper layout): N merged copies
+
+    x ──┬── router ─ softmax ─ top-k ─ renorm ─► p       x ──┬── router ─ softmax ─ top-k ─ renorm ─► p
+        │                                                    │
+        ├── W_g x ─┐   each computed ONCE for all experts    ├── expert 1: W_d1·(act(W_g1 x) * W_u1 x)
+        ├── W_u x ─┤                                         ├── expert 2: W_d2·(act(W_g2 x) * W_u2 x)
+        │          ▼   per expert k (rank r, cheap):         ├── ...       (W_pk = W_p + s_k B_pk A_pk,
+        │   g_k = W_g x + s B_gk A_gk x                      │              N full copies, ~N x memory)
+        │   u_k = W_u x + s B_uk A_uk x                      └── y = Σ_kept p_k · expert_k(x)
+        │   h_k = act(g_k) * u_k                                 (Mixtral-style index-gather loop)
+        │
+        └── y = W_d·(Σ p_k h_k) + Σ p_k s B_dk A_dk h_k      (W_d once, on the routed mixture)
+
+    memory per layer: 3·H·I + N·3·r·(H+I)  ≈ 1x base    memory per layer: N·3·H·I
+
+Compact has two compute paths with identical math, picked by the number of tokens T in the call:
+``T <= decode_threshold``: all experts on every token, masked by dense routing weights (0 outside the
+top-k), A factors of all experts stacked into one matmul and B applied with ``bmm`` (few ops: decode);
+otherwise a Mixtral-style loop over experts that touches only the tokens routed to each (prefill,
+training: it never materialises (N, T, I) tensors). The base gate and up run as two matmuls over all
+tokens (fusing them would need a concatenated copy of W_g and W_u, i.e. the base held twice).
+At inference (no autograd through the factors) the activation-dtype casts and stacked forms of the
+factors are cached, keyed on each source parameter's identity, storage and version counter.
+
+Fusion-stage LoRA (``add_fusion_lora``) puts a trainable pair ``(A'_k, B'_k)`` on each expert's
+gate/up/down, so ``W_pk = W_p + s_k B_pk A_pk + (alpha'/r')·B'_pk A'_pk``; ``drift_norms`` gives the
+differentiable drift regulariser R_k, and ``merge_fusion_lora`` folds the pairs into the experts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+PROJECTIONS: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+_DRIFT_EPS = 1e-12
+
+
+@dataclass
+class LowRankDelta:
+    """One LoRA pair: ``delta_W = scale * B @ A``."""
+
+    A: Tensor
+    """[r, in_features]"""
+    B: Tensor
+    """[out_features, r]"""
+    scale: float
+    """alpha / r (the factor the authors' code drops)."""
+
+
+class _LowRank(NamedTuple):
+    """One projection's factors for all experts: A [N, R, in], B [N, out, R] (scales folded into B);
+    the last ``n_fusion`` ranks are the fusion LoRA (their input gets dropout while training)."""
+
+    A: Tensor
+    B: Tensor
+    n_fusion: int
+
+
+class _Prepared(NamedTuple):
+    gate: _LowRank | None
+    up: _LowRank | None
+    down: _LowRank | None
+    gate_up_A: Tensor | None  # [N·Rg + N·Ru, H]: every gate then every up A, for one fused matmul
+    down_B_flat: Tensor | None  # [N·Rd, H]
+
+
+class MoEMLP(nn.Module):
+    """N LoRA experts of one gated MLP (``gate_proj``, ``up_proj``, ``down_proj``, ``act_fn``) + a router.
+
+    Args:
+        base_mlp: the layer's MLP (e.g. ``LlamaMLP``); its three projections must be bias-free
+            ``nn.Linear``-like modules. In compact storage its projection modules are reused as-is (the
+            very same Parameters, frozen in place), so the base weights are held once.
+        expert_deltas: one dict per expert mapping a subset of ``gate_proj``/``up_proj``/``down_proj``
+            to its ``LowRankDelta`` (a missing projection is a zero delta). N = len(expert_deltas) >= 1;
+            ranks may differ between experts and projections (zero-padded to the largest internally).
+        top_k: experts kept per token, 1..N (changeable later through the ``top_k`` attribute).
+        storage: ``"compact"`` (base once + low-rank factors) or ``"dense"`` (N merged copies).
+        router_weight: initial router weight [N, hidden]; None = ``nn.Linear``'s random init.
+        decode_threshold: compact storage uses the masked all-experts path when the call has at most
+            this many tokens and the index-gather loop above it.
+
+    Dtypes: the base weights keep their dtype (e.g. bf16); the low-rank factors and the router are
+    held in fp32 (fp64 if the base is fp64) and cast to the activation dtype at use; as in Mixtral the
+    router logits are computed in the activation dtype and the softmax in fp32 (or wider).
+
+    ``state_dict`` keys (N experts, H hidden, I intermediate; R_p = largest delta rank on projection p):
+
+    * ``router.weight`` [N, H]; ``expert_bias`` [N] (the runtime alignment dial, added to the logits).
+    * compact: ``gate_proj.weight`` [I, H], ``up_proj.weight`` [I, H], ``down_proj.weight`` [H, I]: the
+      shared base, under the original MLP's names. ``delta_A.<proj>`` [N, R_p, in] and
+      ``delta_B.<proj>`` [N, out, R_p]: the experts' factors, frozen, with the scale folded into B
+      (``delta_W_k = delta_B[k] @ delta_A[k]``); always present, with R_p = 0 when no expert touches p.
+    * dense: ``experts.gate_proj`` [N, I, H], ``experts.up_proj`` [N, I, H], ``experts.down_proj``
+      [N, H, I]: each expert's full merged weight.
+    * while a fusion LoRA is attached: ``fusion_A.<proj>`` [N, r, in] and ``fusion_B.<proj>`` [N, out, r]
+      (trainable, fp32; applied with ``fusion_scale = alpha/r``, which is not in the state dict).
+
+    After ``merge_fusion_lora`` a compact layer's ``delta_*`` ranks grow by the fusion rank; to load
+    such a checkpoint, build the layer from the same experts, ``add_fusion_lora(r, alpha)``,
+    ``merge_fusion_lora()``, then ``load_state_dict``.
+
+    ``router_probs`` holds the full softmax [tokens, N] (with grad) of the latest forward when
+    ``record_router_probs`` is True (the fusion stage's gating loss reads it).
+    """
+
+    def __init__(
+        self,
+        base_mlp: nn.Module,
+        expert_deltas: Sequence[dict[str, LowRankDelta]],
+        top_k: int = 2,
+        storage: Literal["compact", "dense"] = "compact",
+        router_weight: Tensor | None = None,
+        decode_threshold: int = 16,
+    ) -> None:
+        super().__init__()
+        if storage not in ("compact", "dense"):
+            raise ValueError(f"storage must be 'compact' or 'dense', got {storage!r}")
+        n = len(expert_deltas)
+        if n < 1:
+            raise ValueError("expert_deltas is empty: an MoE needs at least one expert")
+        for name in (*PROJECTIONS, "act_fn"):
+            if not hasattr(base_mlp, name):
+                raise ValueError(
+                    f"base_mlp has no {name!r}: only gated MLPs (gate/up/down + act_fn) are supported"
+                )
+        for p in PROJECTIONS:
+            if getattr(getattr(base_mlp, p), "bias", None) is not None:
+                raise ValueError(f"base_mlp.{p} has a bias: Mixtral-style experts must be bias-free")
+        if decode_threshold < 0:
+            raise ValueError(f"decode_threshold must be >= 0, got {decode_threshold}")
+
+        self.num_experts = n
+        self.storage = storage
+        self.decode_threshold = int(decode_threshold)
+        self.top_k = top_k  # validated by the property
+        self.record_router_probs: bool = True
+        self.router_probs: Tensor | None = None
+
+        base_w = {p: getattr(base_mlp, p).weight for p in PROJECTIONS}
+        self.hidden_size = base_w["gate_proj"].shape[1]
+        self.intermediate_size = base_w["gate_proj"].shape[0]
+        shapes = {p: tuple(w.shape) for p, w in base_w.items()}  # (out, in)
+        device = base_w["gate_proj"].device
+        self.param_dtype = torch.promote_types(base_w["gate_proj"].dtype, torch.float32)
+
+        deltas = [self._check_expert(k, d, shapes) for k, d in enumerate(expert_deltas)]
+
+        self.act_fn = base_mlp.act_fn
+        self.router = nn.Linear(self.hidden_size, n, bias=False, device=device, dtype=self.param_dtype)
+        if router_weight is not None:
+            if tuple(router_weight.shape) != (n, self.hidden_size):
+                raise ValueError(
+                    f"router_weight has shape {tuple(router_weight.shape)}, expected {(n, self.hidden_size)}"
+                )
+            with torch.no_grad():
+                self.router.weight.copy_(router_weight)
+        self.register_buffer("expert_bias", torch.zeros(n, device=device, dtype=torch.float32))
+
+        if storage == "compact":
+            for p in PROJECTIONS:
+                base_w[p].requires_grad_(False)
+                setattr(self, p, getattr(base_mlp, p))  # same module, same Parameter: held once
+            self.delta_A = nn.ParameterDict()
+            self.delta_B = nn.ParameterDict()
+            for p in PROJECTIONS:
+                out_f, in_f = shapes[p]
+                rank = max((d[p].A.shape[0] for d in deltas if p in d), default=0)
+                a = torch.zeros(n, rank, in_f, device=device, dtype=self.param_dtype)
+                b = torch.zeros(n, out_f, rank, device=device, dtype=self.param_dtype)
+                for k, d in enumerate(deltas):
+                    if p in d:
+                        r = d[p].A.shape[0]
+                        a[k, :r] = d[p].A.to(device=device, dtype=self.param_dtype)
+                        b[k, :, :r] = d[p].B.to(device=device, dtype=self.param_dtype) * float(d[p].scale)
+                self.delta_A[p] = nn.Parameter(a, requires_grad=False)
+                self.delta_B[p] = nn.Parameter(b, requires_grad=False)
+        else:
+            self.experts = nn.ParameterDict()
+            for p in PROJECTIONS:
+                w = base_w[p].detach()
+                copies = []
+                for d in deltas:
+                    merged = w.to(self.param_dtype)
+                    if p in d:
+                        dA = d[p].A.to(device=device, dtype=self.param_dtype)
+                        dB = d[p].B.to(device=device, dtype=self.param_dtype)
+                        merged = merged + float(d[p].scale) * (dB @ dA)
+                    copies.append(merged.to(w.dtype))
+                self.experts[p] = nn.Parameter(torch.stack(copies), requires_grad=False)
+
+        self.fusion_A = nn.ParameterDict()
+        self.fusion_B = nn.ParameterDict()
+        self.fusion_scale: float | None = None
+        self.fusion_dropout: nn.Module = nn.Identity()
+        self._prep_cache: tuple[tuple, _Prepared] | None = None
+
+    # ------------------------------------------------------------------ construction helpers
+    @staticmethod
+    def _check_expert(
+        k: int, d: dict[str, LowRankDelta], shapes: dict[str, tuple[int, ...]]
+    ) -> dict[str, LowRankDelta]:
+        unknown = set(d) - set(PROJECTIONS)
+        if unknown:
+            raise ValueError(f"expert {k}: unknown projection(s) {sorted(unknown)}; allowed: {PROJECTIONS}")
+        for p, delta in d.items():
+            out_f, in_f = shapes[p]
+            if delta.A.dim() != 2 or delta.B.dim() != 2:
+                raise ValueError(f"expert {k} {p}: A and B must be 2-D")
+            r = delta.A.shape[0]
+            if tuple(delta.A.shape) != (r, in_f) or tuple(delta.B.shape) != (out_f, r):
+                raise ValueError(
+                    f"expert {k} {p}: expected A [r, {in_f}] and B [{out_f}, r], "
+                    f"got A {tuple(delta.A.shape)} and B {tuple(delta.B.shape)}"
+                )
+        return d
+
+    # ------------------------------------------------------------------ public knobs
+    @property
+    def top_k(self) -> int:
+        return self._top_k
+
+    @top_k.setter
+    def top_k(self, value: int) -> None:
+        if not isinstance(value, int) or not 1 <= value <= self.num_experts:
+            raise ValueError(f"top_k must be an int in 1..{self.num_experts}, got {value!r}")
+        self._top_k = value
+
+    def set_expert_bias(self, bias: Tensor | Sequence[float]) -> None:
+        """Set the per-expert logit bias (the runtime alignment dial); N values."""
+        t = torch.as_tensor(bias, dtype=torch.float32).flatten()
+        if t.numel() != self.num_experts:
+            raise ValueError(f"expert bias needs {self.num_experts} values, got {t.numel()}")
+        with torch.no_grad():
+            self.expert_bias.copy_(t.to(self.expert_bias.device, self.expert_bias.dtype))
+
+    # ------------------------------------------------------------------ fusion-stage LoRA
+    def add_fusion_lora(self, r: int, alpha: float, dropout: float = 0.0) -> None:
+        """Attach a trainable LoRA pair (A' kaiming-uniform, B' zeros) to every expert's gate/up/down."""
+        if self.fusion_A:
+            raise RuntimeError("a fusion LoRA is already attached; merge_fusion_lora() it first")
+        if r < 1:
+            raise ValueError(f"fusion LoRA rank must be >= 1, got {r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"fusion LoRA dropout must be in [0, 1), got {dropout}")
+        device = self.router.weight.device
+        for p, (out_f, in_f) in self._proj_shapes().items():
+            a = torch.empty(self.num_experts, r, in_f, device=device, dtype=self.param_dtype)
+            for k in range(self.num_experts):  # per-expert fan_in, exactly like PEFT's lora_A
+                nn.init.kaiming_uniform_(a[k], a=math.sqrt(5))
+            self.fusion_A[p] = nn.Parameter(a)
+            self.fusion_B[p] = nn.Parameter(
+                torch.zeros(self.num_experts, out_f, r, device=device, dtype=self.param_dtype)
+            )
+        self.fusion_scale = float(alpha) / r
+        self.fusion_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def drift_norms(self) -> Tensor:
+        """R_k per expert: Σ_proj ||(alpha/r)·B'_k A'_k||_F, differentiable ([N]; zeros without fusion LoRA).
+
+        Uses ``||BA||_F² = trace((BᵀB)(AAᵀ))`` (r×r matrices only) and ``sqrt(x + eps) - sqrt(eps)``, so it
+        is exactly 0 and has a finite (zero) gradient at B' = 0.
+        """
+        if not self.fusion_A:
+            return torch.zeros(self.num_experts, device=self.router.weight.device, dtype=self.param_dtype)
+        assert self.fusion_scale is not None
+        total = 0
+        for p in PROJECTIONS:
+            a, b = self.fusion_A[p], self.fusion_B[p]
+            btb = torch.bmm(b.transpose(1, 2), b)  # [N, r, r]
+            aat = torch.bmm(a, a.transpose(1, 2))  # [N, r, r], symmetric
+            sq = (btb * aat).sum(dim=(1, 2)).clamp_min(0) * self.fusion_scale**2
+            total = total + torch.sqrt(sq + _DRIFT_EPS) - math.sqrt(_DRIFT_EPS)
+        return total
+
+    @torch.no_grad()
+    def merge_fusion_lora(self) -> None:
+        """Fold the fusion LoRA into the experts (compact: extra frozen delta ranks; dense: into the copies)."""
+        if not self.fusion_A:
+            return
+        assert self.fusion_scale is not None
+        s = self.fusion_scale
+        for p in PROJECTIONS:
+            a, b = self.fusion_A[p].detach(), self.fusion_B[p].detach()
+            if self.storage == "compact":
+                self.delta_A[p] = nn.Parameter(torch.cat([self.delta_A[p], a], dim=1), requires_grad=False)
+                self.delta_B[p] = nn.Parameter(
+                    torch.cat([self.delta_B[p], b * s], dim=2), requires_grad=False
+                )
+            else:
+                w = self.experts[p]
+                w.copy_((w.to(self.param_dtype) + s * torch.bmm(b, a)).to(w.dtype))
+        self.fusion_A = nn.ParameterDict()
+        self.fusion_B = nn.ParameterDict()
+        self.fusion_scale = None
+        self.fusion_dropout = nn.Identity()
+
+    # ------------------------------------------------------------------ inspection
+    def _proj_shapes(self) -> dict[str, tuple[int, int]]:
+        h, i = self.hidden_size, self.intermediate_size
+        return {"gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+
+    @torch.no_grad()
+    def expert_weight(self, k: int, proj: str, dtype: torch.dtype | None = None) -> Tensor:
+        """Full merged weight [out, in] of expert k on ``proj`` (base + its delta + fusion LoRA).
+
+        Returned in ``dtype`` (default: the base weights' dtype), detached; used for Mixtral export.
+        """
+        if proj not in PROJECTIONS:
+            raise ValueError(f"proj must be one of {PROJECTIONS}, got {proj!r}")
+        if not 0 <= k < self.num_experts:
+            raise IndexError(f"expert index {k} out of range 0..{self.num_experts - 1}")
+        if self.storage == "compact":
+            base = getattr(self, proj).weight
+            out_dtype = dtype or base.dtype
+            w = base.to(self.param_dtype) + self.delta_B[proj][k] @ self.delta_A[proj][k]
+        else:
+            base = self.experts[proj]
+            out_dtype = dtype or base.dtype
+            w = base[k].to(self.param_dtype)
+        if self.fusion_A:
+            assert self.fusion_scale is not None
+            w = w + self.fusion_scale * (self.fusion_B[proj][k] @ self.fusion_A[proj][k])
+        return w.to(out_dtype)
+
+    def extra_repr(self) -> str:
+        ranks = ""
+        if self.storage == "compact":
+            ranks = ", delta_ranks=" + str({p: self.delta_A[p].shape[1] for p in PROJECTIONS})
+        fusion = f", fusion_rank={self.fusion_A['gate_proj'].shape[1]}" if self.fusion_A else ""
+        return (
+            f"num_experts={self.num_experts}, top_k={self.top_k}, storage={self.storage!r}, "
+            f"decode_threshold={self.decode_threshold}{ranks}{fusion}"
+        )
+
+    # ------------------------------------------------------------------ forward
+    def _dropout_active(self) -> bool:
+        return self.training and isinstance(self.fusion_dropout, nn.Dropout) and self.fusion_dropout.p > 0
+
+    def _factors(self, proj: str, dtype: torch.dtype) -> _LowRank | None:
+        """All low-rank factors of ``proj`` (None when R = 0)."""
+        a_parts: list[Tensor] = []
+        b_parts: list[Tensor] = []
+        if self.storage == "compact" and self.delta_A[proj].shape[1] > 0:
+            a_parts.append(self.delta_A[proj])
+            b_parts.append(self.delta_B[proj])
+        n_fusion = 0
+        if self.fusion_A:
+            a_parts.append(self.fusion_A[proj])
+            b_parts.append(self.fusion_B[proj] * self.fusion_scale)
+            n_fusion = self.fusion_A[proj].shape[1]
+        if not a_parts:
+            return None
+        a = a_parts[0] if len(a_parts) == 1 else torch.cat(a_parts, dim=1)
+        b = b_parts[0] if len(b_parts) == 1 else torch.cat(b_parts, dim=2)
+        return _LowRank(a.to(dtype), b.to(dtype), n_fusion)
+
+    def _prepared(self, dtype: torch.dtype) -> _Prepared:
+        """The factors in the activation dtype, plus the stacked forms the compute paths use.
+
+        Cached while nothing needs autograd through them (inference), keyed on the identity, storage
+        and version counter of every source parameter, so in-place updates and reloads invalidate it.
+        """
+        sources = [*self.fusion_A.values(), *self.fusion_B.values()]
+        if self.storage == "compact":
+            sources += [*self.delta_A.values(), *self.delta_B.values()]
+        cacheable = not (torch.is_grad_enabled() and any(p.requires_grad for p in sources))
+        key = (dtype, self.fusion_scale, tuple((id(p), p.data_ptr(), p._version) for p in sources))
+        if cacheable and self._prep_cache is not None and self._prep_cache[0] == key:
+            return self._prep_cache[1]
+        g, u, d = (self._factors(p, dtype) for p in PROJECTIONS)
+        gu = [f.A.reshape(-1, f.A.shape[-1]) for f in (g, u) if f is not None]
+        prep = _Prepared(
+            gate=g,
+            up=u,
+            down=d,
+            gate_up_A=None if not gu else gu[0] if len(gu) == 1 else torch.cat(gu),
+            down_B_flat=None if d is None else d.B.transpose(1, 2).reshape(-1, d.B.shape[1]),
+        )
+        self._prep_cache = (key, prep) if cacheable else None
+        return prep
+
+    def _rank_acts(
+        self, x: Tensor, a: Tensor, n_fusion: int, op: Callable[[Tensor, Tensor], Tensor]
+    ) -> Tensor:
+        """``op(x, A)`` over the rank dim, with the fusion ranks fed dropout(x) while training."""
+        if n_fusion and self._dropout_active():
+            keep = a.shape[-2] - n_fusion
+            parts = [op(self.fusion_dropout(x), a[..., keep:, :])]
+            if keep:
+                parts.insert(0, op(x, a[..., :keep, :]))
+            return torch.cat(parts, dim=-1)
+        return op(x, a)
+
+    def _route(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Mixtral routing: softmax over all N (fp32+), top-k, renormalise. Returns (weights, indices) [T, k]."""
+        acc = torch.promote_types(x.dtype, torch.float32)
+        logits = F.linear(x, self.router.weight.to(x.dtype))
+        probs = torch.softmax(logits.to(acc) + self.expert_bias.to(acc), dim=-1)
+        self.router_probs = probs if self.record_router_probs else None
+        top_w, top_i = torch.topk(probs, self.top_k, dim=-1)
+        top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+        return top_w.to(x.dtype), top_i
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        top_w, top_i = self._route(x)
+        if self.storage == "dense":
+            y = self._dense_forward(x, top_w, top_i)
+        elif x.shape[0] <= self.decode_threshold:
+            y = self._compact_batched(x, top_w, top_i)
+        else:
+            y = self._compact_gather(x, top_w, top_i)
+        return y.reshape(shape)
+
+    def _groups(self, top_w: Tensor, top_i: Tensor) -> list[tuple[int, Tensor, Tensor]]:
+        """(expert, token indices, routing weights) for every expert with routed tokens (one host sync)."""
+        flat = top_i.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        tokens = order // self.top_k
+        weights = top_w.reshape(-1)[order]
+        groups, start = [], 0
+        for e, c in enumerate(counts):
+            if c:
+                groups.append((e, tokens[start : start + c], weights[start : start + c]))
+            start += c
+        return groups
+
+    def _gate_up_acts(self, x: Tensor, f: _Prepared) -> tuple[Tensor | None, Tensor | None]:
+        """Rank-space activations [T, N, R] of gate and up for all experts (one matmul when possible)."""
+        n = self.num_experts
+
+        def flat(inp: Tensor, a: Tensor) -> Tensor:
+            return F.linear(inp, a.reshape(-1, a.shape[-1])).unflatten(-1, (n, -1))
+
+        if self._dropout_active():
+            ag = None if f.gate is None else self._rank_acts(x, f.gate.A, f.gate.n_fusion, flat)
+            au = None if f.up is None else self._rank_acts(x, f.up.A, f.up.n_fusion, flat)
+            return ag, au
+        if f.gate_up_A is None:
+            return None, None
+        acts = F.linear(x, f.gate_up_A)  # [T, N·Rg + N·Ru]
+        split = 0 if f.gate is None else n * f.gate.A.shape[1]
+        ag = None if f.gate is None else acts[:, :split].unflatten(-1, (n, -1))
+        au = None if f.up is None else acts[:, split:].unflatten(-1, (n, -1))
+        return ag, au
+
+    def _compact_batched(self, x: Tensor, top_w: Tensor, top_i: Tensor) -> Tensor:
+        """All experts on every token, masked by dense routing weights (decode path)."""
+        t, n = x.shape[0], self.num_experts
+        w = torch.zeros(t, n, dtype=x.dtype, device=x.device).scatter(1, top_i, top_w)  # [T, N]
+        f = self._prepared(x.dtype)
+        g = self.gate_proj(x).unsqueeze(0)  # [1, T, I], once for all experts
+        u = self.up_proj(x).unsqueeze(0)
+        ag, au = self._gate_up_acts(x, f)
+        if ag is not None:
+            g = g + torch.bmm(ag.transpose(0, 1), f.gate.B.transpose(1, 2))  # [N, T, I]
+        if au is not None:
+            u = u + torch.bmm(au.transpose(0, 1), f.up.B.transpose(1, 2))
+        hp = self.act_fn(g) * u * w.t().unsqueeze(-1)  # [N, T, I], p_k h_k (0 outside top-k)
+        y = self.down_proj(hp.sum(dim=0))
+        if f.down is not None:
+            ad = self._rank_acts(hp, f.down.A, f.down.n_fusion, lambda h, a: torch.bmm(h, a.transpose(1, 2)))
+            y = y + ad.transpose(0, 1).reshape(t, -1) @ f.down_B_flat  # [T, N·Rd] @ [N·Rd, H]
+        return y
+
+    def _compact_gather(self, x: Tensor, top_w: Tensor, top_i: Tensor) -> Tensor:
+        """Loop over experts, each on its routed tokens only (prefill / training path)."""
+        t = x.shape[0]
+        f = self._prepared(x.dtype)
+        g0 = self.gate_proj(x)  # [T, I], once for all experts
+        u0 = self.up_proj(x)
+        ag, au = self._gate_up_acts(x, f)
+        mix = torch.zeros_like(g0)
+        groups = self._groups(top_w, top_i)
+        z_parts: list[Tensor] = []
+        for e, tok, wt in groups:
+            g, u = g0[tok], u0[tok]
+            if ag is not None:
+                g = g + ag[tok, e] @ f.gate.B[e].t()
+            if au is not None:
+                u = u + au[tok, e] @ f.up.B[e].t()
+            h = self.act_fn(g) * u * wt.unsqueeze(-1)
+            mix.index_add_(0, tok, h)
+            if f.down is not None:
+                z = self._rank_acts(h, f.down.A[e], f.down.n_fusion, F.linear)  # [T_e, Rd]
+                z_parts.append(x.new_zeros(t, z.shape[-1]).index_add(0, tok, z))
+        y = self.down_proj(mix)
+        if z_parts:
+            if len(groups) == self.num_experts:
+                b_flat = f.down_B_flat
+            else:
+                b_flat = torch.cat([f.down.B[e] for e, _, _ in groups], dim=1).t()
+            y = y + torch.cat(z_parts, dim=1) @ b_flat
+        return y
+
+    def _dense_forward(self, x: Tensor, top_w: Tensor, top_i: Tensor) -> Tensor:
+        """The paper's layout: N merged copies, Mixtral-style per-expert index-gather loop."""
+        prep = self._prepared(x.dtype)
+        fg, fu, fd = prep.gate, prep.up, prep.down
+        y = torch.zeros_like(x)
+
+        def lin(inp: Tensor, p: str, e: int, f: _LowRank | None) -> Tensor:
+            out = F.linear(inp, self.experts[p][e].to(inp.dtype))
+            if f is not None:
+                out = out + self._rank_acts(inp, f.A[e], f.n_fusion, F.linear) @ f.B[e].t()
+            return out
+
+        for e, tok, wt in self._groups(top_w, top_i):
+            xe = x[tok]
+            h = self.act_fn(lin(xe, "gate_proj", e, fg)) * lin(xe, "up_proj", e, fu)
+            y.index_add_(0, tok, lin(h, "down_proj", e, fd) * wt.unsqueeze(-1))
+        return y

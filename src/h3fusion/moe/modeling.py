@@ -1,0 +1,192 @@
+"""The fused model as a transformers model: ``H3FusionConfig`` + ``H3FusionForCausalLM``.
+
+The fused model wraps the base causal LM (any gated-MLP decoder) with every layer's MLP replaced by
+a ``MoEMLP``. Both classes are registered with the Auto classes on ``import h3fusion``, so
+``AutoModelForCausalLM.from_pretrained(<run>/fused)`` works without ``trust_remote_code``, and
+``save_pretrained`` writes plain safetensors.
+
+State dict: the base model's own keys under ``model.`` (``model.model.layers.3.self_attn.q_proj.weight``),
+with each layer's MLP holding the ``MoEMLP`` keys (``model.model.layers.3.mlp.router.weight``, ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
+
+from h3fusion.moe.layer import PROJECTIONS, LowRankDelta, MoEMLP
+
+
+class H3FusionConfig(PretrainedConfig):
+    """Config of a fused model: the base model's config plus the MoE settings.
+
+    Args:
+        base_config: the base model's config as a dict (its ``model_type`` picks the architecture).
+        expert_names: one name per expert, in router order (e.g. helpful, harmless, honest).
+        num_experts_per_tok: experts per token, top-k (1..N); Mixtral's name (``top_k`` would clash
+            with the generation parameter of that name).
+        storage: ``compact`` (base FFN once + low-rank expert factors) or ``dense`` (N FFN copies).
+        delta_ranks: compact storage only: rank of the stored expert factors per projection.
+        expert_bias: per-expert router-logit bias applied at inference (the alignment dial).
+        decode_threshold: token count up to which the compact layer uses its batched decode path.
+    """
+
+    model_type = "h3fusion"
+
+    def __init__(
+        self,
+        base_config: dict | None = None,
+        expert_names: Sequence[str] = (),
+        num_experts_per_tok: int = 2,
+        storage: str = "compact",
+        delta_ranks: Mapping[str, int] | None = None,
+        expert_bias: Sequence[float] | None = None,
+        decode_threshold: int = 16,
+        **kwargs,
+    ):
+        self.base_config = dict(base_config or {})
+        self.expert_names = list(expert_names)
+        self.num_experts_per_tok = num_experts_per_tok
+        self.storage = storage
+        self.delta_ranks = dict(delta_ranks or {})
+        self.expert_bias = list(expert_bias) if expert_bias is not None else [0.0] * len(self.expert_names)
+        self.decode_threshold = decode_threshold
+        for key in ("vocab_size", "hidden_size", "num_hidden_layers", "tie_word_embeddings"):
+            if key in self.base_config:
+                kwargs.setdefault(key, self.base_config[key])
+        super().__init__(**kwargs)
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.expert_names)
+
+    def make_base_config(self) -> PretrainedConfig:
+        params = {k: v for k, v in self.base_config.items() if k != "model_type"}
+        return AutoConfig.for_model(self.base_config["model_type"], **params)
+
+
+def moe_layers(model: nn.Module) -> list[MoEMLP]:
+    """Every MoE MLP of a model, in layer order."""
+    return [m for m in model.modules() if isinstance(m, MoEMLP)]
+
+
+class H3FusionForCausalLM(PreTrainedModel, GenerationMixin):
+    """A gated-MLP decoder whose MLPs are mixtures of LoRA experts (see ``h3fusion.moe.layer``)."""
+
+    config_class = H3FusionConfig
+    base_model_prefix = "h3fusion"  # never a key prefix: loading a plain base checkpoint is not supported
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _no_split_modules = ["MoEMLP"]
+
+    def __init__(
+        self,
+        config: H3FusionConfig,
+        base_model: PreTrainedModel | None = None,
+        expert_deltas: Sequence[Sequence[dict[str, LowRankDelta]]] | None = None,
+        router_weights: Sequence[torch.Tensor] | None = None,
+    ):
+        """Either build empty from ``config`` (for from_pretrained), or from a loaded base model and
+        per-layer expert deltas (``expert_deltas[layer][expert] = {proj: LowRankDelta}``)."""
+        super().__init__(config)
+        if base_model is None:
+            base_model = AutoModelForCausalLM.from_config(config.make_base_config())
+        self.model = base_model
+        self._tied_weights_keys = {
+            f"model.{k}": f"model.{v}" for k, v in (getattr(base_model, "_tied_weights_keys", None) or {}).items()
+        }
+        self.generation_config = base_model.generation_config
+        # post_init before the MoE swap: the base's weight init must not touch the routers we set up
+        self.post_init()
+        layers = self.model.get_decoder().layers
+        n = config.num_experts
+        for i, layer in enumerate(layers):
+            if expert_deltas is not None:
+                deltas = expert_deltas[i]
+            else:  # placeholders with the stored ranks; from_pretrained fills them in
+                deltas = [_zero_deltas(layer.mlp, config.delta_ranks) for _ in range(n)]
+            layer.mlp = MoEMLP(
+                layer.mlp, deltas, top_k=config.num_experts_per_tok, storage=config.storage,
+                router_weight=None if router_weights is None else router_weights[i],
+                decode_threshold=config.decode_threshold,
+            )
+            layer.mlp.set_expert_bias(config.expert_bias)
+
+    # transformers plumbing: embeddings, decoder and generation delegate to the wrapped model
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.model.get_output_embeddings()
+
+    def get_decoder(self):
+        return self.model.get_decoder()
+
+    def _init_weights(self, module):
+        pass  # weights come from the base model and the experts, or from the checkpoint
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        return self.model.prepare_inputs_for_generation(*args, **kwargs)
+
+    # ------------------------------------------------------------------ H3Fusion knobs
+    @property
+    def expert_names(self) -> list[str]:
+        return list(self.config.expert_names)
+
+    def moe_layers(self) -> list[MoEMLP]:
+        return moe_layers(self)
+
+    def set_expert_bias(self, bias: Mapping[str, float] | Sequence[float]) -> None:
+        """The runtime alignment dial: a logit bias per expert, by name ({'harmless': 2.0}) or as a list.
+
+        Names not given get 0. A large bias on one expert with top_k=1 reproduces that expert exactly.
+        """
+        if isinstance(bias, Mapping):
+            unknown = set(bias) - set(self.expert_names)
+            if unknown:
+                raise ValueError(f"unknown expert(s) {sorted(unknown)}; experts are {self.expert_names}")
+            values = [float(bias.get(name, 0.0)) for name in self.expert_names]
+        else:
+            values = [float(v) for v in bias]
+        for layer in self.moe_layers():
+            layer.set_expert_bias(values)
+        self.config.expert_bias = values
+
+    def set_top_k(self, top_k: int) -> None:
+        for layer in self.moe_layers():
+            layer.top_k = top_k
+        self.config.num_experts_per_tok = top_k
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # the stored factor ranks can grow (merged fusion LoRA): record them so from_pretrained
+        # builds placeholders of the right shapes
+        layers = self.moe_layers()
+        if self.config.storage == "compact" and layers:
+            self.config.delta_ranks = {p: int(layers[0].delta_A[p].shape[1]) for p in PROJECTIONS}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+def _zero_deltas(mlp: nn.Module, ranks: Mapping[str, int]) -> dict[str, LowRankDelta]:
+    deltas = {}
+    for p in PROJECTIONS:
+        rank = int(ranks.get(p, 0))
+        if rank:
+            out_f, in_f = getattr(mlp, p).weight.shape
+            deltas[p] = LowRankDelta(torch.zeros(rank, in_f), torch.zeros(out_f, rank), 1.0)
+    return deltas
+
+
+AutoConfig.register("h3fusion", H3FusionConfig, exist_ok=True)
+AutoModelForCausalLM.register(H3FusionConfig, H3FusionForCausalLM, exist_ok=True)

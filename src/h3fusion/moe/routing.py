@@ -1,0 +1,110 @@
+"""Routing diagnostics: where each axis's prompts go, per layer and per sample.
+
+For any MoE model and prompts grouped by axis:
+* ``layer_expert_mean`` [layers x experts]: mean router probability over the axis's real tokens
+  (the paper's heat-map);
+* ``sample_means`` [samples x experts]: each prompt's routing averaged over its tokens and layers
+  (the paper's "activation intensity" histograms, which show how gamma_k shifts expert k's share);
+* ``accuracy``: share of prompts whose mean routing peaks on the axis's own expert.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from h3fusion.moe.modeling import moe_layers
+
+
+def mean_router_probs(model, attention_mask: torch.Tensor) -> torch.Tensor:
+    """p_bar [B, N]: each sequence's router probabilities averaged over its real tokens and all layers."""
+    layers = moe_layers(model)
+    batch, length = attention_mask.shape
+    mask = attention_mask.to(torch.float32)
+    total = 0
+    for layer in layers:
+        probs = layer.router_probs.view(batch, length, -1)  # [B, T, N]
+        total = total + (probs * mask[..., None]).sum(dim=1)
+    return total / (mask.sum(dim=1, keepdim=True) * len(layers))
+
+
+@torch.no_grad()
+def routing_stats(model, tokenizer, prompts: Mapping[str, Sequence[str]], batch_size: int = 8) -> dict:
+    """Routing statistics per axis (see the module docstring); axes are matched to experts by name."""
+    names = list(model.config.expert_names)
+    layers = moe_layers(model)
+    was_training = model.training
+    model.eval()
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "right"
+    stats = {}
+    try:
+        for axis, texts in prompts.items():
+            layer_sums = torch.zeros(len(layers), len(names))
+            tokens = 0.0
+            samples = []
+            for start in range(0, len(texts), batch_size):
+                batch = tokenizer(list(texts[start:start + batch_size]), return_tensors="pt", padding=True)
+                batch = {k: v.to(model.device) for k, v in batch.items()}
+                model(**batch)
+                mask = batch["attention_mask"].to(torch.float32)
+                for i, layer in enumerate(layers):
+                    probs = layer.router_probs.view(*mask.shape, -1).float()
+                    layer_sums[i] += (probs * mask[..., None]).sum(dim=(0, 1)).cpu()
+                tokens += float(mask.sum())
+                samples.append(mean_router_probs(model, batch["attention_mask"]).float().cpu())
+            sample_means = torch.cat(samples)
+            target = names.index(axis) if axis in names else None
+            stats[axis] = {
+                "n": len(texts),
+                "layer_expert_mean": (layer_sums / tokens).tolist(),
+                "sample_means": sample_means.tolist(),
+                "mean_probs": sample_means.mean(dim=0).tolist(),
+                "accuracy": None if target is None else float((sample_means.argmax(dim=1) == target).float().mean()),
+            }
+    finally:
+        tokenizer.padding_side = padding_side
+        model.train(was_training)
+    return {"experts": names, "axes": stats}
+
+
+def plot_routing(stats: dict, out_dir: str | Path, title: str = "") -> list[Path]:
+    """Heat-map (layers x experts, one panel per axis) and per-axis histograms of sample means."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names, axes = stats["experts"], stats["axes"]
+    paths = []
+
+    fig, panels = plt.subplots(1, len(axes), figsize=(3.2 * len(axes), 4.5), squeeze=False, sharey=True)
+    for panel, (axis, s) in zip(panels[0], axes.items(), strict=True):
+        image = panel.imshow(s["layer_expert_mean"], aspect="auto", vmin=0, vmax=1, cmap="viridis")
+        panel.set_title(f"{axis} prompts (n={s['n']})")
+        panel.set_xticks(range(len(names)), names, rotation=30)
+        panel.set_xlabel("expert")
+    panels[0][0].set_ylabel("layer")
+    fig.colorbar(image, ax=panels[0].tolist(), label="mean router probability")
+    fig.suptitle(title or "Routing per layer and expert")
+    paths.append(out_dir / "routing_heatmap.png")
+    fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+    fig, panels = plt.subplots(1, len(axes), figsize=(3.2 * len(axes), 3.2), squeeze=False, sharey=True)
+    for panel, (axis, s) in zip(panels[0], axes.items(), strict=True):
+        values = torch.tensor(s["sample_means"])
+        for k, name in enumerate(names):
+            panel.hist(values[:, k].numpy(), bins=20, range=(0, 1), alpha=0.55, label=name)
+        panel.set_title(f"{axis} prompts")
+        panel.set_xlabel("mean routing weight per sample")
+    panels[0][0].set_ylabel("samples")
+    panels[0][-1].legend(fontsize=8)
+    fig.suptitle(title or "Activation intensity per expert")
+    paths.append(out_dir / "routing_intensity.png")
+    fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return paths

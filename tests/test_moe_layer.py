@@ -1,0 +1,491 @@
+"""MoEMLP: compact == dense == an explicit per-expert reference, routing, structure, training hooks, dtypes."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaMLP
+
+from h3fusion.moe import PROJECTIONS, LowRankDelta, MoEMLP
+
+H, I = 64, 128  # noqa: E741  (hidden, intermediate)
+THRESHOLD = 16
+T_SMALL, T_LARGE = 5, 40  # below / above decode_threshold
+F64 = dict(rtol=0, atol=1e-10)
+
+
+def make_base(dtype: torch.dtype = torch.float64, seed: int = 0) -> LlamaMLP:
+    config = LlamaConfig(
+        hidden_size=H,
+        intermediate_size=I,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+    )
+    torch.manual_seed(seed)
+    return LlamaMLP(config).to(dtype)
+
+
+def make_deltas(n: int, dtype: torch.dtype = torch.float64, seed: int = 1, rank: int = 4) -> list[dict]:
+    """Rank-4 deltas with non-trivial B and differing scales; expert 1 has rank 2 on gate, expert 2 no down."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}
+    experts = []
+    for k in range(n):
+        d = {}
+        for p, (out_f, in_f) in shapes.items():
+            if k == 2 and p == "down_proj":
+                continue
+            r = 2 if (k == 1 and p == "gate_proj") else rank
+            a = torch.randn(r, in_f, generator=g, dtype=dtype) / math.sqrt(in_f)
+            b = 0.5 * torch.randn(out_f, r, generator=g, dtype=dtype)
+            d[p] = LowRankDelta(A=a, B=b, scale=(1.0 + k) / r)
+        experts.append(d)
+    return experts
+
+
+def expert_weights(base: LlamaMLP, delta: dict) -> dict[str, torch.Tensor]:
+    out = {}
+    for p in PROJECTIONS:
+        w = getattr(base, p).weight.detach().to(torch.float64)
+        if p in delta:
+            w = w + delta[p].scale * (delta[p].B.to(torch.float64) @ delta[p].A.to(torch.float64))
+        out[p] = w
+    return out
+
+
+def mlp_with(weights: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    w = {p: t.to(x.dtype) for p, t in weights.items()}
+    return F.linear(F.silu(F.linear(x, w["gate_proj"])) * F.linear(x, w["up_proj"]), w["down_proj"])
+
+
+def reference(base, deltas, router_w, bias, x, top_k, weights=None):
+    """Every expert on every token (explicit full weights), mixed with Mixtral's renormalised top-k softmax.
+
+    ``weights``: per-expert full weight dicts to use instead of base + deltas."""
+    x2 = x.reshape(-1, H).to(torch.float64)
+    weights = weights or [expert_weights(base, d) for d in deltas]
+    outs = torch.stack([mlp_with(w, x2) for w in weights])  # [N, T, H]
+    probs = torch.softmax(x2 @ router_w.to(torch.float64).t() + bias.to(torch.float64), dim=-1)
+    top_w, top_i = probs.topk(top_k, dim=-1)
+    top_w = top_w / top_w.sum(-1, keepdim=True)
+    dense_w = torch.zeros_like(probs).scatter(1, top_i, top_w)  # [T, N]
+    return (outs * dense_w.t().unsqueeze(-1)).sum(0).reshape(x.shape)
+
+
+def router_w(n: int, dtype=torch.float64, seed: int = 2, scale: float = 1.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return scale * torch.randn(n, H, generator=g, dtype=dtype) / math.sqrt(H)
+
+
+def tokens(t: int, dtype=torch.float64, seed: int = 3) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, t, H, generator=g, dtype=dtype)
+
+
+def top_ks(n: int) -> list[int]:
+    return sorted({1, min(2, n), n})
+
+
+CASES = [(n, k) for n in (1, 2, 3, 4) for k in top_ks(n)]
+
+
+# ---------------------------------------------------------------------------------------------- 1
+@pytest.mark.parametrize("t", [T_SMALL, T_LARGE])
+@pytest.mark.parametrize(("n", "top_k"), CASES)
+def test_compact_dense_reference_agree_fp64(n, top_k, t):
+    base, deltas, rw = make_base(), make_deltas(n), router_w(n)
+    x = tokens(t)
+    compact = MoEMLP(base, deltas, top_k=top_k, router_weight=rw, decode_threshold=THRESHOLD)
+    dense = MoEMLP(base, deltas, top_k=top_k, storage="dense", router_weight=rw, decode_threshold=THRESHOLD)
+    bias = torch.linspace(-0.3, 0.3, n)
+    for layer in (compact, dense):
+        layer.set_expert_bias(bias)
+    ref = reference(base, deltas, rw, bias, x, top_k)
+    with torch.no_grad():
+        y_compact = compact(x)
+        compact.decode_threshold = 10**9  # force the masked all-experts path
+        y_batched = compact(x)
+        compact.decode_threshold = 0  # force the index-gather path
+        y_gather = compact(x)
+        y_dense = dense(x)
+    assert y_compact.shape == x.shape
+    for y in (y_compact, y_batched, y_gather, y_dense):
+        torch.testing.assert_close(y, ref, **F64)
+    assert (ref - mlp_with(expert_weights(base, {}), x)).abs().max() > 1e-2  # the deltas matter
+
+
+@pytest.mark.parametrize("t", [T_SMALL, T_LARGE])
+def test_compact_dense_reference_agree_fp32(t):
+    base32 = make_base(torch.float32)
+    deltas, rw = make_deltas(3, torch.float32), router_w(3, torch.float32)
+    x = tokens(t, torch.float32)
+    ref = reference(base32, deltas, rw, torch.zeros(3), x, 2).to(torch.float32)
+    for storage in ("compact", "dense"):
+        layer = MoEMLP(base32, deltas, top_k=2, storage=storage, router_weight=rw)
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_expert_weight_matches_explicit():
+    base, deltas = make_base(), make_deltas(3)
+    for storage in ("compact", "dense"):
+        layer = MoEMLP(base, deltas, storage=storage)
+        for k, d in enumerate(deltas):
+            want = expert_weights(base, d)
+            for p in PROJECTIONS:
+                torch.testing.assert_close(layer.expert_weight(k, p), want[p], **F64)
+
+
+# ---------------------------------------------------------------------------------------------- 2
+@pytest.mark.parametrize("storage", ["compact", "dense"])
+@pytest.mark.parametrize("t", [T_SMALL, T_LARGE])
+def test_forced_routing_gives_that_experts_mlp(storage, t):
+    n = 4
+    base, deltas = make_base(), make_deltas(n)
+    layer = MoEMLP(base, deltas, top_k=1, storage=storage, router_weight=router_w(n))
+    x = tokens(t)
+    for k in range(n):
+        plain = copy.deepcopy(base)
+        with torch.no_grad():
+            for p, w in expert_weights(base, deltas[k]).items():
+                getattr(plain, p).weight.copy_(w)
+        bias = torch.zeros(n)
+        bias[k] = 1e3
+        layer.set_expert_bias(bias.tolist())
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), plain(x), **F64)
+            assert (layer.router_probs.argmax(-1) == k).all()
+
+
+# ---------------------------------------------------------------------------------------------- 3
+@pytest.mark.parametrize("threshold", [10**9, 0])  # masked path, gather path
+def test_top1_only_the_chosen_expert_contributes(threshold):
+    n, chosen = 3, 1
+    base, deltas = make_base(), make_deltas(n)
+    others = make_deltas(n, seed=99)  # different deltas for the experts that must not contribute
+    mixed = [deltas[k] if k == chosen else others[k] for k in range(n)]
+    zero_router = torch.zeros(n, H, dtype=torch.float64)
+    bias = [0.0, 0.5, -0.2]  # logits = bias exactly -> expert 1 wins everywhere
+    x = tokens(T_LARGE)
+    outs = []
+    for ds in (deltas, mixed):
+        layer = MoEMLP(base, ds, top_k=1, router_weight=zero_router, decode_threshold=threshold)
+        layer.set_expert_bias(bias)
+        with torch.no_grad():
+            outs.append(layer(x))
+    torch.testing.assert_close(outs[0], outs[1], **F64)
+    torch.testing.assert_close(outs[0], mlp_with(expert_weights(base, deltas[chosen]), x), **F64)
+
+
+@pytest.mark.parametrize("threshold", [10**9, 0])
+def test_topk_weights_are_renormalised(threshold):
+    n = 3
+    base, deltas = make_base(), make_deltas(n)
+    layer = MoEMLP(
+        base,
+        deltas,
+        top_k=2,
+        router_weight=torch.zeros(n, H, dtype=torch.float64),
+        decode_threshold=threshold,
+    )
+    layer.set_expert_bias([1.0, 0.0, -1.0])  # p ∝ (e, 1, 1/e); keep experts 0, 1
+    x = tokens(T_LARGE)
+    w0, w1 = math.e / (math.e + 1), 1 / (math.e + 1)
+    want = w0 * mlp_with(expert_weights(base, deltas[0]), x) + w1 * mlp_with(
+        expert_weights(base, deltas[1]), x
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), want, **F64)
+    probs = layer.router_probs
+    assert probs.shape == (T_LARGE, n)
+    torch.testing.assert_close(
+        probs[0], torch.softmax(torch.tensor([1.0, 0.0, -1.0], dtype=torch.float64), 0)
+    )
+
+
+def test_top_k_validation():
+    base, deltas = make_base(), make_deltas(3)
+    for bad in (0, 4):
+        with pytest.raises(ValueError):
+            MoEMLP(base, deltas, top_k=bad)
+    layer = MoEMLP(base, deltas, top_k=3)
+    with pytest.raises(ValueError):
+        layer.top_k = 5
+    with pytest.raises(ValueError):
+        layer.set_expert_bias([1.0, 2.0])
+    with pytest.raises(ValueError):
+        MoEMLP(base, [{"q_proj": deltas[0]["gate_proj"]}])
+
+
+# ---------------------------------------------------------------------------------------------- 4
+def test_compact_holds_base_once_and_dense_holds_copies():
+    base, deltas = make_base(), make_deltas(4)
+    layer = MoEMLP(base, deltas)
+    for p in PROJECTIONS:
+        assert getattr(layer, p).weight is getattr(base, p).weight
+        assert getattr(layer, p).weight.data_ptr() == getattr(base, p).weight.data_ptr()
+        assert not getattr(base, p).weight.requires_grad
+    big = [name for name, t in [*layer.named_parameters(), *layer.named_buffers()] if t.numel() >= H * I]
+    assert sorted(big) == ["down_proj.weight", "gate_proj.weight", "up_proj.weight"]
+    n_base = sum(t.numel() for t in base.parameters())
+    n_layer = sum(t.numel() for t in layer.parameters())
+    assert n_layer < 1.5 * n_base
+    keys = set(layer.state_dict())
+    assert keys == {
+        "router.weight",
+        "expert_bias",
+        "gate_proj.weight",
+        "up_proj.weight",
+        "down_proj.weight",
+    } | {f"delta_{ab}.{p}" for ab in "AB" for p in PROJECTIONS}
+    dense = MoEMLP(base, deltas, storage="dense")
+    assert set(dense.state_dict()) == {"router.weight", "expert_bias"} | {f"experts.{p}" for p in PROJECTIONS}
+    assert dense.experts["gate_proj"].shape == (4, I, H)
+    assert dense.experts["down_proj"].shape == (4, H, I)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+@pytest.mark.parametrize("threshold", [10**9, 0])
+def test_base_gate_up_computed_once_per_forward(n, threshold, monkeypatch):
+    base, deltas = make_base(), make_deltas(n)
+    layer = MoEMLP(base, deltas, top_k=min(2, n), decode_threshold=threshold)
+    rows: dict[str, list[int]] = {"gate_proj": [], "up_proj": [], "down_proj": []}
+    for p in PROJECTIONS:
+        getattr(layer, p).register_forward_hook(lambda m, args, out, p=p: rows[p].append(args[0].shape[0]))
+    big_linear_calls: list[int] = []
+    real_linear = F.linear
+    base_ids = {id(getattr(base, p).weight) for p in PROJECTIONS}
+
+    def counting_linear(inp, weight, bias=None):
+        if id(weight) in base_ids or weight.numel() >= H * I:  # any full-size FFN matmul
+            big_linear_calls.append(inp.reshape(-1, inp.shape[-1]).shape[0])
+        return real_linear(inp, weight, bias)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", counting_linear)
+    x = tokens(T_LARGE)
+    with torch.no_grad():
+        layer(x)
+    assert rows == {"gate_proj": [T_LARGE], "up_proj": [T_LARGE], "down_proj": [T_LARGE]}
+    assert big_linear_calls == [T_LARGE] * 3  # gate, up, down: once each, over all tokens, for any N
+
+
+# ---------------------------------------------------------------------------------------------- 5
+@pytest.mark.parametrize("storage", ["compact", "dense"])
+@pytest.mark.parametrize("t", [T_SMALL, T_LARGE])
+def test_gradients_and_frozen_params(storage, t):
+    base, deltas = make_base(torch.float32), make_deltas(3, torch.float32)
+    layer = MoEMLP(base, deltas, top_k=2, storage=storage)
+    layer.add_fusion_lora(r=2, alpha=4.0)
+    trainable = {name for name, prm in layer.named_parameters() if prm.requires_grad}
+    assert trainable == {"router.weight"} | {f"fusion_{ab}.{p}" for ab in "AB" for p in PROJECTIONS}
+    for p in PROJECTIONS:
+        assert layer.fusion_A[p].dtype == torch.float32
+        assert torch.count_nonzero(layer.fusion_B[p]) == 0
+    with torch.no_grad():  # non-zero B' so that A' gets a gradient too
+        for p in PROJECTIONS:
+            layer.fusion_B[p].normal_(0, 0.1)
+    x = tokens(t, torch.float32)
+    y = layer(x)
+    probs = layer.router_probs
+    assert probs.shape == (t, 3) and probs.requires_grad
+    torch.testing.assert_close(probs.sum(-1), torch.ones(t))
+    loss = (y**2).mean() - torch.log(probs[:, 0].mean()) + layer.drift_norms().sum()
+    loss.backward()
+    assert layer.router.weight.grad is not None and layer.router.weight.grad.abs().sum() > 0
+    for p in PROJECTIONS:
+        assert layer.fusion_A[p].grad.abs().sum() > 0
+        assert layer.fusion_B[p].grad.abs().sum() > 0
+    for name, prm in layer.named_parameters():
+        if name not in trainable:
+            assert prm.grad is None, name
+    for p in PROJECTIONS:
+        assert getattr(base, p).weight.grad is None
+
+
+def test_router_probs_can_be_switched_off():
+    layer = MoEMLP(make_base(), make_deltas(3))
+    layer.record_router_probs = False
+    layer(tokens(T_SMALL))
+    assert layer.router_probs is None
+
+
+def test_drift_norms():
+    base, deltas = make_base(torch.float32), make_deltas(3, torch.float32)
+    layer = MoEMLP(base, deltas)
+    assert torch.equal(layer.drift_norms(), torch.zeros(3))
+    layer.add_fusion_lora(r=4, alpha=8.0)
+    d0 = layer.drift_norms()
+    assert d0.shape == (3,) and torch.equal(d0, torch.zeros(3))
+    d0.sum().backward()
+    for p in PROJECTIONS:
+        assert torch.isfinite(layer.fusion_A[p].grad).all() and torch.isfinite(layer.fusion_B[p].grad).all()
+        layer.fusion_A[p].grad = layer.fusion_B[p].grad = None
+    with torch.no_grad():
+        layer.fusion_B["up_proj"][1].normal_(0, 0.05)  # only expert 1 drifts
+    d1 = layer.drift_norms()
+    assert d1[0] == 0 and d1[2] == 0 and d1[1] > 0
+    want = 2.0 * torch.linalg.matrix_norm(layer.fusion_B["up_proj"][1] @ layer.fusion_A["up_proj"][1])
+    torch.testing.assert_close(d1[1], want.detach(), rtol=1e-4, atol=1e-6)
+    d1.sum().backward()
+    for p in PROJECTIONS:
+        assert torch.isfinite(layer.fusion_A[p].grad).all() and torch.isfinite(layer.fusion_B[p].grad).all()
+    assert layer.fusion_B["up_proj"].grad[1].abs().sum() > 0
+    with torch.no_grad():
+        layer.fusion_B["up_proj"][1] *= 2
+    assert layer.drift_norms()[1] > d1[1]
+
+
+@pytest.mark.parametrize("storage", ["compact", "dense"])
+def test_merge_fusion_lora_keeps_outputs(storage):
+    n = 3
+    base, deltas = make_base(), make_deltas(n)
+    layer = MoEMLP(base, deltas, storage=storage, router_weight=router_w(n))
+    layer.add_fusion_lora(r=3, alpha=6.0, dropout=0.1)
+    with torch.no_grad():
+        for p in PROJECTIONS:
+            layer.fusion_B[p].normal_(0, 0.2)
+    layer.eval()  # dropout off
+    xs, ys = [tokens(T_SMALL), tokens(T_LARGE)], []
+    with torch.no_grad():
+        ys = [layer(x) for x in xs]
+        weights = [[layer.expert_weight(k, p) for p in PROJECTIONS] for k in range(n)]
+        for x, y in zip(xs, ys, strict=True):  # fusion LoRA forward == explicit base + s·BA + s'·B'A'
+            explicit = [
+                {
+                    p: w + 2.0 * (layer.fusion_B[p][k] @ layer.fusion_A[p][k])
+                    for p, w in expert_weights(base, d).items()
+                }
+                for k, d in enumerate(deltas)
+            ]
+            ref = reference(base, deltas, router_w(n), torch.zeros(n), x, 2, weights=explicit)
+            torch.testing.assert_close(y, ref, **F64)
+        assert (
+            ys[1] - MoEMLP(base, deltas, storage=storage, router_weight=router_w(n))(xs[1])
+        ).abs().max() > 1e-3
+        layer.train()
+        assert not torch.allclose(layer(xs[1]), ys[1])  # dropout acts on the fusion LoRA input in train mode
+        layer.eval()
+    layer.merge_fusion_lora()
+    assert not layer.fusion_A and not layer.fusion_B
+    assert not any(prm.requires_grad for name, prm in layer.named_parameters() if name != "router.weight")
+    with torch.no_grad():
+        for x, y in zip(xs, ys, strict=True):
+            torch.testing.assert_close(layer(x), y, **F64)
+        for k in range(n):
+            for p, w in zip(PROJECTIONS, weights[k], strict=True):
+                torch.testing.assert_close(layer.expert_weight(k, p), w, **F64)
+    # reload recipe from the class docstring: same experts, add + merge, then load_state_dict
+    fresh = MoEMLP(make_base(), deltas, storage=storage)
+    fresh.add_fusion_lora(r=3, alpha=6.0)
+    fresh.merge_fusion_lora()
+    fresh.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(xs[1]), ys[1], **F64)
+
+
+# ---------------------------------------------------------------------------------------------- 6
+@pytest.mark.parametrize("storage", ["compact", "dense"])
+@pytest.mark.parametrize("t", [T_SMALL, T_LARGE])
+def test_bf16_base_matches_fp32(storage, t):
+    n = 3
+    base_bf16 = make_base(torch.bfloat16)
+    base_fp32 = copy.deepcopy(base_bf16).to(torch.float32)  # identical (bf16-representable) weights
+    deltas = make_deltas(n, torch.float32)
+    rw = router_w(n, torch.float32, scale=0.05)
+    layers = {}
+    for dt, base in ((torch.bfloat16, base_bf16), (torch.float32, base_fp32)):
+        layers[dt] = MoEMLP(base, deltas, top_k=2, storage=storage, router_weight=rw)
+        layers[dt].set_expert_bias([2.0, 1.0, -2.0])  # clear top-2 margin: no routing flips between dtypes
+    lb = layers[torch.bfloat16]
+    assert lb.router.weight.dtype == torch.float32
+    if storage == "compact":
+        assert lb.gate_proj.weight.dtype == torch.bfloat16 and lb.delta_A["gate_proj"].dtype == torch.float32
+    else:
+        assert lb.experts["gate_proj"].dtype == torch.bfloat16
+    x32 = tokens(t, torch.float32)
+    with torch.no_grad():
+        y16 = lb(x32.to(torch.bfloat16))
+        y32 = layers[torch.float32](x32)
+    assert y16.dtype == torch.bfloat16
+    assert lb.router_probs.dtype == torch.float32
+    scale = y32.abs().max()
+    assert (y16.float() - y32).abs().max() < 3e-2 * scale
+
+
+# ---------------------------------------------------------------------------------------------- cache
+def layer_reference(layer: MoEMLP, x: torch.Tensor) -> torch.Tensor:
+    weights = [
+        {p: layer.expert_weight(k, p, torch.float64) for p in PROJECTIONS} for k in range(layer.num_experts)
+    ]
+    return reference(
+        None, [], layer.router.weight.detach(), layer.expert_bias, x, layer.top_k, weights=weights
+    )
+
+
+@pytest.mark.parametrize("storage", ["compact", "dense"])
+@pytest.mark.parametrize("t", [T_SMALL, T_LARGE])
+def test_inference_factor_cache_follows_parameter_updates(storage, t):
+    """The cast/stacked factors are cached under no_grad; in-place updates, optimizer steps, reloads,
+    add/merge of the fusion LoRA must all be seen by the next forward."""
+    n = 3
+    base, deltas = make_base(), make_deltas(n)
+    layer = MoEMLP(base, deltas, storage=storage, router_weight=router_w(n))
+    x = tokens(t)
+    fresh_state = copy.deepcopy(layer.state_dict())
+
+    def check():
+        with torch.no_grad():
+            y = layer(x)
+            torch.testing.assert_close(layer(x), y, rtol=0, atol=0)  # cached call == first call
+            torch.testing.assert_close(y, layer_reference(layer, x), **F64)
+        return y
+
+    y0 = check()
+    if storage == "compact":
+        for name, prm in (("A", layer.delta_A["gate_proj"]), ("B", layer.delta_B["down_proj"])):
+            with torch.no_grad():
+                prm.mul_(2.0)  # in place: only the version counter changes
+            assert not torch.allclose(check(), y0), name
+    layer.load_state_dict(fresh_state)
+    torch.testing.assert_close(check(), y0, **F64)
+    layer.add_fusion_lora(r=2, alpha=2.0)
+    torch.testing.assert_close(check(), y0, **F64)  # B' = 0
+    with torch.no_grad():
+        layer.fusion_B["down_proj"].normal_(0, 0.1)
+    y_fb = check()
+    assert not torch.allclose(y_fb, y0)
+    with torch.no_grad():
+        layer.fusion_A["down_proj"].mul_(-1.0)
+    assert not torch.allclose(check(), y_fb)
+    opt = torch.optim.SGD([layer.fusion_B[p] for p in PROJECTIONS], lr=1.0)
+    layer(x).square().sum().backward()
+    opt.step()
+    y1 = check()
+    assert not torch.allclose(y1, y0)
+    layer.merge_fusion_lora()
+    torch.testing.assert_close(check(), y1, **F64)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("t", [T_SMALL, T_LARGE])
+def test_cuda_bf16_compact_matches_dense(t):
+    n = 3
+    base = make_base(torch.bfloat16).cuda()
+    deltas = make_deltas(n, torch.float32)
+    rw = router_w(n, torch.float32, scale=0.05)
+    layers = [MoEMLP(base, deltas, storage=s, router_weight=rw) for s in ("compact", "dense")]
+    for layer in layers:
+        layer.set_expert_bias([2.0, 1.0, -2.0])
+    assert layers[0].delta_A["gate_proj"].is_cuda and layers[0].router.weight.is_cuda
+    x = tokens(t, torch.float32).cuda().to(torch.bfloat16)
+    with torch.no_grad():
+        yc, yd = (layer(x) for layer in layers)
+    assert yc.is_cuda and yc.dtype == torch.bfloat16
+    assert (yc.float() - yd.float()).abs().max() < 3e-2 * yd.float().abs().max()

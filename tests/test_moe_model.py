@@ -1,0 +1,170 @@
+"""The fused model: exact construction from adapters, HF save/load, Mixtral export, refusals."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import h3fusion
+from h3fusion import build_moe, export_mixtral
+from h3fusion.errors import H3FusionError
+from h3fusion.models import load_model
+from tests.conftest import save_tiny_model
+from tests.moe_fixtures import make_adapter
+
+NAMES = ["helpful", "harmless", "honest"]
+IDS = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory, tiny_llama_dir):
+    root = tmp_path_factory.mktemp("adapters")
+    return {name: make_adapter(tiny_llama_dir, root / name, seed=i) for i, name in enumerate(NAMES)}
+
+
+def logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def expert_logits(base_dir, adapter):
+    from peft import PeftModel
+
+    base, _ = load_model(str(base_dir))
+    return logits(PeftModel.from_pretrained(base, str(adapter)).eval())
+
+
+@pytest.mark.parametrize("storage", ["compact", "dense"])
+def test_forced_routing_reproduces_each_expert(tiny_llama_dir, adapters, storage):
+    model = build_moe(str(tiny_llama_dir), adapters, top_k=1, storage=storage)
+    for name, path in adapters.items():
+        model.set_expert_bias({name: 1e4})
+        torch.testing.assert_close(logits(model), expert_logits(tiny_llama_dir, path), atol=1e-4, rtol=0)
+
+
+def test_experts_are_distinct_and_alpha_over_r_is_applied(tiny_llama_dir, adapters):
+    model = build_moe(str(tiny_llama_dir), adapters, top_k=1)
+    outs = []
+    for name in NAMES:
+        model.set_expert_bias({name: 1e4})
+        outs.append(logits(model))
+    assert not torch.allclose(outs[0], outs[1], atol=1e-3) and not torch.allclose(outs[1], outs[2], atol=1e-3)
+    layer = model.moe_layers()[0]
+    # alpha/r = 8/4 = 2 is folded into the stored B factors
+    from safetensors.torch import load_file
+
+    weights = load_file(adapters["helpful"] / "adapter_model.safetensors")
+    a = weights["base_model.model.model.layers.0.mlp.up_proj.lora_A.weight"]
+    b = weights["base_model.model.model.layers.0.mlp.up_proj.lora_B.weight"]
+    torch.testing.assert_close(layer.delta_B["up_proj"][0] @ layer.delta_A["up_proj"][0], 2.0 * b @ a)
+
+
+def test_authors_compat_builds_identical_unscaled_experts(tiny_llama_dir, adapters):
+    model = build_moe(str(tiny_llama_dir), adapters, top_k=2, unscaled_shared_experts=True)
+    base, _ = load_model(str(tiny_llama_dir))
+    from safetensors.torch import load_file
+
+    layer = model.moe_layers()[1]
+    expected = base.model.layers[1].mlp.down_proj.weight.clone()
+    for path in adapters.values():
+        w = load_file(path / "adapter_model.safetensors")
+        expected += (w["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"]
+                     @ w["base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"])
+    for k in range(3):
+        torch.testing.assert_close(layer.expert_weight(k, "down_proj"), expected, atol=1e-5, rtol=0)
+
+
+def test_compact_equals_dense_and_top_k_is_honoured(tiny_llama_dir, adapters):
+    compact = build_moe(str(tiny_llama_dir), adapters, top_k=2, storage="compact", seed=3)
+    dense = build_moe(str(tiny_llama_dir), adapters, top_k=2, storage="dense", seed=3)
+    torch.testing.assert_close(logits(compact), logits(dense), atol=1e-4, rtol=0)
+    two = logits(compact)
+    compact.set_top_k(1)
+    assert not torch.allclose(two, logits(compact), atol=1e-4)
+    for layer in compact.moe_layers():
+        probs = layer.router_probs
+        kept = torch.zeros_like(probs).scatter(1, probs.topk(1, dim=1).indices, 1.0)
+        assert kept.sum(dim=1).eq(1).all()
+    compact_params = sum(p.numel() for p in compact.parameters())
+    dense_params = sum(p.numel() for p in dense.parameters())
+    assert compact_params < dense_params
+
+
+def test_save_and_load_through_auto_class(tmp_path, tiny_llama_dir, adapters):
+    from transformers import AutoModelForCausalLM
+
+    model = build_moe(str(tiny_llama_dir), adapters, top_k=2, seed=1)
+    model.set_expert_bias({"harmless": 0.5})
+    expected = logits(model)
+    model.save_pretrained(tmp_path / "moe")
+    assert (tmp_path / "moe" / "model.safetensors").is_file()
+    assert not list((tmp_path / "moe").glob("*.bin"))
+    loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path / "moe", output_loading_info=True)
+    assert isinstance(loaded, h3fusion.H3FusionForCausalLM)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    torch.testing.assert_close(logits(loaded.eval()), expected, atol=1e-5, rtol=0)
+    assert loaded.config.expert_bias == [0.0, 0.5, 0.0]
+    # a fresh process that only imports h3fusion, with trust_remote_code off
+    code = ("import h3fusion, sys; from transformers import AutoModelForCausalLM as A; "
+            f"m = A.from_pretrained(r'{tmp_path / 'moe'}', trust_remote_code=False); print(type(m).__name__)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.stdout.strip() == "H3FusionForCausalLM", proc.stderr[-1000:]
+
+
+def test_generate_runs_on_the_fused_model(tiny_llama_dir, adapters):
+    model = build_moe(str(tiny_llama_dir), adapters)
+    out = model.generate(IDS[:1, :5], max_new_tokens=6, do_sample=False)
+    assert out.shape == (1, 11)
+
+
+def test_mixtral_export_gives_the_same_logits(tmp_path, tiny_llama_dir, adapters):
+    from transformers import MixtralForCausalLM
+
+    model = build_moe(str(tiny_llama_dir), adapters, top_k=2, seed=2)
+    export_mixtral(model, tmp_path / "mixtral")
+    mixtral, info = MixtralForCausalLM.from_pretrained(tmp_path / "mixtral", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    torch.testing.assert_close(logits(mixtral.eval()), logits(model), atol=1e-4, rtol=0)
+    model.set_expert_bias({"helpful": 1.0})
+    with pytest.raises(H3FusionError, match="expert bias"):
+        export_mixtral(model, tmp_path / "again")
+
+
+def test_mixtral_export_refuses_other_families(tmp_path, smollm2_dir):
+    qwen = save_tiny_model(tmp_path / "qwen", smollm2_dir, "qwen2")
+    adapter = make_adapter(qwen, tmp_path / "a", seed=0)
+    model = build_moe(str(qwen), {"helpful": adapter}, top_k=1)
+    with pytest.raises(H3FusionError, match="cannot export a qwen2-based model as Mixtral"):
+        export_mixtral(model, tmp_path / "out")
+
+
+def test_prototype_router_init(tiny_llama_dir, adapters):
+    prompts = {"helpful": ["Write a poem about the sea."], "harmless": ["How do I hurt someone?"],
+               "honest": ["Do vaccines cause autism?"]}
+    model = build_moe(str(tiny_llama_dir), adapters, router_init="prototype", prototype_prompts=prompts)
+    weight = model.moe_layers()[0].router.weight
+    torch.testing.assert_close(weight.norm(dim=1), torch.ones(3), atol=1e-5, rtol=0)
+    random_init = build_moe(str(tiny_llama_dir), adapters).moe_layers()[0].router.weight
+    assert not torch.allclose(weight, random_init)
+
+
+def test_refusals(tmp_path, tiny_llama_dir, smollm2_dir, adapters):
+    with pytest.raises(H3FusionError, match="top_k=4 is impossible with 3 experts"):
+        build_moe(str(tiny_llama_dir), adapters, top_k=4)
+    with pytest.raises(H3FusionError, match="are the same adapter"):
+        build_moe(str(tiny_llama_dir), {"helpful": adapters["helpful"], "harmless": adapters["helpful"]}, top_k=1)
+    other = make_adapter(tiny_llama_dir, tmp_path / "gate_only", seed=5, targets=("gate_proj",))
+    with pytest.raises(H3FusionError, match="targets .*train all experts on the same modules"):
+        build_moe(str(tiny_llama_dir), {"helpful": adapters["helpful"], "harmless": other}, top_k=1)
+    other_base = save_tiny_model(tmp_path / "other-base", smollm2_dir, seed=7)
+    foreign = make_adapter(other_base, tmp_path / "foreign", seed=6)
+    with pytest.raises(H3FusionError, match="trained on another base model"):
+        build_moe(str(tiny_llama_dir), {"helpful": adapters["helpful"], "harmless": foreign}, top_k=1)
+    with pytest.raises(H3FusionError, match="adapter_config.json is missing"):
+        build_moe(str(tiny_llama_dir), {"helpful": tmp_path / "nothing"}, top_k=1)
+    attention = make_adapter(tiny_llama_dir, tmp_path / "attn", seed=8, targets=("q_proj", "gate_proj"))
+    with pytest.raises(H3FusionError, match="not an FFN projection"):
+        build_moe(str(tiny_llama_dir), {"helpful": attention}, top_k=1)
