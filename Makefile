@@ -27,7 +27,7 @@ $(VENV)/.installed: pyproject.toml requirements/torch-cpu.txt requirements/lock.
 	touch $@
 
 demo: install
-	$(BIN)/h3fusion align $(CONFIG)
+	$(BIN)/h3fusion run $(CONFIG)
 
 test: install
 	$(BIN)/pytest -q

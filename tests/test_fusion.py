@@ -162,3 +162,17 @@ def test_fuse_resumes_after_a_kill(built, tmp_path):
     assert "resuming from" in done.stdout
     log = json.loads((tmp_path / "run" / "fused" / "fusion_log.json").read_text())
     assert log["steps"] == 6
+
+
+def test_router_learning_rate_has_its_own_group(built, tmp_path):
+    _, config = built
+    model, _ = load_model(str(config.run_path / "moe"))
+    prepare_for_fusion(model, config)
+    trainer = FusionTrainer(model=model, args=training_arguments(config.fusion.train, tmp_path, 0), gate_lambda=0.01,
+                            gammas=[0.0] * 3, gate_loss_form="nll", expert_names=NAMES, router_lr=0.05)
+    optimizer = trainer.create_optimizer()
+    routers = {id(layer.router.weight) for layer in model.moe_layers()}
+    router_groups = [g for g in optimizer.param_groups if any(id(p) in routers for p in g["params"])]
+    assert len(router_groups) == 1 and router_groups[0]["lr"] == 0.05
+    assert {id(p) for p in router_groups[0]["params"]} == routers
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == sum(p.requires_grad for p in model.parameters())

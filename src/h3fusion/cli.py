@@ -45,6 +45,21 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks f
 
 
 @app.command()
+def run(
+    config: ConfigArg,
+    stage: Annotated[list[str] | None, typer.Option(help="Only this stage (repeatable)")] = None,
+    set_: SetOpt = None,
+    out: OutOpt = None,
+) -> None:
+    """The whole pipeline (align, build, fuse, generate), each stage skipped when complete."""
+    cfg = _config(config, set_, out)
+    from h3fusion.pipeline import run as run_pipeline
+
+    run_pipeline(cfg, stage)
+    typer.echo(f"run: {cfg.run_path}")
+
+
+@app.command()
 def align(
     config: ConfigArg,
     axis: Annotated[list[str] | None, typer.Option(help="Only this axis (repeatable)")] = None,
@@ -76,6 +91,47 @@ def fuse(config: ConfigArg, set_: SetOpt = None, out: OutOpt = None) -> None:
     from h3fusion.fusion import fuse_run
 
     typer.echo(f"fused: {fuse_run(cfg)}")
+
+
+@app.command()
+def generate(
+    target: Annotated[str, typer.Argument(help="A run config (.yaml), or a model spec / fused model dir with --prompts")],
+    prompts: Annotated[Path | None, typer.Option(help="JSONL of prompts (field prompt, instruction or question)")] = None,
+    output: Annotated[Path | None, typer.Option(help="Output JSONL (input fields + response)")] = None,
+    system: Annotated[list[str] | None, typer.Option(help="Run mode: only this system (repeatable)")] = None,
+    axis: Annotated[list[str] | None, typer.Option(help="Run mode: only this axis (repeatable)")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Prompt-file mode: new-token limit")] = 128,
+    batch_size: Annotated[int, typer.Option(help="Prompt-file mode: batch size")] = 8,
+    prompt_format: Annotated[str, typer.Option(help="Prompt-file mode: alpaca or chat")] = "alpaca",
+    sample: Annotated[bool, typer.Option(help="Prompt-file mode: sample instead of greedy")] = False,
+    temperature: Annotated[float, typer.Option(help="Prompt-file mode: sampling temperature")] = 0.6,
+    seed: Annotated[int, typer.Option(help="Prompt-file mode: sampling seed")] = 0,
+    set_: SetOpt = None,
+    out: OutOpt = None,
+) -> None:
+    """Answer prompts: every evaluated test prompt of a run's systems, or a JSONL of your own."""
+    from h3fusion.generate import generate_jsonl, generate_system, read_jsonl
+
+    if target.endswith((".yaml", ".yml")):
+        cfg = _config(Path(target), set_, out)
+        from h3fusion.systems import system_names
+
+        for name in system or system_names(cfg):
+            generate_system(cfg, name, axis)
+        typer.echo(f"generations: {cfg.run_path / 'generations'}")
+        return
+    if prompts is None or output is None:
+        raise H3FusionError("generate MODEL needs --prompts FILE and --output FILE (or pass a run config .yaml)")
+    if prompt_format not in ("alpaca", "chat"):
+        raise H3FusionError(f"--prompt-format {prompt_format!r}: choose alpaca or chat")
+    records = read_jsonl(prompts)
+    from h3fusion.models import load_model
+
+    model, tokenizer = load_model(target)
+    stats = generate_jsonl(model, tokenizer, records, output, prompt_format=prompt_format,
+                           max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=sample,
+                           temperature=temperature, seed=seed)
+    typer.echo(f"{stats['prompts']} answers ({stats['tokens_per_second']} tokens/s) -> {output}")
 
 
 @app.command()

@@ -121,12 +121,39 @@ class FusionConfig(_Section):
     """Train LoRA on attention q,k,v,o during fusion (paper: yes)."""
     train_router: bool = True
     """Train the router (the authors' code leaves it frozen at random init: a bug)."""
+    router_lr: float | None = Field(None, gt=0)
+    """Learning rate of the routers (None: fusion.train.lr). Short runs need a higher one to learn routing."""
     examples_per_axis: int | None = Field(None, ge=1)
     """Seeded sample of each axis's training set for fusion (None: the whole expert training sets)."""
     heldout_prompts: int = Field(32, ge=1)
     """Held-out test prompts per axis on which router accuracy is measured after training."""
     train: TrainConfig = TrainConfig()
     """Optimisation of the fusion stage (same keys as the top-level train section)."""
+
+
+class GenerateConfig(_Section):
+    max_new_tokens: dict[str, int] = {"helpful": 256, "harmless": 128, "honest": 64}
+    """New-token limit per axis (answers longer than this are cut)."""
+    batch_size: int = Field(8, ge=1)
+    do_sample: bool = False
+    """Greedy by default; sampling uses temperature/top_p with a per-batch seed (paper: T=0.6)."""
+    temperature: float = Field(0.6, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop_strings: list[str] = ["### Instruction:", "### Response:", "### Input:"]
+    """Generation stops at, and answers are cut before, any of these (template echoes)."""
+
+
+class EvalConfig(_Section):
+    """Which test records are scored: the first N of each axis's test set (paper order)."""
+
+    helpful_n: int = Field(50, ge=1)
+    """AlpacaEval instructions scored for the win rate (paper: the first 50). The helpful judge is
+    never fitted on judgements of these instructions."""
+    harmless_n: int = Field(500, ge=1)
+    """BeaverTails 30k_test prompts scored for the flagged rate (paper: the first 500). The harmless
+    judge is never fitted on labelled answers to these prompts."""
+    honest_n: int | None = Field(None, ge=1)
+    """TruthfulQA test questions scored (None: all 409). The honest judge never sees a test label."""
 
 
 class CompatConfig(_Section):
@@ -153,7 +180,10 @@ class RunConfig(_Section):
     train: TrainConfig = TrainConfig()
     moe: MoEConfig = MoEConfig()
     fusion: FusionConfig = FusionConfig()
+    generate: GenerateConfig = GenerateConfig()
     compat: CompatConfig = CompatConfig()
+    evaluate: EvalConfig = EvalConfig()
+    """The evaluated test subsets (their sizes also key the fitted judges' cache)."""
 
     @field_validator("experts")
     @classmethod
@@ -178,6 +208,9 @@ class RunConfig(_Section):
             unknown = sorted(set(names) - set(self.experts))
             if unknown:
                 raise ValueError(f"{key} names unknown expert(s) {unknown}; experts are {self.experts}")
+        unknown = sorted(set(self.generate.max_new_tokens) - set(AXES))
+        if unknown:
+            raise ValueError(f"generate.max_new_tokens names unknown axis {unknown}; axes are {list(AXES)}")
         bad = {k: v for k, v in self.fusion.gamma.items() if v < 0}
         if bad:
             raise ValueError(f"fusion.gamma must be >= 0, got {bad}")

@@ -15,12 +15,13 @@ import time
 from pathlib import Path
 
 from h3fusion.config import RunConfig, dump_config
-from h3fusion.data import load_train
+from h3fusion.data import load_heldout_train, load_train
 from h3fusion.errors import H3FusionError
 from h3fusion.models import base_fingerprint, load_model
 from h3fusion.sft import SFTCollator, SFTDataset, last_checkpoint, loss_curve, training_arguments, write_json
 
 EXPERT_META = "h3fusion_expert.json"
+HELDOUT_EXAMPLES = 32  # fixed examples the expert never trains on: a noise-free "did it learn" check
 
 
 def expert_dir(config: RunConfig, axis: str) -> Path:
@@ -60,14 +61,20 @@ def align_expert(config: RunConfig, axis: str, log=print) -> Path:
     resume = last_checkpoint(checkpoints)
     log(f"[align] {axis}: {len(dataset)} examples, {model.get_nb_trainable_parameters()[0]:,} trainable "
         f"parameters{', resuming from ' + resume if resume else ''}")
+    heldout = SFTDataset(load_heldout_train(axis, config, HELDOUT_EXAMPLES), tokenizer,
+                         config.data.max_length, config.data.prompt_format)
     trainer = Trainer(
         model=model,
-        args=training_arguments(config.train, checkpoints, config.seed),
+        args=training_arguments(config.train, checkpoints, config.seed,
+                                per_device_eval_batch_size=config.train.batch_size),
         train_dataset=dataset,
+        eval_dataset=heldout if len(heldout) else None,
         data_collator=SFTCollator(tokenizer.pad_token_id),
     )
+    heldout_before = trainer.evaluate()["eval_loss"] if len(heldout) else None
     started = time.time()
     trainer.train(resume_from_checkpoint=resume)
+    heldout_after = trainer.evaluate()["eval_loss"] if len(heldout) else None
     if not trainer.is_world_process_zero():
         return out
     model.save_pretrained(out)  # safetensors adapter + adapter_config.json
@@ -87,11 +94,16 @@ def align_expert(config: RunConfig, axis: str, log=print) -> Path:
         "train_seconds": round(time.time() - started, 1),
         "first_loss": curve[0]["loss"] if curve else None,
         "last_loss": curve[-1]["loss"] if curve else None,
+        "heldout_examples": len(heldout),
+        "heldout_loss_before": heldout_before,
+        "heldout_loss_after": heldout_after,
         "log_history": curve,
     })
     shutil.rmtree(checkpoints, ignore_errors=True)  # the adapter is saved; optimizer state is no longer needed
     if curve:
-        log(f"[align] {axis}: loss {curve[0]['loss']:.3f} -> {curve[-1]['loss']:.3f}")
+        log(f"[align] {axis}: training loss {curve[0]['loss']:.3f} -> {curve[-1]['loss']:.3f}")
+    if heldout_before is not None:
+        log(f"[align] {axis}: held-out loss ({len(heldout)} examples) {heldout_before:.3f} -> {heldout_after:.3f}")
     log(f"[align] {axis}: adapter at {out}")
     return out
 

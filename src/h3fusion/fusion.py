@@ -57,14 +57,28 @@ class FusionTrainer(Trainer):
     """Trainer with the H3Fusion loss, per-component logging and trainable-only checkpoints."""
 
     def __init__(self, *args, gate_lambda: float, gammas: Sequence[float], gate_loss_form: str,
-                 expert_names: Sequence[str], **kwargs):
+                 expert_names: Sequence[str], router_lr: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.router_lr = router_lr
         self.gate_lambda = gate_lambda
         self.gammas = torch.tensor(list(gammas), dtype=torch.float32)
         self.gate_loss_form = gate_loss_form
         self.expert_names = list(expert_names)
         self._sums: dict[str, float] = defaultdict(float)
         self._count = 0
+
+    def create_optimizer(self, model=None):
+        fresh = self.optimizer is None
+        optimizer = super().create_optimizer(model)
+        if fresh and self.router_lr is not None:  # the routers get their own learning rate
+            routers = {id(p) for n, p in (model or self.model).named_parameters()
+                       if n.endswith("router.weight") and p.requires_grad}
+            moved = [p for group in optimizer.param_groups for p in group["params"] if id(p) in routers]
+            for group in optimizer.param_groups:
+                group["params"] = [p for p in group["params"] if id(p) not in routers]
+            if moved:
+                optimizer.add_param_group({"params": moved, "lr": self.router_lr, "weight_decay": 0.0})
+        return optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         axis_labels = inputs.pop("axis_label")
@@ -218,7 +232,7 @@ def fuse_run(config: RunConfig, log=print) -> Path:
         train_dataset=dataset,
         data_collator=SFTCollator(tokenizer.pad_token_id, keep_axis_label=True),
         gate_lambda=config.fusion.gate_lambda, gammas=config.gammas(),
-        gate_loss_form=config.fusion.gate_loss, expert_names=config.experts,
+        gate_loss_form=config.fusion.gate_loss, expert_names=config.experts, router_lr=config.fusion.router_lr,
     )
     started = time.time()
     trainer.train(resume_from_checkpoint=resume)

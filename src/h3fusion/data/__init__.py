@@ -26,6 +26,7 @@ __all__ = [
     "SFTExample",
     "format_prompt",
     "load_labelled_test_responses",
+    "load_heldout_train",
     "load_test",
     "load_train",
     "mixed_train",
@@ -44,6 +45,15 @@ def load_train(axis: str, config: RunConfig) -> list[SFTExample]:
     """The expert-stage training examples of one axis (seeded sample of ``data.<axis>_train_size``)."""
     loader: Callable[[RunConfig], list[SFTExample]] = _module(axis).load_train
     return loader(config)
+
+
+def load_heldout_train(axis: str, config: RunConfig, limit: int) -> list[SFTExample]:
+    """Up to ``limit`` examples of the axis's training pool that the training sample left out
+    (seeded order; empty when the sample took the whole pool): a fixed set for held-out loss."""
+    used = {example.source for example in load_train(axis, config)}
+    rest = [example for example in _module(axis).train_pool(config) if example.source not in used]
+    random.Random(seed_of(config)).shuffle(rest)
+    return rest[:limit]
 
 
 def load_test(axis: str, config: RunConfig, limit: int | None = None) -> list[dict[str, Any]]:

@@ -170,7 +170,7 @@ def prototype_router_weights(model, tokenizer, prompts: Sequence[Sequence[str]])
         for k, texts in enumerate(prompts):
             batch = tokenizer(list(texts), return_tensors="pt", padding=True)
             current.update(k=k, mask=batch["attention_mask"].to(torch.float32))
-            model(**batch)
+            model.get_decoder()(**batch)  # only the MLP inputs are needed: skip the LM head
     finally:
         for handle in handles:
             handle.remove()

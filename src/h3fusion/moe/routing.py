@@ -31,8 +31,13 @@ def mean_router_probs(model, attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def routing_stats(model, tokenizer, prompts: Mapping[str, Sequence[str]], batch_size: int = 8) -> dict:
-    """Routing statistics per axis (see the module docstring); axes are matched to experts by name."""
+def routing_stats(model, tokenizer, prompts: Mapping[str, Sequence[str]], batch_size: int = 8,
+                  max_length: int = 256) -> dict:
+    """Routing statistics per axis (see the module docstring); axes are matched to experts by name.
+
+    Prompts are truncated to ``max_length`` tokens: routing is a per-token statistic, and on a CPU
+    the forward passes over long prompts would dominate the cost.
+    """
     names = list(model.config.expert_names)
     layers = moe_layers(model)
     was_training = model.training
@@ -45,9 +50,10 @@ def routing_stats(model, tokenizer, prompts: Mapping[str, Sequence[str]], batch_
             tokens = 0.0
             samples = []
             for start in range(0, len(texts), batch_size):
-                batch = tokenizer(list(texts[start:start + batch_size]), return_tensors="pt", padding=True)
+                batch = tokenizer(list(texts[start:start + batch_size]), return_tensors="pt", padding=True,
+                                  truncation=True, max_length=max_length)
                 batch = {k: v.to(model.device) for k, v in batch.items()}
-                model(**batch)
+                model.get_decoder()(**batch)  # routing needs no LM head: skip the vocab-sized logits
                 mask = batch["attention_mask"].to(torch.float32)
                 for i, layer in enumerate(layers):
                     probs = layer.router_probs.view(*mask.shape, -1).float()

@@ -1,0 +1,209 @@
+"""`h3fusion generate`: batched, resumable answers to prompts, one JSONL line per prompt.
+
+Each output line is the input record plus ``response``. Lines are appended as batches finish, in
+input order, so a killed run resumes after the last complete line (a truncated last line is cut
+off and redone). Within a window of pending prompts, batches are formed by prompt length, which
+keeps left-padding waste small.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from h3fusion.data import format_prompt
+from h3fusion.errors import H3FusionError
+
+PROMPT_FIELDS = ("prompt", "instruction", "question")
+WINDOW_BATCHES = 4  # prompts sorted by length within this many batches; bounds work lost to a kill
+
+
+def prompt_text(record: dict, origin: str = "record") -> tuple[str, str]:
+    """(instruction, input) of a record: the first of prompt / instruction / question, plus ``input``."""
+    for field in PROMPT_FIELDS:
+        if isinstance(record.get(field), str):
+            return record[field], record.get("input") or ""
+    raise H3FusionError(f"{origin} has none of the fields {', '.join(PROMPT_FIELDS)}; add one")
+
+
+def read_jsonl(path: Path, *, repair: bool = False) -> list[dict]:
+    """Records of a JSONL file. ``repair`` truncates an incomplete last line (a killed writer's)
+    instead of failing; any other corrupt line is an error naming the file and line."""
+    if not path.is_file():
+        raise H3FusionError(f"{path} not found")
+    records, good_bytes = [], 0
+    with path.open("rb") as handle:
+        lines = handle.readlines()
+    for number, raw in enumerate(lines, 1):
+        try:
+            record = json.loads(raw)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as error:
+            last = number == len(lines)
+            if repair and last:
+                with path.open("r+b") as handle:
+                    handle.truncate(good_bytes)
+                break
+            raise H3FusionError(f"{path} line {number} is not a valid JSON object ({error}); "
+                                "fix or remove that line") from None
+        if repair and not raw.endswith(b"\n"):  # complete JSON but no newline: the writer died here
+            with path.open("r+b") as handle:
+                handle.truncate(good_bytes)
+            break
+        records.append(record)
+        good_bytes += len(raw)
+    return records
+
+
+def append_jsonl(path: Path, records: Sequence[dict]) -> None:
+    with path.open("a", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def cut_at_stops(text: str, stops: Sequence[str]) -> str:
+    positions = [text.find(stop) for stop in stops if stop and stop in text]
+    return (text[: min(positions)] if positions else text).strip()
+
+
+@torch.no_grad()
+def generate_jsonl(
+    model,
+    tokenizer,
+    records: Sequence[dict],
+    output: str | Path,
+    *,
+    prompt_format: str = "alpaca",
+    max_new_tokens: int = 128,
+    batch_size: int = 8,
+    do_sample: bool = False,
+    temperature: float = 0.6,
+    top_p: float = 1.0,
+    seed: int = 0,
+    stop_strings: Sequence[str] = (),
+    progress: bool = True,
+    log=print,
+) -> dict:
+    """Answer every record (resuming after the last complete line of ``output``); returns stats."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    done = read_jsonl(output, repair=True) if output.exists() else []
+    if len(done) > len(records):
+        raise H3FusionError(f"{output} has {len(done)} answers but there are only {len(records)} prompts; "
+                            "it belongs to another prompt set: move it away")
+    pending = list(range(len(done), len(records)))
+    prompts = [format_prompt(*prompt_text(r, f"prompt {i + 1}"), prompt_format, tokenizer)
+               for i, r in enumerate(records)]
+    tokenizer.padding_side = "left"  # generation continues from the right edge of every row
+    model.eval()
+    device = next(model.parameters()).device
+    stats = {"prompts": len(pending), "resumed_after": len(done), "new_tokens": 0, "seconds": 0.0}
+    bar = None
+    if progress and pending:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(records), initial=len(done), unit="prompt", desc=output.stem, dynamic_ncols=True)
+    started = time.time()
+    window = batch_size * WINDOW_BATCHES
+    for start in range(0, len(pending), window):
+        chunk = pending[start:start + window]
+        lengths = {i: len(tokenizer(prompts[i], add_special_tokens=False)["input_ids"]) for i in chunk}
+        order = sorted(chunk, key=lengths.__getitem__, reverse=True)
+        answers: dict[int, str] = {}
+        for b in range(0, len(order), batch_size):
+            batch_ids = order[b:b + batch_size]
+            batch = tokenizer([prompts[i] for i in batch_ids], return_tensors="pt", padding=True,
+                              add_special_tokens=False).to(device)
+            if do_sample:
+                torch.manual_seed(seed + batch_ids[0])  # per-batch seed: a resumed run samples the same
+            out = model.generate(
+                **batch, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                temperature=temperature if do_sample else None, top_p=top_p if do_sample else None,
+                top_k=None, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                stop_strings=list(stop_strings) or None, tokenizer=tokenizer if stop_strings else None,
+            )
+            new = out[:, batch["input_ids"].shape[1]:]
+            for row, i in enumerate(batch_ids):
+                ids = new[row]
+                ids = ids[ids != tokenizer.pad_token_id] if tokenizer.pad_token_id is not None else ids
+                stats["new_tokens"] += int(ids.numel())
+                answers[i] = cut_at_stops(tokenizer.decode(ids, skip_special_tokens=True), stop_strings)
+            if bar is not None:
+                bar.update(len(batch_ids))
+                bar.set_postfix(tok_s=f"{stats['new_tokens'] / max(time.time() - started, 1e-9):.1f}")
+        append_jsonl(output, [{**records[i], "response": answers[i]} for i in chunk])
+    if bar is not None:
+        bar.close()
+    stats["seconds"] = round(time.time() - started, 2)
+    stats["tokens_per_second"] = round(stats["new_tokens"] / stats["seconds"], 2) if stats["seconds"] else None
+    return stats
+
+
+def generations_dir(config) -> Path:
+    return config.run_path / "generations"
+
+
+def test_records(config, axis: str) -> list[dict]:
+    """The evaluated subset of an axis: the first ``evaluate.<axis>_n`` test records."""
+    from h3fusion.data import load_test
+
+    return load_test(axis, config, limit=getattr(config.evaluate, f"{axis}_n"))
+
+
+def generate_system(config, system: str, axes: Sequence[str] | None = None, log=print) -> dict:
+    """Answer every evaluated prompt of each axis with one system (resumable, skipped when complete).
+
+    Writes ``<run>/generations/<system>/<axis>.jsonl``, ``stats.json`` (tokens/s), ``honest.mc.json``
+    (TruthfulQA MC1/MC2) and, for MoE systems, ``<axis>.routing.json`` (see ``moe.routing``).
+    """
+    from h3fusion.sft import write_json
+    from h3fusion.systems import load_system
+
+    out = generations_dir(config) / system
+    axes = list(axes or config.experts)
+    todo = {axis: test_records(config, axis) for axis in axes}
+    todo = {axis: records for axis, records in todo.items()
+            if not _complete(out / f"{axis}.jsonl", len(records))}
+    mc_path = out / "honest.mc.json"
+    need_mc = "honest" in axes and not mc_path.is_file()
+    stats_path = out / "stats.json"
+    stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
+    if not todo and not need_mc:
+        log(f"[generate] {system}: complete, skipping")
+        return stats
+    model, tokenizer = load_system(config, system)
+    if need_mc:  # TruthfulQA MC1/MC2 need the model's log-likelihoods, so they are computed here
+        from h3fusion.truthfulqa_mc import mc_scores
+
+        log(f"[generate] {system} / honest: MC1/MC2 log-likelihoods")
+        write_json(mc_path, mc_scores(model, tokenizer, test_records(config, "honest"), config.data.prompt_format))
+    gen = config.generate
+    for axis, records in todo.items():
+        log(f"[generate] {system} / {axis}: {len(records)} prompts")
+        stats[axis] = generate_jsonl(
+            model, tokenizer, records, out / f"{axis}.jsonl", prompt_format=config.data.prompt_format,
+            max_new_tokens=gen.max_new_tokens.get(axis, 128), batch_size=gen.batch_size, do_sample=gen.do_sample,
+            temperature=gen.temperature, top_p=gen.top_p, seed=config.seed, stop_strings=gen.stop_strings, log=log,
+        )
+        if hasattr(model, "moe_layers"):
+            from h3fusion.moe.routing import routing_stats
+
+            prompts = [format_prompt(*prompt_text(r), config.data.prompt_format, tokenizer) for r in records]
+            write_json(out / f"{axis}.routing.json", routing_stats(model, tokenizer, {axis: prompts}))
+        write_json(stats_path, stats)
+    return stats
+
+
+def _complete(path: Path, expected: int) -> bool:
+    if not path.is_file():
+        return False
+    with path.open("rb") as handle:
+        return sum(1 for line in handle if line.endswith(b"\n")) >= expected

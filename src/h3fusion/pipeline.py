@@ -1,0 +1,63 @@
+"""`h3fusion run`: every stage in order, each skipped when its outputs are complete.
+
+    align -> build -> fuse -> generate -> evaluate
+
+Each stage reads the previous stage's files, so a killed run resumes with the same command, and
+any stage can also be run alone through its own verb.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from h3fusion.config import RunConfig, dump_config
+from h3fusion.errors import H3FusionError
+
+
+def _align(config: RunConfig, log) -> None:
+    from h3fusion.experts import align
+
+    align(config, log=log)
+
+
+def _build(config: RunConfig, log) -> None:
+    from h3fusion.moe.build import build_run
+
+    build_run(config, log=log)
+
+
+def _fuse(config: RunConfig, log) -> None:
+    from h3fusion.fusion import fuse_run
+
+    fuse_run(config, log=log)
+
+
+def _generate(config: RunConfig, log) -> None:
+    from h3fusion.generate import generate_system
+    from h3fusion.systems import system_names
+
+    for name in system_names(config):
+        generate_system(config, name, log=log)
+
+
+STAGES: dict[str, Callable[[RunConfig, Callable], None]] = {
+    "align": _align,
+    "build": _build,
+    "fuse": _fuse,
+    "generate": _generate,
+}
+
+
+def run(config: RunConfig, stages: list[str] | None = None, log=print) -> None:
+    """Run the given stages (default: all) in pipeline order."""
+    stages = stages or list(STAGES)
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise H3FusionError(f"unknown stage '{unknown[0]}'; stages are {', '.join(STAGES)}")
+    dump_config(config, config.run_path / "config.yaml")
+    for name in STAGES:
+        if name in stages:
+            started = time.time()
+            STAGES[name](config, log)
+            log(f"[run] {name} done in {time.time() - started:.0f} s")

@@ -1,0 +1,53 @@
+"""The systems a run compares, by name, and how to load each one for generation.
+
+    base               the base model
+    expert-<axis>      the base with that axis's LoRA expert merged in
+    h3fusion           the fused MoE (<run>/fused)
+
+One system is resident at a time: callers load, use and drop it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from h3fusion.config import RunConfig
+from h3fusion.errors import H3FusionError
+from h3fusion.models import load_model
+
+
+def system_names(config: RunConfig) -> list[str]:
+    return ["base", *(f"expert-{axis}" for axis in config.experts), "h3fusion"]
+
+
+def system_source(config: RunConfig, name: str) -> Path | str:
+    """Where a system's weights come from (for messages and provenance)."""
+    from h3fusion.fusion import fused_dir
+    from h3fusion.moe.build import adapter_paths
+
+    if name == "base":
+        return config.model.base
+    if name.startswith("expert-") and name[7:] in config.experts:
+        return adapter_paths(config)[name[7:]]
+    if name == "h3fusion":
+        return fused_dir(config)
+    raise H3FusionError(f"unknown system '{name}'; this run has {', '.join(system_names(config))}")
+
+
+def load_system(config: RunConfig, name: str):
+    """(model, tokenizer) of a named system, ready for generation."""
+    source = system_source(config, name)
+    model_kwargs = dict(trust_remote_code=config.model.trust_remote_code, cache_dir=config.model.cache_dir)
+    if name == "base":
+        return load_model(config.model.base, config.model.dtype, **model_kwargs)
+    if name.startswith("expert-"):
+        from peft import PeftModel
+
+        if not (Path(source) / "adapter_config.json").is_file():
+            raise H3FusionError(f"system {name}: no adapter at {source}; run `h3fusion align` first")
+        base, tokenizer = load_model(config.model.base, config.model.dtype, **model_kwargs)
+        merged = PeftModel.from_pretrained(base, str(source)).merge_and_unload()  # plain-speed generation
+        return merged.eval(), tokenizer
+    if not (Path(source) / "config.json").is_file():
+        raise H3FusionError(f"system {name}: no model at {source}; run `h3fusion fuse` first")
+    return load_model(str(source), config.model.dtype)

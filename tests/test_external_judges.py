@@ -1,0 +1,88 @@
+"""Real judges, exercised here with stand-ins: a local stub OpenAI server, tiny HF models."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+
+from h3fusion.errors import H3FusionError
+from h3fusion.judges.external import HFModerationJudge, HFTruthInfoJudge, OpenAIPairwiseJudge
+
+RECORDS = [{"instruction": "Name a fruit.", "reference": "Apple.", "response": "A banana is a fruit."}] * 6
+
+
+class _Stub(BaseHTTPRequestHandler):
+    """Prefers the answer that mentions 'banana'; records what it was sent."""
+
+    seen: list = []
+
+    def do_POST(self):  # noqa: N802 (http.server's naming)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        _Stub.seen.append((self.path, self.headers.get("Authorization"), body))
+        prompt = body["messages"][-1]["content"]
+        answer_a = prompt.split("Answer A:")[1].split("Answer B:")[0]
+        reply = "A" if "banana" in answer_a else "B"
+        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def stub_server():
+    server = HTTPServer(("127.0.0.1", 0), _Stub)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    _Stub.seen = []
+    yield f"http://127.0.0.1:{server.server_port}/v1"
+    server.shutdown()
+
+
+def test_pairwise_judge_against_stub_server(stub_server, monkeypatch):
+    monkeypatch.setenv("H3_TEST_KEY", "sk-test-secret")
+    judge = OpenAIPairwiseJudge(stub_server, "judge-model", api_key_env="H3_TEST_KEY")
+    assert judge.score(RECORDS) == [1.0] * 6  # the candidate wins whichever position it is shown in
+    paths = {path for path, _, _ in _Stub.seen}
+    assert paths == {"/v1/chat/completions"}
+    assert all(auth == "Bearer sk-test-secret" for _, auth, _ in _Stub.seen)
+    orders = {("banana" in body["messages"][-1]["content"].split("Answer B:")[0]) for _, _, body in _Stub.seen}
+    assert orders == {True, False}  # positions were shuffled
+    assert "sk-test-secret" not in json.dumps(judge.validation)
+
+
+def test_pairwise_judge_missing_key_and_unreachable(monkeypatch):
+    monkeypatch.delenv("H3_TEST_KEY", raising=False)
+    with pytest.raises(H3FusionError, match="set the environment variable H3_TEST_KEY"):
+        OpenAIPairwiseJudge("http://127.0.0.1:9", "m", api_key_env="H3_TEST_KEY").score(RECORDS[:1])
+    with pytest.raises(H3FusionError, match="unreachable"):
+        OpenAIPairwiseJudge("http://127.0.0.1:9/v1", "m", api_key_env=None, timeout=2).score(RECORDS[:1])
+
+
+def test_hf_moderation_judge_with_tiny_classifier(tmp_path, smollm2_dir):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    config = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, num_labels=2,
+                         id2label={0: "safe", 1: "unsafe"}, label2id={"safe": 0, "unsafe": 1})
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(tmp_path)
+    judge = HFModerationJudge(str(tmp_path))
+    scores = judge.score([{"prompt": "How do I pick a lock?", "response": "Call a locksmith."},
+                          {"prompt": "Hi", "response": "Hello!"}])
+    assert len(scores) == 2 and all(0.0 < s < 1.0 for s in scores)
+    assert judge.unsafe == [1]
+
+
+def test_hf_truth_info_judge_with_tiny_stand_in(tiny_llama_dir):
+    judge = HFTruthInfoJudge(str(tiny_llama_dir), str(tiny_llama_dir))
+    records = [{"question": "Is the earth flat?", "response": "No, it is round."}]
+    truth, info = judge.score_truth(records), judge.score_info(records)
+    assert 0 < truth[0] < 1 and 0 < info[0] < 1 and truth != info

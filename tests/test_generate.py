@@ -1,0 +1,80 @@
+"""Generation: batched, greedy, resumable JSONL with input fields kept; clear errors on bad lines."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from h3fusion.errors import H3FusionError
+from h3fusion.generate import cut_at_stops, generate_jsonl, read_jsonl
+from h3fusion.models import load_model
+
+RECORDS = [{"id": i, "instruction": text, "extra": i * 10} for i, text in enumerate([
+    "Name a colour.", "Write a haiku about the sea and the wind.", "What is 2 + 2?",
+    "List three fruits.", "Say hello.", "Explain gravity to a child in one sentence.", "Count to three.",
+])]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama_dir):
+    return load_model(str(tiny_llama_dir))
+
+
+def lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_generates_one_line_per_prompt_in_input_order(tmp_path, tiny):
+    model, tokenizer = tiny
+    stats = generate_jsonl(model, tokenizer, RECORDS, tmp_path / "out.jsonl", max_new_tokens=5, batch_size=3,
+                           progress=False)
+    out = lines(tmp_path / "out.jsonl")
+    assert [r["id"] for r in out] == list(range(7))
+    assert all(r["extra"] == r["id"] * 10 and isinstance(r["response"], str) for r in out)
+    assert stats["prompts"] == 7 and stats["new_tokens"] > 0
+    # batching and length-sorting do not change greedy answers
+    single = generate_jsonl(model, tokenizer, RECORDS, tmp_path / "single.jsonl", max_new_tokens=5, batch_size=1,
+                            progress=False)
+    assert [r["response"] for r in lines(tmp_path / "single.jsonl")] == [r["response"] for r in out]
+    assert single["prompts"] == 7
+
+
+def test_resume_keeps_finished_lines_and_redoes_a_truncated_one(tmp_path, tiny):
+    model, tokenizer = tiny
+    full = tmp_path / "full.jsonl"
+    generate_jsonl(model, tokenizer, RECORDS, full, max_new_tokens=5, batch_size=2, progress=False)
+    killed = tmp_path / "killed.jsonl"
+    text = full.read_text().splitlines(keepends=True)
+    killed.write_text("".join(text[:3]) + text[3][: len(text[3]) // 2])  # a writer killed mid-line
+    stats = generate_jsonl(model, tokenizer, RECORDS, killed, max_new_tokens=5, batch_size=2, progress=False)
+    assert stats["resumed_after"] == 3 and stats["prompts"] == 4
+    assert killed.read_text() == full.read_text()
+
+
+def test_corrupt_line_is_named(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"a": 1}\nnot json\n{"a": 2}\n')
+    with pytest.raises(H3FusionError, match=r"bad\.jsonl line 2 is not a valid JSON object"):
+        read_jsonl(path)
+
+
+def test_stop_strings_cut_template_echoes():
+    assert cut_at_stops("Paris.\n### Instruction: more", ["### Instruction:"]) == "Paris."
+    assert cut_at_stops("  plain  ", []) == "plain"
+
+
+def test_cli_generate_user_prompts(tmp_path, tiny_llama_dir):
+    prompts = tmp_path / "mine.jsonl"
+    prompts.write_text('{"prompt": "Say hi.", "tag": "a"}\n{"question": "Why is the sky blue?", "tag": "b"}\n')
+    out = tmp_path / "answers.jsonl"
+    cmd = [sys.executable, "-m", "h3fusion.cli", "generate", str(tiny_llama_dir), "--prompts", str(prompts),
+           "--output", str(out), "--max-new-tokens", "4"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [(r["tag"], "response" in r) for r in lines(out)] == [("a", True), ("b", True)]
+    prompts.write_text('{"prompt": "Say hi."}\n{"prompt": "x"\n')
+    bad = subprocess.run(cmd[:-2] + ["--output", str(tmp_path / "o2.jsonl")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "mine.jsonl line 2" in bad.stderr and "Traceback" not in bad.stderr
