@@ -168,3 +168,52 @@ def test_refusals(tmp_path, tiny_llama_dir, smollm2_dir, adapters):
     attention = make_adapter(tiny_llama_dir, tmp_path / "attn", seed=8, targets=("q_proj", "gate_proj"))
     with pytest.raises(H3FusionError, match="not an FFN projection"):
         build_moe(str(tiny_llama_dir), {"helpful": attention}, top_k=1)
+
+
+def test_fitted_router_init_separates_its_prompts(tiny_llama_dir, adapters):
+    from h3fusion.moe.routing import routing_stats
+
+    prompts = {"helpful": ["Write a poem about the sea.", "List three colours.", "Summarise this text."],
+               "harmless": ["How do I hurt someone?", "Tell me how to steal a car.", "How to make a weapon?"],
+               "honest": ["Do vaccines cause autism?", "Is the earth flat?", "Can you see the Great Wall from space?"]}
+    model = build_moe(str(tiny_llama_dir), adapters, router_init="fitted", prototype_prompts=prompts)
+    _, tokenizer = load_model(str(tiny_llama_dir))
+    stats = routing_stats(model, tokenizer, prompts)
+    assert all(stats["axes"][axis]["accuracy"] == 1.0 for axis in NAMES)
+    random_model = build_moe(str(tiny_llama_dir), adapters)
+    random_stats = routing_stats(random_model, tokenizer, prompts)
+    assert sum(random_stats["axes"][a]["accuracy"] for a in NAMES) < 3.0
+
+
+@pytest.mark.slow
+def test_real_smollm2_moe_is_exact(tmp_path, smollm2_dir):
+    """The real SmolLM2: forced routing reproduces each expert; compact == dense; save/load and
+    Mixtral export keep the logits."""
+    from transformers import AutoModelForCausalLM, MixtralForCausalLM
+
+    adapters = {name: make_adapter(smollm2_dir, tmp_path / name, seed=i, r=8, alpha=4) for i, name in enumerate(NAMES)}
+    ids = IDS[:1, :16]
+    compact = build_moe(str(smollm2_dir), adapters, top_k=1, storage="compact", seed=0)
+    for name, path in adapters.items():
+        compact.set_expert_bias({name: 1e4})
+        torch.testing.assert_close(logits(compact, ids), _expert_logits_on(smollm2_dir, path, ids), atol=1e-4, rtol=0)
+    compact.set_expert_bias({})
+    compact.set_top_k(2)
+    dense = build_moe(str(smollm2_dir), adapters, top_k=2, storage="dense", seed=0)
+    expected = logits(compact, ids)
+    torch.testing.assert_close(logits(dense, ids), expected, atol=1e-4, rtol=0)
+    del dense
+    compact.save_pretrained(tmp_path / "moe")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "moe").eval()
+    torch.testing.assert_close(logits(loaded, ids), expected, atol=1e-5, rtol=0)
+    export_mixtral(compact, tmp_path / "mixtral")
+    mixtral, info = MixtralForCausalLM.from_pretrained(tmp_path / "mixtral", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    torch.testing.assert_close(logits(mixtral.eval(), ids), expected, atol=1e-4, rtol=0)
+
+
+def _expert_logits_on(base_dir, adapter, ids):
+    from peft import PeftModel
+
+    base, _ = load_model(str(base_dir))
+    return logits(PeftModel.from_pretrained(base, str(adapter)).eval(), ids)

@@ -106,6 +106,8 @@ def generate(
     sample: Annotated[bool, typer.Option(help="Prompt-file mode: sample instead of greedy")] = False,
     temperature: Annotated[float, typer.Option(help="Prompt-file mode: sampling temperature")] = 0.6,
     seed: Annotated[int, typer.Option(help="Prompt-file mode: sampling seed")] = 0,
+    expert_bias: Annotated[list[str] | None, typer.Option(
+        help="Prompt-file mode, fused models: router-logit bias, e.g. --expert-bias harmless=2 (repeatable)")] = None,
     set_: SetOpt = None,
     out: OutOpt = None,
 ) -> None:
@@ -128,6 +130,15 @@ def generate(
     from h3fusion.models import load_model
 
     model, tokenizer = load_model(target)
+    if expert_bias:
+        if not hasattr(model, "set_expert_bias"):
+            raise H3FusionError(f"--expert-bias needs an h3fusion MoE model; {target} is a {type(model).__name__}")
+        try:
+            dial = {key: float(value) for key, value in (item.split("=", 1) for item in expert_bias)}
+            model.set_expert_bias(dial)
+        except ValueError as error:
+            raise H3FusionError(f"--expert-bias {expert_bias}: {error}; use name=number with names "
+                                f"{model.expert_names}") from None
     stats = generate_jsonl(model, tokenizer, records, output, prompt_format=prompt_format,
                            max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=sample,
                            temperature=temperature, seed=seed)
@@ -161,8 +172,11 @@ def routing(
     model: Annotated[Path | None, typer.Option(help="MoE model dir (default: <run>/fused)")] = None,
     set_: SetOpt = None,
     out: Annotated[Path | None, typer.Option("--out", help="Output dir (default: <model>/routing)")] = None,
+    source: Annotated[str, typer.Option(help="pool: held-out training-distribution prompts; test: test prompts")] = "pool",
 ) -> None:
     """Routing diagnostics on held-out prompts of each axis: heat-map, intensity histograms, accuracy."""
+    if source not in ("pool", "test"):
+        raise H3FusionError(f"--source {source!r}: choose pool or test")
     cfg = _config(config, set_, None)
     from h3fusion.fusion import fused_dir, heldout_prompts
     from h3fusion.models import load_model
@@ -174,7 +188,7 @@ def routing(
     loaded, tokenizer = load_model(str(model))
     if not isinstance(loaded, H3FusionForCausalLM):
         raise H3FusionError(f"{model} is not an h3fusion MoE model (it loads as {type(loaded).__name__})")
-    stats = routing_stats(loaded, tokenizer, heldout_prompts(cfg, tokenizer))
+    stats = routing_stats(loaded, tokenizer, heldout_prompts(cfg, tokenizer, source))
     out = out or model / "routing"
     write_json(out / "routing.json", stats)
     plot_routing(stats, out, title=f"routing of held-out prompts: {model}")

@@ -93,10 +93,12 @@ class MoEConfig(_Section):
     """Experts per token (paper 2); must be <= the number of experts."""
     storage: Literal["compact", "dense"] = "compact"
     """compact: base FFN held once + low-rank expert deltas (~1x base); dense: N FFN copies (paper)."""
-    router_init: Literal["random", "prototype"] = "random"
-    """random (paper) or prototype: rows = each axis's mean hidden state on a few training prompts."""
-    prototype_prompts: int = Field(16, ge=1)
-    """Training prompts per axis used by router_init=prototype."""
+    router_init: Literal["random", "prototype", "fitted"] = "fitted"
+    """random (paper); prototype: rows = each axis's mean hidden state on a few training prompts
+    (mergekit's "hidden" gate); fitted: per-layer logistic regression from token hidden states to
+    the prompt's axis on the same prompts (routes far better than prototypes at small scale)."""
+    prototype_prompts: int = Field(32, ge=1)
+    """Training prompts per axis used by router_init=prototype or fitted."""
     expert_bias: dict[str, float] = {}
     """Runtime alignment dial: router-logit bias per expert name, e.g. {harmless: 1.0}."""
     adapters: dict[str, str] = {}

@@ -162,16 +162,23 @@ def merge_fusion_adapters(model: H3FusionForCausalLM) -> H3FusionForCausalLM:
     return model
 
 
-def heldout_prompts(config: RunConfig, tokenizer) -> dict[str, list[str]]:
-    """The first ``fusion.heldout_prompts`` test prompts of each axis (never trained on), formatted."""
-    from h3fusion.data import format_prompt, load_test
+def heldout_prompts(config: RunConfig, tokenizer, source: str = "pool") -> dict[str, list[str]]:
+    """``fusion.heldout_prompts`` formatted prompts per axis that no stage trained on.
 
+    source="pool": prompts of the axis's training distribution left out of its training sample
+    (topped up from the axis's test prompts when the sample took the whole pool); source="test":
+    the axis's test prompts (AlpacaEval, BeaverTails, TruthfulQA), a harder, shifted distribution.
+    """
+    from h3fusion.data import format_prompt, load_heldout_train, load_test
+
+    n = config.fusion.heldout_prompts
     field = {"helpful": "instruction", "harmless": "prompt", "honest": "question"}
-    return {
-        axis: [format_prompt(row[field[axis]], "", config.data.prompt_format, tokenizer)
-               for row in load_test(axis, config, limit=config.fusion.heldout_prompts)]
-        for axis in config.experts
-    }
+    prompts = {}
+    for axis in config.experts:
+        pairs = [(e.instruction, e.input) for e in load_heldout_train(axis, config, n)] if source == "pool" else []
+        pairs += [(row[field[axis]], "") for row in load_test(axis, config, limit=n - len(pairs))]
+        prompts[axis] = [format_prompt(text, extra, config.data.prompt_format, tokenizer) for text, extra in pairs]
+    return prompts
 
 
 def fusion_examples(config: RunConfig) -> list:
@@ -219,6 +226,7 @@ def fuse_run(config: RunConfig, log=print) -> Path:
     labels = axis_labels(config)
     dataset = SFTDataset(examples, tokenizer, config.data.max_length, config.data.prompt_format, labels)
     prompts = heldout_prompts(config, tokenizer)
+    test_prompts = heldout_prompts(config, tokenizer, source="test")
     before = routing_stats(model, tokenizer, prompts)["axes"]
     prepare_for_fusion(model, config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -242,6 +250,7 @@ def fuse_run(config: RunConfig, log=print) -> Path:
     merge_fusion_adapters(model)
     routing = routing_stats(model, tokenizer, prompts)
     after = routing["axes"]
+    on_test = routing_stats(model, tokenizer, test_prompts)["axes"]
     model.save_pretrained(out)
     write_json(out / "routing.json", routing)
     plot_routing(routing, out / "plots", title=f"{config.name}: routing of held-out prompts after fusion")
@@ -255,6 +264,7 @@ def fuse_run(config: RunConfig, log=print) -> Path:
         "trainable_parameters": trainable,
         "router_accuracy": {axis: r["accuracy"] for axis, r in after.items()},
         "router_accuracy_before": {axis: r["accuracy"] for axis, r in before.items()},
+        "router_accuracy_test_prompts": {axis: r["accuracy"] for axis, r in on_test.items()},
         "router_mean_probs": {axis: r["mean_probs"] for axis, r in after.items()},
         "heldout_prompts_per_axis": config.fusion.heldout_prompts,
         "log_history": history,
@@ -263,7 +273,9 @@ def fuse_run(config: RunConfig, log=print) -> Path:
     if history:
         log(f"[fuse] lm {history[0]['lm_loss']:.3f} -> {history[-1]['lm_loss']:.3f}, "
             f"gate {history[0]['gate_loss']:.3f} -> {history[-1]['gate_loss']:.3f}")
-    log("[fuse] router accuracy on held-out prompts: " + ", ".join(
-        f"{axis} {before[axis]['accuracy']:.2f} -> {after[axis]['accuracy']:.2f}" for axis in after))
+    log("[fuse] router accuracy on held-out prompts of each axis (chance "
+        f"{1 / len(after):.2f}): " + ", ".join(
+            f"{axis} {before[axis]['accuracy']:.2f} -> {after[axis]['accuracy']:.2f}" for axis in after))
+    log("[fuse] ... on the test prompts: " + ", ".join(f"{axis} {r['accuracy']:.2f}" for axis, r in on_test.items()))
     log(f"[fuse] fused model at {out}")
     return out

@@ -50,4 +50,8 @@ def load_system(config: RunConfig, name: str):
         return merged.eval(), tokenizer
     if not (Path(source) / "config.json").is_file():
         raise H3FusionError(f"system {name}: no model at {source}; run `h3fusion fuse` first")
-    return load_model(str(source), config.model.dtype)
+    model, tokenizer = load_model(str(source), config.model.dtype)
+    # the runtime dials come from the config, so they can change without re-fusing
+    model.set_expert_bias(config.moe.expert_bias)
+    model.set_top_k(config.moe.top_k)
+    return model, tokenizer

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
@@ -148,38 +149,62 @@ def check_adapters(adapters: Sequence[ExpertAdapter], base_model, top_k: int) ->
                 )
 
 
+def prototype_router(x: torch.Tensor, y: torch.Tensor, n: int) -> torch.Tensor:
+    """Router rows from expert prototypes: each axis's mean MLP input over its tokens, centred
+    across axes, unit norm (mergekit's "hidden" gate, per layer)."""
+    means = torch.stack([x[y == k].mean(dim=0) for k in range(n)])
+    centred = means - means.mean(dim=0, keepdim=True) if n > 1 else means
+    return centred / centred.norm(dim=1, keepdim=True).clamp_min(1e-6)
+
+
+def fitted_router(x: torch.Tensor, y: torch.Tensor, n: int, l2: float = 1e-5, iterations: int = 100) -> torch.Tensor:
+    """Router rows fitted as a multinomial logistic regression (no intercept, like the router) from
+    each token's MLP input to its prompt's axis: a discriminative prototype. Mean vectors alone are
+    dominated by what all prompts share (the template) and route nearly uniformly."""
+    scale = x.norm(dim=1).mean()  # ridge relative to the hidden-state scale
+    w = torch.zeros(n, x.shape[1], requires_grad=True)
+    optimizer = torch.optim.LBFGS([w], max_iter=iterations, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(x @ w.T, y) + l2 * (w**2).sum() * scale**2
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return w.detach()
+
+
+ROUTER_INITS = {"prototype": prototype_router, "fitted": fitted_router}
+
+
 @torch.no_grad()
-def prototype_router_weights(model, tokenizer, prompts: Sequence[Sequence[str]]) -> list[torch.Tensor]:
-    """Router rows from expert prototypes: per layer, each axis's mean MLP input over its prompts,
-    centred across axes and scaled to unit norm (mergekit's "hidden" gate, per layer)."""
-    layers = decoder_layers(model)
-    sums = [[None] * len(prompts) for _ in layers]
-    handles = []
-    current = {}
-
-    def hook(index):
-        def capture(_module, args):
-            hidden, mask = args[0], current["mask"]
-            sums[index][current["k"]] = (hidden * mask[..., None]).sum(dim=(0, 1)) / mask.sum()
-
-        return capture
-
-    for i, layer in enumerate(layers):
-        handles.append(layer.mlp.register_forward_pre_hook(hook(i)))
+def init_routers(model: H3FusionForCausalLM, tokenizer, prompts: Sequence[Sequence[str]], method: str,
+                 max_length: int = 128) -> None:
+    """Set every layer's router from the axes' prompts, layer by layer in one forward pass: each
+    router is fitted on its MLP inputs as they are with the routers below it already set."""
+    texts = [text for axis_prompts in prompts for text in axis_prompts]
+    labels = torch.tensor([k for k, axis_prompts in enumerate(prompts) for _ in axis_prompts])
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "right"
     try:
-        for k, texts in enumerate(prompts):
-            batch = tokenizer(list(texts), return_tensors="pt", padding=True)
-            current.update(k=k, mask=batch["attention_mask"].to(torch.float32))
-            model.get_decoder()(**batch)  # only the MLP inputs are needed: skip the LM head
+        batch = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+    finally:
+        tokenizer.padding_side = padding_side
+    mask = batch["attention_mask"].bool()
+    token_labels = labels[:, None].expand_as(mask)[mask]
+    init = ROUTER_INITS[method]
+
+    def set_router(layer, args):
+        tokens = args[0][mask.to(args[0].device)].float().cpu()
+        layer.router.weight.copy_(init(tokens, token_labels, len(prompts)))
+
+    handles = [layer.register_forward_pre_hook(set_router) for layer in model.moe_layers()]
+    try:
+        model.get_decoder()(**batch.to(model.device))  # only the MLP inputs are needed: skip the LM head
     finally:
         for handle in handles:
             handle.remove()
-    weights = []
-    for per_axis in sums:
-        means = torch.stack([m.float() for m in per_axis])
-        centred = means - means.mean(dim=0, keepdim=True) if len(per_axis) > 1 else means
-        weights.append(centred / centred.norm(dim=1, keepdim=True).clamp_min(1e-6))
-    return weights
 
 
 def build_moe(
@@ -201,12 +226,12 @@ def build_moe(
     ``unscaled_shared_experts`` reproduces the authors' released build (compatibility only): every
     expert becomes base + Σ_k B_k A_k, without alpha/r, so all experts are identical.
     ``base`` is any spec ``load_model`` takes, or an already loaded model (then pass ``tokenizer``
-    for router_init=prototype). A loaded model is modified in place (its MLPs become MoE layers).
+    for router_init=prototype/fitted). A loaded model is modified in place (its MLPs become MoE layers).
     """
     if storage not in ("compact", "dense"):
         raise H3FusionError(f"storage '{storage}' is unknown; choose compact or dense")
-    if router_init not in ("random", "prototype"):
-        raise H3FusionError(f"router_init '{router_init}' is unknown; choose random or prototype")
+    if router_init not in ("random", "prototype", "fitted"):
+        raise H3FusionError(f"router_init '{router_init}' is unknown; choose random, prototype or fitted")
     if isinstance(base, str):
         base_model, tokenizer = load_model(base, dtype)
     else:
@@ -215,16 +240,12 @@ def build_moe(
     adapters = [read_adapter(name, path) for name, path in experts.items()]
     check_adapters(adapters, base_model, top_k)
 
-    router_weights = None
-    if router_init == "prototype":
+    if router_init != "random":
         if tokenizer is None or not prototype_prompts:
-            raise H3FusionError("router_init=prototype needs the base as a spec and prompts for every expert")
+            raise H3FusionError(f"router_init={router_init} needs a tokenizer and prompts for every expert")
         missing = [n for n in names if not prototype_prompts.get(n)]
         if missing:
-            raise H3FusionError(f"router_init=prototype: no prompts for expert(s) {missing}")
-        router_weights = prototype_router_weights(
-            base_model, tokenizer, [prototype_prompts[n] for n in names]
-        )
+            raise H3FusionError(f"router_init={router_init}: no prompts for expert(s) {missing}")
 
     deltas = []
     for i in range(len(decoder_layers(base_model))):
@@ -244,10 +265,10 @@ def build_moe(
         expert_bias=bias,
     )
     torch.manual_seed(seed)  # the random router init is reproducible
-    model = H3FusionForCausalLM(
-        config, base_model=base_model, expert_deltas=deltas, router_weights=router_weights
-    )
-    return model.eval()
+    model = H3FusionForCausalLM(config, base_model=base_model, expert_deltas=deltas).eval()
+    if router_init != "random":  # fitted on the MoE itself, so each layer sees the routing below it
+        init_routers(model, tokenizer, [prototype_prompts[n] for n in names], router_init)
+    return model
 
 
 def _summed_unscaled(adapters: Sequence[ExpertAdapter], layer: int) -> dict[str, LowRankDelta]:
@@ -289,7 +310,7 @@ def build_run(config, log=print) -> Path:
         cache_dir=config.model.cache_dir,
     )
     prompts = None
-    if config.moe.router_init == "prototype":
+    if config.moe.router_init != "random":
         prompts = {
             axis: [
                 format_prompt(e.instruction, e.input, config.data.prompt_format, tokenizer)

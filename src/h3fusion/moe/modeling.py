@@ -90,7 +90,6 @@ class H3FusionForCausalLM(PreTrainedModel, GenerationMixin):
         config: H3FusionConfig,
         base_model: PreTrainedModel | None = None,
         expert_deltas: Sequence[Sequence[dict[str, LowRankDelta]]] | None = None,
-        router_weights: Sequence[torch.Tensor] | None = None,
     ):
         """Either build empty from ``config`` (for from_pretrained), or from a loaded base model and
         per-layer expert deltas (``expert_deltas[layer][expert] = {proj: LowRankDelta}``)."""
@@ -113,7 +112,6 @@ class H3FusionForCausalLM(PreTrainedModel, GenerationMixin):
                 deltas = [_zero_deltas(layer.mlp, config.delta_ranks) for _ in range(n)]
             layer.mlp = MoEMLP(
                 layer.mlp, deltas, top_k=config.num_experts_per_tok, storage=config.storage,
-                router_weight=None if router_weights is None else router_weights[i],
                 decode_threshold=config.decode_threshold,
             )
             layer.mlp.set_expert_bias(config.expert_bias)
