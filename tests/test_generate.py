@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from h3fusion.errors import H3FusionError
-from h3fusion.generate import cut_at_stops, generate_jsonl, read_jsonl
+from h3fusion.generate import cut_at_stops, generate_jsonl
+from h3fusion.io import read_jsonl
 from h3fusion.models import load_model
 
 RECORDS = [{"id": i, "instruction": text, "extra": i * 10} for i, text in enumerate([

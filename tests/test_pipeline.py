@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from h3fusion.generate import read_jsonl
+from h3fusion.io import read_jsonl
 from tests.conftest import write_config
 
 

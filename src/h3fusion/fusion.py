@@ -33,9 +33,10 @@ from transformers import Trainer
 
 from h3fusion.config import RunConfig, dump_config
 from h3fusion.errors import H3FusionError
+from h3fusion.io import write_json
 from h3fusion.moe.modeling import H3FusionForCausalLM, moe_layers
 from h3fusion.moe.routing import mean_router_probs, plot_routing, routing_stats
-from h3fusion.sft import SFTCollator, SFTDataset, last_checkpoint, training_arguments, write_json
+from h3fusion.sft import SFTCollator, SFTDataset, last_checkpoint, training_arguments
 
 ATTENTION_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 TRAINABLE_FILE = "trainable.safetensors"
@@ -265,14 +266,24 @@ def fuse_run(config: RunConfig, log=print) -> Path:
         "router_accuracy": {axis: r["accuracy"] for axis, r in after.items()},
         "router_accuracy_before": {axis: r["accuracy"] for axis, r in before.items()},
         "router_accuracy_test_prompts": {axis: r["accuracy"] for axis, r in on_test.items()},
+        "heldout_gate_loss": {axis: r["gate_loss"] for axis, r in after.items()},
+        "heldout_gate_loss_before": {axis: r["gate_loss"] for axis, r in before.items()},
         "router_mean_probs": {axis: r["mean_probs"] for axis, r in after.items()},
         "heldout_prompts_per_axis": config.fusion.heldout_prompts,
         "log_history": history,
     })
     shutil.rmtree(checkpoints, ignore_errors=True)
     if history:
-        log(f"[fuse] lm {history[0]['lm_loss']:.3f} -> {history[-1]['lm_loss']:.3f}, "
-            f"gate {history[0]['gate_loss']:.3f} -> {history[-1]['gate_loss']:.3f}")
+        k = max(1, len(history) // 4)  # quarter means: single batches of mixed axes are noisy
+
+        def mean(key, rows):
+            return sum(row[key] for row in rows) / len(rows)
+
+        log(f"[fuse] training (first -> last quarter): lm {mean('lm_loss', history[:k]):.3f} -> "
+            f"{mean('lm_loss', history[-k:]):.3f}, gate {mean('gate_loss', history[:k]):.3f} -> "
+            f"{mean('gate_loss', history[-k:]):.3f}")
+    log("[fuse] gating loss on held-out prompts: " + ", ".join(
+        f"{axis} {before[axis]['gate_loss']:.3f} -> {after[axis]['gate_loss']:.3f}" for axis in after))
     log("[fuse] router accuracy on held-out prompts of each axis (chance "
         f"{1 / len(after):.2f}): " + ", ".join(
             f"{axis} {before[axis]['accuracy']:.2f} -> {after[axis]['accuracy']:.2f}" for axis in after))

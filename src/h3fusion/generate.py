@@ -9,7 +9,6 @@ keeps left-padding waste small.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 
 from h3fusion.data import format_prompt
 from h3fusion.errors import H3FusionError
+from h3fusion.io import append_jsonl, read_jsonl, write_json
 
 PROMPT_FIELDS = ("prompt", "instruction", "question")
 WINDOW_BATCHES = 4  # prompts sorted by length within this many batches; bounds work lost to a kill
@@ -29,44 +29,6 @@ def prompt_text(record: dict, origin: str = "record") -> tuple[str, str]:
         if isinstance(record.get(field), str):
             return record[field], record.get("input") or ""
     raise H3FusionError(f"{origin} has none of the fields {', '.join(PROMPT_FIELDS)}; add one")
-
-
-def read_jsonl(path: Path, *, repair: bool = False) -> list[dict]:
-    """Records of a JSONL file. ``repair`` truncates an incomplete last line (a killed writer's)
-    instead of failing; any other corrupt line is an error naming the file and line."""
-    if not path.is_file():
-        raise H3FusionError(f"{path} not found")
-    records, good_bytes = [], 0
-    with path.open("rb") as handle:
-        lines = handle.readlines()
-    for number, raw in enumerate(lines, 1):
-        try:
-            record = json.loads(raw)
-            if not isinstance(record, dict):
-                raise ValueError("not a JSON object")
-        except ValueError as error:
-            last = number == len(lines)
-            if repair and last:
-                with path.open("r+b") as handle:
-                    handle.truncate(good_bytes)
-                break
-            raise H3FusionError(f"{path} line {number} is not a valid JSON object ({error}); "
-                                "fix or remove that line") from None
-        if repair and not raw.endswith(b"\n"):  # complete JSON but no newline: the writer died here
-            with path.open("r+b") as handle:
-                handle.truncate(good_bytes)
-            break
-        records.append(record)
-        good_bytes += len(raw)
-    return records
-
-
-def append_jsonl(path: Path, records: Sequence[dict]) -> None:
-    with path.open("a", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 def cut_at_stops(text: str, stops: Sequence[str]) -> str:
@@ -164,7 +126,6 @@ def generate_system(config, system: str, axes: Sequence[str] | None = None, log=
     Writes ``<run>/generations/<system>/<axis>.jsonl``, ``stats.json`` (tokens/s), ``honest.mc.json``
     (TruthfulQA MC1/MC2) and, for MoE systems, ``<axis>.routing.json`` (see ``moe.routing``).
     """
-    from h3fusion.sft import write_json
     from h3fusion.systems import load_system
 
     out = generations_dir(config) / system

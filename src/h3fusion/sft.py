@@ -7,7 +7,6 @@ DeepSpeed without any code of ours.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -117,11 +116,3 @@ def last_checkpoint(output_dir: Path) -> str | None:
 def loss_curve(log_history: list[dict]) -> list[dict]:
     """The per-step training records of a Trainer's log history (drops the final summary)."""
     return [row for row in log_history if "loss" in row and "train_runtime" not in row]
-
-
-def write_json(path: Path, payload: dict) -> None:
-    """Atomic JSON write: a kill mid-write never leaves a truncated file that looks complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, allow_nan=True))
-    tmp.replace(path)

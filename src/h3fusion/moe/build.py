@@ -296,7 +296,7 @@ def adapter_paths(config) -> dict[str, Path]:
 def build_run(config, log=print) -> Path:
     """Stage 2 for a run config: write the MoE to <run>/moe/ (skipped when already built)."""
     from h3fusion.data import format_prompt, load_train
-    from h3fusion.sft import write_json
+    from h3fusion.io import write_json
 
     out = moe_dir(config)
     if (out / "h3fusion_build.json").is_file():

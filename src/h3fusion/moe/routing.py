@@ -5,7 +5,8 @@ For any MoE model and prompts grouped by axis:
   (the paper's heat-map);
 * ``sample_means`` [samples x experts]: each prompt's routing averaged over its tokens and layers
   (the paper's "activation intensity" histograms, which show how gamma_k shifts expert k's share);
-* ``accuracy``: share of prompts whose mean routing peaks on the axis's own expert.
+* ``accuracy``: share of prompts whose mean routing peaks on the axis's own expert;
+* ``gate_loss``: the gating loss on these prompts, -log of their mean routing mass on that expert.
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ def routing_stats(model, tokenizer, prompts: Mapping[str, Sequence[str]], batch_
                 "sample_means": sample_means.tolist(),
                 "mean_probs": sample_means.mean(dim=0).tolist(),
                 "accuracy": None if target is None else float((sample_means.argmax(dim=1) == target).float().mean()),
+                # the fusion stage's gating loss on these prompts: -log of the mean mass on the axis's expert
+                "gate_loss": None if target is None else float(-sample_means[:, target].clamp_min(1e-9).log().mean()),
             }
     finally:
         tokenizer.padding_side = padding_side
