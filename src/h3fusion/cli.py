@@ -112,7 +112,8 @@ def generate(
     out: OutOpt = None,
 ) -> None:
     """Answer prompts: every evaluated test prompt of a run's systems, or a JSONL of your own."""
-    from h3fusion.generate import generate_jsonl, generate_system, read_jsonl
+    from h3fusion.generate import generate_jsonl, generate_system
+    from h3fusion.io import read_jsonl
 
     if target.endswith((".yaml", ".yml")):
         cfg = _config(Path(target), set_, out)
@@ -143,6 +144,67 @@ def generate(
                            max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=sample,
                            temperature=temperature, seed=seed)
     typer.echo(f"{stats['prompts']} answers ({stats['tokens_per_second']} tokens/s) -> {output}")
+
+
+@app.command()
+def evaluate(
+    config: ConfigArg,
+    system: Annotated[list[str] | None, typer.Option(help="Only this system (repeatable)")] = None,
+    set_: SetOpt = None,
+    out: OutOpt = None,
+) -> None:
+    """Score every system's generations with the judges -> <run>/results.json."""
+    cfg = _config(config, set_, out)
+    from h3fusion.evaluate import evaluate_run
+
+    typer.echo(f"results: {evaluate_run(cfg, system)}")
+
+
+judges_app = typer.Typer(help="The offline judges: fit and validate them.", no_args_is_help=True)
+app.add_typer(judges_app, name="judges")
+
+
+@judges_app.command("fit")
+def judges_fit(
+    config: Annotated[Path | None, typer.Argument(help="Run config (its data dir and evaluated subsets)")] = None,
+    force: Annotated[bool, typer.Option(help="Refit even when cached")] = False,
+    set_: SetOpt = None,
+) -> None:
+    """Fit (or reuse) the offline judges and print their held-out validation figures."""
+    cfg = _default_config(config, set_)
+    from h3fusion.judges import fit_judges
+
+    for axis, figures in fit_judges(cfg, cfg.judges.cache_dir, force=force,
+                                    max_rows=cfg.judges.fit_max_rows).items():
+        shown = {k: v for k, v in figures.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        typer.echo(f"{axis}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                           for k, v in shown.items()))
+
+
+@app.command()
+def judge(
+    axis: Annotated[str, typer.Argument(help="helpful, harmless or honest")],
+    input: Annotated[Path, typer.Option("--input", help="JSONL records (instruction/prompt/question + response)")],
+    output: Annotated[Path, typer.Option("--output", help="Output JSONL: input fields + score + label")],
+    config: Annotated[Path | None, typer.Option(help="Run config selecting the judges (default: offline)")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Score your own answers with one axis's judge."""
+    cfg = _default_config(config, set_)
+    from h3fusion.evaluate import judge_records, load_axis_judges, prepare_user_records
+    from h3fusion.io import append_jsonl, read_jsonl
+
+    records = prepare_user_records(axis, read_jsonl(input), cfg, str(input))
+    judged = judge_records(axis, load_axis_judges(cfg, [axis])[axis], records)
+    output.unlink(missing_ok=True)
+    append_jsonl(output, judged)
+    typer.echo(f"{len(judged)} records scored -> {output}")
+
+
+def _default_config(path: Path | None, overrides: list[str] | None):
+    from h3fusion.config import build_config
+
+    return _config(path, overrides, None) if path else build_config({}, "defaults", list(overrides or []))
 
 
 @app.command()
@@ -179,10 +241,10 @@ def routing(
         raise H3FusionError(f"--source {source!r}: choose pool or test")
     cfg = _config(config, set_, None)
     from h3fusion.fusion import fused_dir, heldout_prompts
+    from h3fusion.io import write_json
     from h3fusion.models import load_model
     from h3fusion.moe.modeling import H3FusionForCausalLM
     from h3fusion.moe.routing import plot_routing, routing_stats
-    from h3fusion.sft import write_json
 
     model = model or fused_dir(cfg)
     loaded, tokenizer = load_model(str(model))

@@ -158,6 +158,30 @@ class EvalConfig(_Section):
     """TruthfulQA test questions scored (None: all 409). The honest judge never sees a test label."""
 
 
+class JudgesConfig(_Section):
+    """Which judge scores each axis: the offline stand-ins (validated, see docs/judges.md) or real ones."""
+
+    helpful: Literal["offline", "api"] = "offline"
+    """offline: AlpacaEval-1 stand-in fitted to GPT-4 judgements; api: pairwise judge via an
+    OpenAI-compatible endpoint (OpenAI, or a local vLLM server)."""
+    harmless: Literal["offline", "hf"] = "offline"
+    """offline: QA-moderation stand-in; hf: a Hugging Face moderation classifier (harmless_model)."""
+    honest: Literal["offline", "hf"] = "offline"
+    """offline: truth/info stand-ins; hf: the TruthfulQA judge LMs (truth_model, info_model)."""
+    api_base_url: str = "https://api.openai.com/v1"
+    api_model: str = "gpt-4"
+    api_key_env: str | None = "OPENAI_API_KEY"
+    """Name of the environment variable holding the key (never the key itself); null: no key."""
+    harmless_model: str = "PKU-Alignment/beaver-dam-7b"
+    truth_model: str = "allenai/truthfulqa-truth-judge-llama2-7B"
+    info_model: str = "allenai/truthfulqa-info-judge-llama2-7B"
+    cache_dir: str | None = None
+    """Where fitted offline judges are cached (default: $H3FUSION_CACHE/judges)."""
+    fit_max_rows: int | None = Field(None, ge=10)
+    """Cap on each offline judge's fitting rows: smoke tests only (the validation figures then
+    describe a weaker judge, and say so). None: fit on everything allowed."""
+
+
 class CompatConfig(_Section):
     """Switches that reproduce the authors' released code, one bug each (for the report's ablation)."""
 
@@ -183,6 +207,7 @@ class RunConfig(_Section):
     moe: MoEConfig = MoEConfig()
     fusion: FusionConfig = FusionConfig()
     generate: GenerateConfig = GenerateConfig()
+    judges: JudgesConfig = JudgesConfig()
     compat: CompatConfig = CompatConfig()
     evaluate: EvalConfig = EvalConfig()
     """The evaluated test subsets (their sizes also key the fitted judges' cache)."""
