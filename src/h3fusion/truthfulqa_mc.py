@@ -27,7 +27,8 @@ def choice_logliks(model, tokenizer, context: str, choices: Sequence[str]) -> li
     device = next(model.parameters()).device
     context_ids = tokenizer(context, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
     out = model(input_ids=context_ids, use_cache=True)
-    cache, last_logits = out.past_key_values, out.logits[:, -1]
+    cache = out.cache if "cache" in out else out.past_key_values  # renamed in recent transformers
+    last_logits = out.logits[:, -1]
     encoded = [tokenizer(" " + c.strip() if not context.endswith(("\n", " ")) else c.strip(),
                          add_special_tokens=False)["input_ids"] for c in choices]
     width = max(len(ids) for ids in encoded)
@@ -36,7 +37,8 @@ def choice_logliks(model, tokenizer, context: str, choices: Sequence[str]) -> li
     mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in encoded], device=device)
     cache.batch_repeat_interleave(len(choices))
     attention = torch.cat([torch.ones(len(choices), context_ids.shape[1], dtype=mask.dtype, device=device), mask], 1)
-    logits = model(input_ids=choice_ids, attention_mask=attention, past_key_values=cache).logits
+    cache_arg = "cache" if "cache" in out else "past_key_values"
+    logits = model(input_ids=choice_ids, attention_mask=attention, **{cache_arg: cache}).logits
     # the first choice token is predicted by the context's last position, token t+1 by choice position t
     predictors = torch.cat([last_logits.expand(len(choices), -1)[:, None], logits[:, :-1]], dim=1)
     logprobs = F.log_softmax(predictors.float(), dim=-1).gather(2, choice_ids[..., None])[..., 0]
