@@ -87,3 +87,13 @@ def data_dir(tmp_path_factory) -> Path:
     from tests.data_fixtures import write_data_dir
 
     return write_data_dir(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="session")
+def judge_cache(tmp_path_factory) -> Path:
+    """One cache of small-fit offline judges shared by the tests that evaluate (fitted once)."""
+    return tmp_path_factory.mktemp("judges")
+
+
+SMALL_JUDGES = {"fit_max_rows": 300}  # smoke-test judges: fast to fit, figures meaningless
+EVALUATED = {"helpful_n": 4, "harmless_n": 4, "honest_n": 4}

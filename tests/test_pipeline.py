@@ -7,15 +7,15 @@ import subprocess
 import sys
 
 from h3fusion.io import read_jsonl
-from tests.conftest import write_config
+from tests.conftest import EVALUATED, SMALL_JUDGES, write_config
 
 
-def test_run_all_stages_then_skip(tmp_path, tiny_llama_dir, data_dir):
+def test_run_all_stages_then_skip(tmp_path, tiny_llama_dir, data_dir, judge_cache):
     path = write_config(tmp_path / "c.yaml", model={"base": str(tiny_llama_dir)}, data={"dir": str(data_dir)},
                         train={"max_steps": 2}, fusion={"examples_per_axis": 4, "heldout_prompts": 2,
                                                         "train": {"max_steps": 2, "batch_size": 4}},
                         generate={"max_new_tokens": {"helpful": 4, "harmless": 4, "honest": 4}, "batch_size": 4},
-                        evaluate={"helpful_n": 2, "harmless_n": 2, "honest_n": 2})
+                        evaluate=EVALUATED, judges={"cache_dir": str(judge_cache), **SMALL_JUDGES})
     cmd = [sys.executable, "-m", "h3fusion.cli", "run", str(path)]
     first = subprocess.run(cmd, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -23,12 +23,16 @@ def test_run_all_stages_then_skip(tmp_path, tiny_llama_dir, data_dir):
     for system in ["base", "expert-helpful", "expert-harmless", "expert-honest", "h3fusion"]:
         for axis in ["helpful", "harmless", "honest"]:
             records = read_jsonl(run / "generations" / system / f"{axis}.jsonl")
-            assert len(records) == 2 and all("response" in r for r in records)
+            assert len(records) == 4 and all("response" in r for r in records)
     routing = json.loads((run / "generations" / "h3fusion" / "honest.routing.json").read_text())
     assert routing["experts"] == ["helpful", "harmless", "honest"]
     mc = json.loads((run / "generations" / "base" / "honest.mc.json").read_text())
-    assert mc["n"] == 2 and 0 <= mc["mc1"] <= 1 and 0 < mc["mc2"] < 1
+    assert mc["n"] == 4 and 0 <= mc["mc1"] <= 1 and 0 < mc["mc2"] < 1
+    results = json.loads((run / "results.json").read_text())
+    assert set(results["systems"]) == {"base", "expert-helpful", "expert-harmless", "expert-honest", "h3fusion"}
+    assert all(entry["hhh"] is not None for entry in results["systems"].values())
     again = subprocess.run(cmd, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-3000:]
     skipped = [line for line in again.stdout.splitlines() if "skipping" in line]
     assert len(skipped) == 3 + 1 + 1 + 5, again.stdout  # 3 experts, build, fuse, 5 systems' generations
+    assert "[run] evaluate done" in again.stdout  # scoring reuses the cached judgements

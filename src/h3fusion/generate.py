@@ -113,7 +113,7 @@ def generations_dir(config) -> Path:
     return config.run_path / "generations"
 
 
-def test_records(config, axis: str) -> list[dict]:
+def evaluated_records(config, axis: str) -> list[dict]:
     """The evaluated subset of an axis: the first ``evaluate.<axis>_n`` test records."""
     from h3fusion.data import load_test
 
@@ -130,7 +130,7 @@ def generate_system(config, system: str, axes: Sequence[str] | None = None, log=
 
     out = generations_dir(config) / system
     axes = list(axes or config.experts)
-    todo = {axis: test_records(config, axis) for axis in axes}
+    todo = {axis: evaluated_records(config, axis) for axis in axes}
     todo = {axis: records for axis, records in todo.items()
             if not _complete(out / f"{axis}.jsonl", len(records))}
     mc_path = out / "honest.mc.json"
@@ -145,7 +145,7 @@ def generate_system(config, system: str, axes: Sequence[str] | None = None, log=
         from h3fusion.truthfulqa_mc import mc_scores
 
         log(f"[generate] {system} / honest: MC1/MC2 log-likelihoods")
-        write_json(mc_path, mc_scores(model, tokenizer, test_records(config, "honest"), config.data.prompt_format))
+        write_json(mc_path, mc_scores(model, tokenizer, evaluated_records(config, "honest"), config.data.prompt_format))
     gen = config.generate
     for axis, records in todo.items():
         log(f"[generate] {system} / {axis}: {len(records)} prompts")

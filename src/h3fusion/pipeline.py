@@ -41,11 +41,18 @@ def _generate(config: RunConfig, log) -> None:
         generate_system(config, name, log=log)
 
 
+def _evaluate(config: RunConfig, log) -> None:
+    from h3fusion.evaluate import evaluate_run
+
+    evaluate_run(config, log=log)
+
+
 STAGES: dict[str, Callable[[RunConfig, Callable], None]] = {
     "align": _align,
     "build": _build,
     "fuse": _fuse,
     "generate": _generate,
+    "evaluate": _evaluate,
 }
 
 

@@ -1,0 +1,157 @@
+"""Fit the offline judges once per data directory and evaluated-subset sizes, then reuse them.
+
+    fit_judges(config, cache_dir=None, log=print, axes=AXES, max_rows=None, force=False)
+        -> {axis: validation dict}
+    load_judges(config, cache_dir=None, log=print, axes=AXES, max_rows=None)
+        -> {axis: Judge}          # fits first when the cache lacks a judge
+
+Cache layout (default root ``$H3FUSION_CACHE/judges``, else ``~/.cache/h3fusion/judges``)::
+
+    <root>/embeddings.safetensors     MiniLM vectors by sha1(text) (no labels; shared by all keys)
+    <root>/<key>/<axis>/              one fitted judge: meta.json, validation.json, fitted_on.json,
+                                      *.lgb.txt (LightGBM text models), calibration.json
+
+``key`` hashes the judge version, the sizes and mtimes of every data file the judges read, the
+evaluated subset sizes (``evaluate.*``) and ``max_rows``. Nothing is pickled.
+
+Run a full fit from the shell with ``python -m h3fusion.judges.fit CONFIG [--force] [--axes helpful ...]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from h3fusion.config import AXES, RunConfig
+from h3fusion.data import harmless as harmless_data
+from h3fusion.data import helpful as helpful_data
+from h3fusion.data import honest as honest_data
+from h3fusion.data.sources import data_root
+from h3fusion.errors import H3FusionError
+from h3fusion.judges import harmless, helpful, honest
+from h3fusion.judges.base import JUDGE_VERSION, Embedder, Judge, limit_threads, write_json
+
+MODULES = {"helpful": helpful, "harmless": harmless, "honest": honest}
+JUDGES: dict[str, type[Judge]] = {"helpful": helpful.HelpfulJudge, "harmless": harmless.HarmlessJudge,
+                                  "honest": honest.HonestJudge}
+DATA_FILES = (
+    helpful.JUDGEMENTS_FILE, helpful_data.TEST_FILE,
+    harmless_data.TEST_FILE, *harmless_data.LABELLED_FILES, harmless_data.SAFERLHF_FILE,
+    harmless_data.REFUSALS_FILE, harmless.DNA_FILE,
+    honest_data.GEN_FILE, honest_data.MC_FILE, honest.TRUTH_FILE, honest.INFO_FILE,
+)
+
+
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    base = os.environ.get("H3FUSION_CACHE") or Path.home() / ".cache" / "h3fusion"
+    return Path(base).expanduser() / "judges"
+
+
+def cache_key(config: RunConfig, max_rows: int | None = None) -> str:
+    root = data_root(config)
+    if root is None:
+        raise H3FusionError("the offline judges are fitted from local files: set H3FUSION_DATA_DIR "
+                            "(or data.dir in the config) to a directory laid out like shared/data")
+    files = []
+    for name in DATA_FILES:
+        path = root / name
+        if not path.is_file():
+            raise H3FusionError(f"{path} not found: the judges need it; copy it as shared/data/SOURCES.md lists")
+        stat = path.stat()
+        files.append([name, stat.st_size, stat.st_mtime_ns])
+    payload = {"version": JUDGE_VERSION, "files": files, "evaluate": config.evaluate.model_dump(),
+               "max_rows": max_rows}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def judge_dir(config: RunConfig, cache_dir: str | Path | None = None, max_rows: int | None = None) -> Path:
+    """Where the judges for this data and these evaluated subsets live."""
+    return cache_root(cache_dir) / cache_key(config, max_rows)
+
+
+def _check_axes(axes: Sequence[str]) -> list[str]:
+    bad = [a for a in axes if a not in AXES]
+    if bad:
+        raise H3FusionError(f"unknown judge axis {bad}; choose from {list(AXES)}")
+    return list(axes)
+
+
+def fit_judges(config: RunConfig, cache_dir: str | Path | None = None, log: Callable[[str], Any] = print,
+               axes: Sequence[str] = AXES, max_rows: int | None = None, force: bool = False) -> dict[str, Any]:
+    """Fit (or reuse) every judge in ``axes``; returns {axis: validation figures}.
+
+    ``max_rows`` caps the fitting rows of each judge (for tests; the figures are then meaningless).
+    ``force`` refits even when the cache holds a judge.
+    """
+    limit_threads()
+    axes = _check_axes(axes)
+    root = cache_root(cache_dir)
+    target = judge_dir(config, cache_dir, max_rows)
+    embedder = Embedder(root / "embeddings.safetensors", log=log)
+    results = {}
+    for axis in axes:
+        out = target / axis
+        if (out / "validation.json").is_file() and not force:
+            log(f"{axis} judge: reusing {out}")
+            results[axis] = json.loads((out / "validation.json").read_text())
+            continue
+        tmp = target / f".{axis}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        start = time.perf_counter()
+        MODULES[axis].fit(config, tmp, embedder, log=log, max_rows=max_rows)
+        embedder.save()
+        seconds = time.perf_counter() - start
+        write_json(tmp / "validation.json", _load(tmp / "validation.json") | {"fit_seconds": seconds})
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.replace(out)
+        log(f"{axis} judge: fitted in {seconds:.0f} s -> {out}")
+        results[axis] = _load(out / "validation.json")
+    return results
+
+
+def _load(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+def load_judges(config: RunConfig, cache_dir: str | Path | None = None, log: Callable[[str], Any] = print,
+                axes: Sequence[str] = AXES, max_rows: int | None = None) -> dict[str, Judge]:
+    """The fitted judges for this data and these evaluated subsets (fitting any that are missing)."""
+    axes = _check_axes(axes)
+    target = judge_dir(config, cache_dir, max_rows)
+    if any(not (target / a / "validation.json").is_file() for a in axes):
+        fit_judges(config, cache_dir, log, axes, max_rows)
+    limit_threads()
+    embedder = Embedder()
+    return {axis: JUDGES[axis](target / axis, embedder) for axis in axes}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from h3fusion.config import load_config
+
+    parser = argparse.ArgumentParser(prog="python -m h3fusion.judges.fit", description=__doc__.split("\n")[0])
+    parser.add_argument("config", help="run config YAML (its data.dir and evaluate.* are used)")
+    parser.add_argument("--axes", nargs="+", default=list(AXES))
+    parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--force", action="store_true", help="refit even if cached")
+    parser.add_argument("--set", action="append", default=[], help="config override key=value")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, args.set)
+        results = fit_judges(config, args.cache_dir, axes=args.axes, force=args.force)
+    except H3FusionError as error:
+        raise SystemExit(f"error: {error}") from None
+    print(json.dumps({a: {k: v for k, v in r.items() if k not in ("generators", "probes", "recall_by_category")}
+                      for a, r in results.items()}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

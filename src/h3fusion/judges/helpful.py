@@ -1,0 +1,384 @@
+"""Helpful judge: a stand-in for GPT-4 in AlpacaEval 1 (P(candidate preferred over the davinci-003 reference)).
+
+What it is: surface features of the candidate and of the reference (length, format, repetition,
+refusal phrases ... and their differences) plus relevance features (MiniLM cosines between the
+instruction, the reference and the candidate; word overlaps; echo detection) fed to a LightGBM head,
+followed by a system-level temperature p' = sigmoid(k logit(p) + c) fitted on out-of-fold win rates of
+the *training* generators (it widens the judge's compressed win rates).
+
+How it was fitted: AlpacaEval's published GPT-4 judgements (``alpaca_eval/gpt4_judgements_vs_davinci003``,
+ties dropped) of training instructions x training generators, plus synthetic "reference wins"
+answers (empty, generic, off-topic, echoed instruction, truncated, repeated). The evaluated
+instructions (the first ``evaluate.helpful_n``) and a seeded quarter of the others are held out,
+as are 12 generators spread from weak to strong; validation is on held-out instructions x held-out
+generators, plus degenerate-answer probes on held-out instructions.
+
+How far to trust it: AlpacaEval 1 is strongly length-biased and this judge mostly learns that
+bias plus relevance; it cannot check facts or reasoning. Win rates are compressed towards the
+middle: weak generators tend to be over-rated and the strongest under-rated (see
+``validation["generators"]``). Use it to rank systems of similar style, not as a GPT-4 score.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from h3fusion.config import RunConfig
+from h3fusion.data import helpful as helpful_data
+from h3fusion.data.sources import data_root, norm, read_rows
+from h3fusion.errors import H3FusionError
+from h3fusion.judges.base import (
+    Embedder,
+    Judge,
+    auroc,
+    containment,
+    content,
+    fit_lgb,
+    jaccard,
+    load_lgb,
+    logit,
+    require,
+    rowwise_cos,
+    sigmoid,
+    text_stats,
+    words,
+    write_json,
+)
+
+JUDGEMENTS_FILE = "alpaca_eval/gpt4_judgements_vs_davinci003.jsonl.gz"
+FIELDS = ("instruction", "reference", "response")
+HELDOUT_GENERATORS = (
+    "text_davinci_001", "alpaca-7b", "phi-2", "minichat-3b", "vicuna-13b", "llama-2-7b-chat-hf",
+    "gpt35_turbo_instruct", "tulu-2-dpo-7b", "gpt-3.5-turbo-0301", "zephyr-7b-beta", "claude", "gpt4",
+)
+"""Generators never fitted on, spread from weak (GPT-4 win rate ~0.15) to strong (~0.97)."""
+HELDOUT_SHARE = 0.25
+"""Share of the non-evaluated instructions also held out for validation."""
+FIT_ROWS = 8000
+"""Seeded sample of training judgements (more adds little; each costs one MiniLM encode)."""
+SYNTHETIC_WEIGHT = 1.0
+ROUNDS = 500
+SPLIT_SEED = 0
+CALIBRATE = True
+GENERIC = ("I don't know.", "I'm sorry, I cannot help with that.", "Sure!", "Here is the answer:", "Yes.", "No.",
+           "I am an AI language model.", "Thank you.")
+
+
+@dataclass
+class HelpfulSplit:
+    fit: list[dict[str, Any]] = field(default_factory=list)
+    val: list[dict[str, Any]] = field(default_factory=list)
+    fit_instructions: set[str] = field(default_factory=set)
+    """norm() of every instruction whose judgements (or synthetic answers) are fitted on."""
+    val_instructions: list[int] = field(default_factory=list)
+    evaluated: set[str] = field(default_factory=set)
+    tests: list[dict[str, Any]] = field(default_factory=list)
+
+
+def split(config: RunConfig, max_rows: int | None = None) -> HelpfulSplit:
+    root = data_root(config)
+    if root is None:
+        raise H3FusionError("fitting the helpful judge needs the AlpacaEval GPT-4 judgements: "
+                            "set H3FUSION_DATA_DIR (or data.dir) to a directory laid out like shared/data")
+    tests = helpful_data.load_test(config)
+    n_eval = config.evaluate.helpful_n
+    evaluated = {norm(t["instruction"]) for t in tests[:n_eval]}
+    rest = [t["id"] for t in tests[n_eval:] if norm(t["instruction"]) not in evaluated]
+    rng = random.Random(SPLIT_SEED)
+    held = set(rng.sample(rest, int(len(rest) * HELDOUT_SHARE)))
+    val_ids = [t["id"] for t in tests[:n_eval]] + sorted(held)
+    val_texts = {norm(tests[i]["instruction"]) for i in val_ids}
+    fit_ids = {i for i in rest if i not in held and norm(tests[i]["instruction"]) not in val_texts}
+    out = HelpfulSplit(val_instructions=val_ids, evaluated=evaluated, tests=tests)
+    val_set = set(val_ids)
+    fit_rows = []
+    for r in read_rows(root / JUDGEMENTS_FILE):
+        if r["preference"] not in (1.0, 2.0):
+            continue
+        i = int(r["index"])
+        if i >= len(tests) or norm(tests[i]["instruction"]) != norm(r["instruction"]):
+            raise H3FusionError(f"{root / JUDGEMENTS_FILE}: judgement index {i} does not match the AlpacaEval "
+                                "instruction order; re-copy the files listed in shared/data/SOURCES.md")
+        row = {"instruction": tests[i]["instruction"], "reference": tests[i]["reference"], "response": r["output"],
+               "win": int(r["preference"] == 2.0), "generator": r["generator"], "index": i}
+        if r["generator"] in HELDOUT_GENERATORS:
+            if i in val_set:
+                out.val.append(row)
+        elif i in fit_ids:
+            fit_rows.append(row)
+    n_fit = FIT_ROWS if max_rows is None else max_rows
+    out.fit = random.Random(SPLIT_SEED).sample(fit_rows, min(n_fit, len(fit_rows)))
+    out.fit += synthetic([tests[i] for i in sorted(fit_ids)], out.fit, SPLIT_SEED,
+                         None if max_rows is None else max(max_rows // 10, 5))
+    if max_rows is not None:  # a quick fit for tests: few validation rows and probe instructions
+        out.val = random.Random(SPLIT_SEED).sample(out.val, min(max_rows // 2, len(out.val)))
+        kept = {r["index"] for r in out.val}
+        out.val_instructions = [i for i in out.val_instructions if i in kept][:20]
+    out.fit_instructions = {norm(r["instruction"]) for r in out.fit}
+    return out
+
+
+def _first_sentence(text: str) -> str:
+    parts = re.split(r"(?<=[.!?])\s+", text.strip(), maxsplit=1)
+    return parts[0] if parts else text
+
+
+def synthetic(tests: Sequence[dict[str, Any]], real: Sequence[dict[str, Any]], seed: int,
+              limit: int | None = None) -> list[dict[str, Any]]:
+    """Answers GPT-4 would rank below the reference: empty, generic, off-topic, echoed, truncated, repeated."""
+    rng = random.Random(seed + 1)
+    tests = list(tests)
+    if limit is not None:
+        tests = tests[:limit]
+    by_instr: dict[str, list[str]] = {}
+    for r in real:
+        by_instr.setdefault(r["instruction"], []).append(r["response"])
+    pool = [(r["instruction"], r["response"]) for r in real]
+    out = []
+
+    def add(t: dict[str, Any], response: str, kind: str) -> None:
+        out.append({"instruction": t["instruction"], "reference": t["reference"], "response": response, "win": 0,
+                    "generator": f"synthetic:{kind}", "index": t["id"]})
+
+    for t in tests:
+        others = [t2 for t2 in tests if t2["id"] != t["id"]]
+        other = rng.choice(others) if others else t
+        add(t, other["reference"], "offtopic_reference")
+        if pool:
+            instr, resp = rng.choice(pool)
+            if instr != t["instruction"]:
+                add(t, resp, "offtopic_answer")
+        add(t, t["instruction"], "echo")
+        if rng.random() < 0.3:
+            add(t, "", "empty")
+        if rng.random() < 0.5:
+            add(t, rng.choice(GENERIC), "generic")
+        ws = t["reference"].split()
+        if len(ws) > 12:
+            add(t, " ".join(ws[: rng.randint(3, 10)]), "truncated")
+        if rng.random() < 0.5:
+            add(t, " ".join([_first_sentence(t["reference"])] * rng.randint(4, 10)), "repeated")
+        if rng.random() < 0.15:
+            add(t, " ".join([rng.choice(["the", "and", "I", "a", "answer"])] * rng.randint(30, 200)), "word_loop")
+    return out
+
+
+# ----------------------------------------------------------------------------- features
+
+
+def features(records: Sequence[dict[str, Any]], embedder: Embedder) -> np.ndarray:
+    ins = [str(r["instruction"]).strip() for r in records]
+    ref = [str(r["reference"]).strip() for r in records]
+    cand = [str(r["response"]).strip() for r in records]
+    e_i = embedder.encode(ins, "instructions")
+    e_r = embedder.encode(ref, "references")
+    e_c = embedder.encode(cand, "answers")
+    memo: dict[str, tuple[list[float], set[str], set[str]]] = {}
+
+    def info(text: str) -> tuple[list[float], set[str], set[str]]:
+        if text not in memo:
+            memo[text] = (text_stats(text), set(words(text)), content(text))
+        return memo[text]
+
+    ci, ri, cr = rowwise_cos(e_c, e_i), rowwise_cos(e_r, e_i), rowwise_cos(e_c, e_r)
+    rows = []
+    for k in range(len(records)):
+        sc, wc, cc = info(cand[k])
+        sr, wr, cr_ = info(ref[k])
+        si, wi, ci_ = info(ins[k])
+        nc, ni = norm(cand[k]), norm(ins[k])
+        rows.append([
+            *sc, *sr, *(np.subtract(sc, sr)), si[0], si[1],
+            ci[k], ri[k], cr[k], ci[k] - ri[k],
+            jaccard(wc, wi), containment(cc, ci_), containment(ci_, cc), containment(ci_, cr_),
+            containment(ci_, cc) - containment(ci_, cr_),
+            jaccard(wc, wr), containment(cr_, cc), containment(cc, cr_),
+            float(bool(nc) and (nc in ni or ni in nc)), float(len(nc) < 0.5 * max(len(ni), 1)),
+        ])
+    return np.asarray(rows, dtype=np.float32)
+
+
+# ----------------------------------------------------------------------------- judge
+
+
+class HelpfulJudge(Judge):
+    """P(the response is preferred over the text-davinci-003 reference), AlpacaEval-1 style."""
+
+    name = "helpful-relevance-lgbm"
+    axis = "helpful"
+
+    def __init__(self, directory: Path, embedder: Embedder | None = None):
+        super().__init__(directory, embedder)
+        import json
+
+        self.booster = load_lgb(self.directory / "head.lgb.txt")
+        self.calibration = json.loads((self.directory / "calibration.json").read_text())
+
+    def score(self, records: Sequence[dict[str, Any]]) -> list[float]:
+        require(records, FIELDS, "helpful")
+        if not records:
+            return []
+        return [float(p) for p in _calibrate(self.booster.predict(features(records, self.embedder)), self.calibration)]
+
+
+def _calibrate(p: np.ndarray, cal: dict[str, float]) -> np.ndarray:
+    return sigmoid(cal["k"] * logit(p) + cal["c"])
+
+
+def fit_calibration(x: np.ndarray, y: np.ndarray, w: np.ndarray, rows: Sequence[dict[str, Any]], rounds: int,
+                    folds: int = 5) -> dict[str, Any]:
+    """System-level temperature: p' = sigmoid(k logit(p) + c), fitted so that out-of-fold win rates of the
+    *training* generators (folds by generator; synthetic rows always train) match GPT-4's.
+
+    Counters the judge's compression of win rates toward the training prior (weak models over-rated).
+    """
+    from scipy.optimize import minimize
+
+    gens = np.array([r["generator"] for r in rows])
+    real = ~np.char.startswith(gens.astype(str), "synthetic:")
+    names = sorted(set(gens[real]))
+    if len(names) < folds:
+        return {"k": 1.0, "c": 0.0, "note": "too few generators to calibrate"}
+    rate = {g: y[gens == g].mean() for g in names}
+    ordered = sorted(names, key=rate.get)  # stratify folds by GPT-4 win rate
+    fold_of = {g: i % folds for i, g in enumerate(ordered)}
+    z = np.full(len(y), np.nan)
+    for f in range(folds):
+        test = real & np.array([fold_of.get(g, -1) == f for g in gens])
+        booster = fit_lgb(x[~test], y[~test], rounds, weight=w[~test])
+        z[test] = logit(booster.predict(x[test]))
+    idx = [np.flatnonzero(gens == g) for g in names]
+    target = np.array([rate[g] for g in names])
+
+    def loss(theta: np.ndarray) -> float:
+        pred = np.array([sigmoid(theta[0] * z[i] + theta[1]).mean() for i in idx])
+        return float(((pred - target) ** 2).mean())
+
+    before = loss(np.array([1.0, 0.0]))
+    res = minimize(loss, np.array([1.0, 0.0]), method="Nelder-Mead")
+    k, c = (float(v) for v in res.x)
+    if not (0.5 <= k <= 5.0) or res.fun >= before:  # implausible fit: keep the raw probabilities
+        k, c = 1.0, 0.0
+    oof = np.array([sigmoid(z[i]).mean() for i in idx])
+    cal = np.array([sigmoid(k * z[i] + c).mean() for i in idx])
+    return {"k": k, "c": c, "training_generators": len(names),
+            "oof_win_rate_mae_raw": float(np.abs(oof - target).mean()),
+            "oof_win_rate_mae_calibrated": float(np.abs(cal - target).mean())}
+
+
+def probes(tests: Sequence[dict[str, Any]], seed: int = SPLIT_SEED) -> dict[str, list[dict[str, Any]]]:
+    """Degenerate answers (targeted: mean P(win) <= 0.10) and reference points (not targeted)."""
+    rng = random.Random(seed + 2)
+    tests = list(tests)
+    shifted = tests[1:] + tests[:1]
+    rec = lambda t, response: {"instruction": t["instruction"], "reference": t["reference"], "response": response}  # noqa: E731
+    return {
+        "empty": [rec(t, "") for t in tests],
+        "repeated_word": [rec(t, " ".join(["the"] * 150)) for t in tests],
+        "repeated_sentence": [rec(t, " ".join([_first_sentence(t["reference"])] * 8)) for t in tests],
+        "other_instruction_answer": [rec(t, o["reference"]) for t, o in zip(tests, shifted, strict=True)],
+        "echoed_instruction": [rec(t, t["instruction"]) for t in tests],
+        # reference points, not degenerate
+        "i_dont_know": [rec(t, rng.choice(["I don't know.", "I'm not sure."])) for t in tests],
+        "first_8_words_of_reference": [rec(t, " ".join(t["reference"].split()[:8])) for t in tests],
+        "reference_itself": [rec(t, t["reference"]) for t in tests],
+    }
+
+
+DEGENERATE = ("empty", "repeated_word", "repeated_sentence", "other_instruction_answer", "echoed_instruction")
+
+
+def _spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a, b).statistic) if len(a) > 2 else float("nan")
+
+
+def evaluate(predict: Callable[[Sequence[dict[str, Any]]], np.ndarray], data: HelpfulSplit, x_val: np.ndarray | None,
+             embedder: Embedder) -> dict[str, Any]:
+    y = np.array([r["win"] for r in data.val])
+    p = predict(data.val)
+    gens = sorted({r["generator"] for r in data.val})
+    per_gen = {}
+    for g in gens:
+        m = np.array([r["generator"] == g for r in data.val])
+        per_gen[g] = {"n": int(m.sum()), "gpt4_win_rate": float(y[m].mean()), "judge_win_rate": float(p[m].mean()),
+                      "judge_hard_win_rate": float((p[m] > 0.5).mean())}
+    g4 = [per_gen[g]["gpt4_win_rate"] for g in gens]
+    jw = [per_gen[g]["judge_win_rate"] for g in gens]
+    jh = [per_gen[g]["judge_hard_win_rate"] for g in gens]
+    ev = np.array([norm(r["instruction"]) in data.evaluated for r in data.val])
+    val_tests = [data.tests[i] for i in data.val_instructions]
+    probe_scores = {name: float(np.mean(predict(recs))) for name, recs in probes(val_tests).items()}
+    return {
+        "agreement": float(((p > 0.5) == y).mean()),
+        "auroc": auroc(y, p),
+        "always_candidate_agreement": float(y.mean()),
+        "agreement_evaluated_instructions": float(((p[ev] > 0.5) == y[ev]).mean()) if ev.any() else None,
+        "spearman_win_rates": _spearman(g4, jw),
+        "spearman_hard_win_rates": _spearman(g4, jh),
+        "win_rate_mae": float(np.mean(np.abs(np.subtract(g4, jw)))),
+        "win_rate_bias": float(np.mean(np.subtract(jw, g4))),
+        "degenerate_mean_win_prob": float(np.mean([probe_scores[k] for k in DEGENERATE])),
+        "probes": probe_scores,
+        "generators": per_gen,
+    }
+
+
+def fit(config: RunConfig, out: Path, embedder: Embedder, log: Callable[[str], Any] = print,
+        max_rows: int | None = None) -> dict[str, Any]:
+    data = split(config, max_rows)
+    n_syn = sum(r["generator"].startswith("synthetic:") for r in data.fit)
+    log(f"helpful: {len(data.fit)} fitting rows ({n_syn} synthetic) over {len(data.fit_instructions)} instructions; "
+        f"{len(data.val)} validation rows ({len(data.val_instructions)} instructions x "
+        f"{len({r['generator'] for r in data.val})} held-out generators)")
+    x_fit = features(data.fit, embedder)
+    embedder.save()
+    y_fit = np.array([r["win"] for r in data.fit])
+    # class-balanced (wins and losses weigh the same in total): the training generators mostly win, and the
+    # prior otherwise lifts weak models' win rates
+    share = y_fit.mean()
+    w = np.where(y_fit == 1, 0.5 / share, 0.5 / (1 - share)) * np.array(
+        [SYNTHETIC_WEIGHT if r["generator"].startswith("synthetic:") else 1.0 for r in data.fit])
+    rounds = ROUNDS if max_rows is None else 50
+    booster = fit_lgb(x_fit, y_fit, rounds, weight=w)
+    out.mkdir(parents=True, exist_ok=True)
+    booster.save_model(str(out / "head.lgb.txt"))
+    cal = fit_calibration(x_fit, y_fit, w, data.fit, rounds) if CALIBRATE else {"k": 1.0, "c": 0.0}
+    write_json(out / "calibration.json", cal)
+    log(f"helpful: win-rate temperature k={cal['k']:.2f}, c={cal['c']:.2f}")
+    result = evaluate(lambda recs: _calibrate(booster.predict(features(recs, embedder)), cal), data, None, embedder)
+    raw = evaluate(lambda recs: booster.predict(features(recs, embedder)), data, None, embedder)
+    embedder.save()
+    validation = {
+        "judge": HelpfulJudge.name,
+        "fitted_on": {"judgements": len(data.fit) - n_syn, "synthetic_negatives": n_syn,
+                      "instructions": len(data.fit_instructions),
+                      "generators": len({r["generator"] for r in data.fit} - {r["generator"] for r in data.fit
+                                                                               if r["generator"].startswith("synthetic:")})},
+        "validated_on": {"judgements": len(data.val), "instructions": len(data.val_instructions),
+                         "evaluated_instructions": len(data.evaluated), "generators": sorted({r["generator"] for r in data.val})},
+        "targets": {"agreement": 0.78, "spearman_win_rates": 0.85, "win_rate_mae": 0.08, "degenerate_mean_win_prob": 0.10},
+        **result,
+        "uncalibrated": {k: raw[k] for k in ("agreement", "auroc", "spearman_win_rates", "win_rate_mae",
+                                             "win_rate_bias", "degenerate_mean_win_prob")},
+        "calibration": cal,
+    }
+    validation["targets_met"] = {
+        "agreement": result["agreement"] >= 0.78, "spearman_win_rates": result["spearman_win_rates"] >= 0.85,
+        "win_rate_mae": result["win_rate_mae"] <= 0.08,
+        "degenerate_mean_win_prob": result["degenerate_mean_win_prob"] <= 0.10,
+    }
+    log(f"helpful: agreement {result['agreement']:.3f}, Spearman {result['spearman_win_rates']:.3f}, "
+        f"win-rate MAE {result['win_rate_mae']:.3f}, degenerate {result['degenerate_mean_win_prob']:.3f}")
+    write_json(out / "fitted_on.json", {"instructions": sorted(data.fit_instructions)})
+    write_json(out / "meta.json", {"axis": "helpful", "judge": HelpfulJudge.name, "files": ["head.lgb.txt", "calibration.json"]})
+    write_json(out / "validation.json", validation)
+    return validation

