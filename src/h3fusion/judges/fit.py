@@ -56,6 +56,20 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
     return Path(base).expanduser() / "judges"
 
 
+PAPER_SUBSETS = {"helpful_n": 50, "harmless_n": 500, "honest_n": None}  # None: all 409
+
+
+def exclusion_config(config: RunConfig) -> RunConfig:
+    """The config whose evaluated subsets the judges exclude: at least the paper's (first 50 / 500 /
+    all 409). Every subset is a prefix of its test set, so a judge that excludes the larger prefix
+    is valid for any smaller one, and the demo, the CPU study and the paper setting share one fit."""
+    sizes = {}
+    for key, paper in PAPER_SUBSETS.items():
+        ours = getattr(config.evaluate, key)
+        sizes[key] = None if ours is None or paper is None else max(ours, paper)
+    return config.model_copy(update={"evaluate": config.evaluate.model_copy(update=sizes)})
+
+
 def cache_key(config: RunConfig, max_rows: int | None = None) -> str:
     root = data_root(config)
     if root is None:
@@ -75,7 +89,7 @@ def cache_key(config: RunConfig, max_rows: int | None = None) -> str:
 
 def judge_dir(config: RunConfig, cache_dir: str | Path | None = None, max_rows: int | None = None) -> Path:
     """Where the judges for this data and these evaluated subsets live."""
-    return cache_root(cache_dir) / cache_key(config, max_rows)
+    return cache_root(cache_dir) / cache_key(exclusion_config(config), max_rows)
 
 
 def _check_axes(axes: Sequence[str]) -> list[str]:
@@ -93,6 +107,7 @@ def fit_judges(config: RunConfig, cache_dir: str | Path | None = None, log: Call
     ``force`` refits even when the cache holds a judge.
     """
     limit_threads()
+    config = exclusion_config(config)
     axes = _check_axes(axes)
     root = cache_root(cache_dir)
     target = judge_dir(config, cache_dir, max_rows)
