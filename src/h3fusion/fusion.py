@@ -237,7 +237,8 @@ def fuse_run(config: RunConfig, log=print) -> Path:
         f"{trainable:,} trainable parameters{', resuming from ' + resume if resume else ''}")
     trainer = FusionTrainer(
         model=model,
-        args=training_arguments(config.fusion.train, checkpoints, config.seed),
+        # an expert no token was routed to in a batch gets no gradient: DDP must not wait for it
+        args=training_arguments(config.fusion.train, checkpoints, config.seed, ddp_find_unused_parameters=True),
         train_dataset=dataset,
         data_collator=SFTCollator(tokenizer.pad_token_id, keep_axis_label=True),
         gate_lambda=config.fusion.gate_lambda, gammas=config.gammas(),
