@@ -133,6 +133,24 @@ class FusionConfig(_Section):
     """Optimisation of the fusion stage (same keys as the top-level train section)."""
 
 
+class BaselinesConfig(_Section):
+    """Systems built from the same experts that H3Fusion is compared against."""
+
+    merges: list[Literal["linear", "task-arithmetic", "ties", "dare"]] = ["linear", "task-arithmetic", "ties", "dare"]
+    """Weight merges of the expert deltas, each a system named merge-<method>."""
+    merge_params: dict[str, dict[str, float | bool | int]] = {}
+    """Hyperparameters per merge method, e.g. {ties: {density: 0.2, lam: 1.0}, dare: {drop: 0.9}}
+    (defaults: task-arithmetic lam 0.4; ties density 0.2, lam 1; dare drop 0.9, lam 1)."""
+
+    @field_validator("merge_params")
+    @classmethod
+    def _known_methods(cls, value: dict) -> dict:
+        unknown = sorted(set(value) - {"linear", "task-arithmetic", "ties", "dare"})
+        if unknown:
+            raise ValueError(f"merge_params names unknown method(s) {unknown}")
+        return value
+
+
 class GenerateConfig(_Section):
     max_new_tokens: dict[str, int] = {"helpful": 256, "harmless": 128, "honest": 64}
     """New-token limit per axis (answers longer than this are cut)."""
@@ -206,6 +224,7 @@ class RunConfig(_Section):
     train: TrainConfig = TrainConfig()
     moe: MoEConfig = MoEConfig()
     fusion: FusionConfig = FusionConfig()
+    baselines: BaselinesConfig = BaselinesConfig()
     generate: GenerateConfig = GenerateConfig()
     judges: JudgesConfig = JudgesConfig()
     compat: CompatConfig = CompatConfig()

@@ -19,7 +19,6 @@ the trainable tensors, so resuming a killed run costs megabytes, not a copy of t
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import time
 from collections import defaultdict
@@ -182,22 +181,6 @@ def heldout_prompts(config: RunConfig, tokenizer, source: str = "pool") -> dict[
     return prompts
 
 
-def fusion_examples(config: RunConfig) -> list:
-    """The mixed three-axis training set (each example keeps its axis), optionally sampled per axis."""
-    from h3fusion.data import load_train
-
-    rng = random.Random(config.data.seed)
-    examples = []
-    for axis in config.experts:
-        rows = load_train(axis, config)
-        size = config.fusion.examples_per_axis
-        if size is not None and size < len(rows):
-            rows = rng.sample(rows, size)
-        examples.extend(rows)
-    rng.shuffle(examples)
-    return examples
-
-
 def axis_labels(config: RunConfig) -> dict[str, int]:
     """Router index of each axis' examples; the compat switch reproduces the authors' mislabelling."""
     labels = {axis: i for i, axis in enumerate(config.experts)}
@@ -212,6 +195,7 @@ def fused_dir(config: RunConfig) -> Path:
 
 def fuse_run(config: RunConfig, log=print) -> Path:
     """Stage 3 for a run config: <run>/moe -> <run>/fused (skipped when complete, resumed when killed)."""
+    from h3fusion.data import mixed_train
     from h3fusion.models import load_model
     from h3fusion.moe.build import moe_dir
 
@@ -222,7 +206,7 @@ def fuse_run(config: RunConfig, log=print) -> Path:
     source = moe_dir(config)
     if not (source / "h3fusion_build.json").is_file():
         raise H3FusionError(f"no MoE at {source}; run `h3fusion build` first")
-    examples = fusion_examples(config)
+    examples = mixed_train(config, per_axis=config.fusion.examples_per_axis)
     model, tokenizer = load_model(str(source), config.model.dtype)
     labels = axis_labels(config)
     dataset = SFTDataset(examples, tokenizer, config.data.max_length, config.data.prompt_format, labels)

@@ -3,6 +3,7 @@
     base               the base model
     expert-<axis>      the base with that axis's LoRA expert merged in
     h3fusion           the fused MoE (<run>/fused)
+    merge-<method>     the base plus a weight merge of the expert deltas (linear, task-arithmetic, ties, dare)
 
 One system is resident at a time: callers load, use and drop it.
 """
@@ -17,7 +18,8 @@ from h3fusion.models import load_model
 
 
 def system_names(config: RunConfig) -> list[str]:
-    return ["base", *(f"expert-{axis}" for axis in config.experts), "h3fusion"]
+    return ["base", *(f"expert-{axis}" for axis in config.experts), "h3fusion",
+            *(f"merge-{method}" for method in config.baselines.merges)]
 
 
 def system_source(config: RunConfig, name: str) -> Path | str:
@@ -31,6 +33,8 @@ def system_source(config: RunConfig, name: str) -> Path | str:
         return adapter_paths(config)[name[7:]]
     if name == "h3fusion":
         return fused_dir(config)
+    if name.startswith("merge-") and name[6:] in config.baselines.merges:
+        return adapter_paths(config)
     raise H3FusionError(f"unknown system '{name}'; this run has {', '.join(system_names(config))}")
 
 
@@ -40,6 +44,13 @@ def load_system(config: RunConfig, name: str):
     model_kwargs = dict(trust_remote_code=config.model.trust_remote_code, cache_dir=config.model.cache_dir)
     if name == "base":
         return load_model(config.model.base, config.model.dtype, **model_kwargs)
+    if name.startswith("merge-"):  # merged in memory (seconds): nothing to store but the answers
+        from h3fusion.baselines import merge_experts
+
+        method = name[6:]
+        base, tokenizer = load_model(config.model.base, config.model.dtype, **model_kwargs)
+        merged = merge_experts(base, source, method, **config.baselines.merge_params.get(method, {}))
+        return merged.eval(), tokenizer
     if name.startswith("expert-"):
         from peft import PeftModel
 

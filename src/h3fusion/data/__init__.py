@@ -69,11 +69,18 @@ def load_test(axis: str, config: RunConfig, limit: int | None = None) -> list[di
     return records if limit is None else records[:limit]
 
 
-def mixed_train(config: RunConfig, axes: Sequence[str] | None = None) -> list[SFTExample]:
-    """All axes' training examples (default: ``config.experts``), shuffled together with the data seed.
+def mixed_train(config: RunConfig, axes: Sequence[str] | None = None, per_axis: int | None = None) -> list[SFTExample]:
+    """All axes' training examples (default: ``config.experts``), shuffled together with the data seed;
+    ``per_axis`` keeps a seeded sample of at most that many of each axis.
 
     Each example keeps its axis: the fusion stage's gating loss uses it as the label.
     """
-    mixed = [ex for axis in (config.experts if axes is None else axes) for ex in load_train(axis, config)]
-    random.Random(seed_of(config)).shuffle(mixed)
+    rng = random.Random(seed_of(config))
+    mixed = []
+    for axis in config.experts if axes is None else axes:
+        examples = load_train(axis, config)
+        if per_axis is not None and per_axis < len(examples):
+            examples = rng.sample(examples, per_axis)
+        mixed.extend(examples)
+    rng.shuffle(mixed)
     return mixed
