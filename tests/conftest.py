@@ -69,7 +69,7 @@ def write_config(path: Path, **sections) -> Path:
         "data": {"helpful_train_size": 16, "harmless_train_size": 16, "honest_train_size": 16, "max_length": 64},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
         "train": {"max_steps": 4, "batch_size": 4, "lr": 1e-3, "save_steps": 2},
-        "baselines": {"merges": ["linear"]},
+        "baselines": {"merges": ["linear"], "multitask_sft": False, "authors_code": False},
     }
     for key, value in sections.items():
         if isinstance(value, dict):

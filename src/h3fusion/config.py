@@ -138,6 +138,10 @@ class BaselinesConfig(_Section):
 
     merges: list[Literal["linear", "task-arithmetic", "ties", "dare"]] = ["linear", "task-arithmetic", "ties", "dare"]
     """Weight merges of the expert deltas, each a system named merge-<method>."""
+    multitask_sft: bool = True
+    """Train multitask-sft: one LoRA (FFN + attention) on the fusion data for the fusion steps."""
+    authors_code: bool = True
+    """Build and fuse h3fusion-authors-code: the released code's behaviour (all compat switches on)."""
     merge_params: dict[str, dict[str, float | bool | int]] = {}
     """Hyperparameters per merge method, e.g. {ties: {density: 0.2, lam: 1.0}, dare: {drop: 0.9}}
     (defaults: task-arithmetic lam 0.4; ties density 0.2, lam 1; dare drop 0.9, lam 1)."""

@@ -36,38 +36,45 @@ def expert_is_complete(path: Path) -> bool:
 
 def align_expert(config: RunConfig, axis: str, log=print) -> Path:
     """Train (or resume, or skip) the LoRA expert of one axis; returns its directory."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import Trainer
-
     out = expert_dir(config, axis)
     if expert_is_complete(out):
         log(f"[align] {axis}: complete at {out}, skipping")
         return out
-    examples = load_train(axis, config)  # before the model: a data problem should fail fast
+    lora = config.lora
+    return train_lora_adapter(
+        config, f"[align] {axis}", out,
+        examples=load_train(axis, config), heldout=load_heldout_train(axis, config, HELDOUT_EXAMPLES),
+        target_modules=list(lora.target_modules), r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
+        train=config.train, meta={"axis": axis}, log=log,
+    )
+
+
+def train_lora_adapter(config: RunConfig, label: str, out: Path, *, examples, heldout, target_modules: list[str],
+                       r: int, alpha: float, dropout: float, train, meta: dict, log=print) -> Path:
+    """LoRA SFT of the base on ``examples`` into ``out`` (a stock PEFT adapter + training_log.json),
+    resuming from the last checkpoint; ``heldout`` examples give a loss before/after training."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer
+
     model, tokenizer = load_model(
         config.model.base, config.model.dtype,
         trust_remote_code=config.model.trust_remote_code, cache_dir=config.model.cache_dir,
     )
     dataset = SFTDataset(examples, tokenizer, config.data.max_length, config.data.prompt_format)
     if len(dataset) == 0:
-        raise H3FusionError(f"no training examples left for axis '{axis}' after filtering; "
+        raise H3FusionError(f"{label}: no training examples left after filtering; "
                             "raise data.max_length or the data sizes")
-    lora = config.lora
-    peft_config = LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM",
-    )
+    peft_config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                             bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(model, peft_config)
     checkpoints = out / "checkpoints"
     resume = last_checkpoint(checkpoints)
-    log(f"[align] {axis}: {len(dataset)} examples, {model.get_nb_trainable_parameters()[0]:,} trainable "
+    log(f"{label}: {len(dataset)} examples, {model.get_nb_trainable_parameters()[0]:,} trainable "
         f"parameters{', resuming from ' + resume if resume else ''}")
-    heldout = SFTDataset(load_heldout_train(axis, config, HELDOUT_EXAMPLES), tokenizer,
-                         config.data.max_length, config.data.prompt_format)
+    heldout = SFTDataset(heldout, tokenizer, config.data.max_length, config.data.prompt_format)
     trainer = Trainer(
         model=model,
-        args=training_arguments(config.train, checkpoints, config.seed,
-                                per_device_eval_batch_size=config.train.batch_size),
+        args=training_arguments(train, checkpoints, config.seed, per_device_eval_batch_size=train.batch_size),
         train_dataset=dataset,
         eval_dataset=heldout if len(heldout) else None,
         data_collator=SFTCollator(tokenizer.pad_token_id),
@@ -81,15 +88,15 @@ def align_expert(config: RunConfig, axis: str, log=print) -> Path:
     model.save_pretrained(out)  # safetensors adapter + adapter_config.json
     curve = loss_curve(trainer.state.log_history)
     write_json(out / EXPERT_META, {
-        "axis": axis,
+        **meta,
         "base": config.model.base,
         "base_fingerprint": base_fingerprint(model.get_base_model()),
-        "r": lora.r, "alpha": lora.alpha, "target_modules": sorted(lora.target_modules),
+        "r": r, "alpha": alpha, "target_modules": sorted(target_modules),
         "prompt_format": config.data.prompt_format,
     })
     dump_config(config, out / "config.yaml")
-    write_json(out / "training_log.json", {
-        "axis": axis,
+    write_json(out / "training_log.json", {  # written last: marks the adapter complete
+        **meta,
         "examples": len(dataset),
         "steps": trainer.state.global_step,
         "train_seconds": round(time.time() - started, 1),
@@ -102,10 +109,10 @@ def align_expert(config: RunConfig, axis: str, log=print) -> Path:
     })
     shutil.rmtree(checkpoints, ignore_errors=True)  # the adapter is saved; optimizer state is no longer needed
     if curve:
-        log(f"[align] {axis}: training loss {curve[0]['loss']:.3f} -> {curve[-1]['loss']:.3f}")
+        log(f"{label}: training loss {curve[0]['loss']:.3f} -> {curve[-1]['loss']:.3f}")
     if heldout_before is not None:
-        log(f"[align] {axis}: held-out loss ({len(heldout)} examples) {heldout_before:.3f} -> {heldout_after:.3f}")
-    log(f"[align] {axis}: adapter at {out}")
+        log(f"{label}: held-out loss ({len(heldout)} examples) {heldout_before:.3f} -> {heldout_after:.3f}")
+    log(f"{label}: adapter at {out}")
     return out
 
 

@@ -1,6 +1,6 @@
 """`h3fusion run`: every stage in order, each skipped when its outputs are complete.
 
-    align -> build -> fuse -> generate -> evaluate
+    align -> build -> fuse -> baselines -> generate -> evaluate
 
 Each stage reads the previous stage's files, so a killed run resumes with the same command, and
 any stage can also be run alone through its own verb.
@@ -33,6 +33,15 @@ def _fuse(config: RunConfig, log) -> None:
     fuse_run(config, log=log)
 
 
+def _baselines(config: RunConfig, log) -> None:
+    from h3fusion.baselines.trained import run_authors_code, train_multitask_sft
+
+    if config.baselines.multitask_sft:
+        train_multitask_sft(config, log=log)
+    if config.baselines.authors_code:
+        run_authors_code(config, log=log)
+
+
 def _generate(config: RunConfig, log) -> None:
     from h3fusion.generate import generate_system
     from h3fusion.systems import system_names
@@ -51,6 +60,7 @@ STAGES: dict[str, Callable[[RunConfig, Callable], None]] = {
     "align": _align,
     "build": _build,
     "fuse": _fuse,
+    "baselines": _baselines,
     "generate": _generate,
     "evaluate": _evaluate,
 }

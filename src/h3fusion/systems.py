@@ -4,6 +4,8 @@
     expert-<axis>      the base with that axis's LoRA expert merged in
     h3fusion           the fused MoE (<run>/fused)
     merge-<method>     the base plus a weight merge of the expert deltas (linear, task-arithmetic, ties, dare)
+    multitask-sft      the base with one multi-task LoRA merged in (baselines.trained)
+    h3fusion-authors-code  the fused MoE as the authors' released code builds and trains it
 
 One system is resident at a time: callers load, use and drop it.
 """
@@ -18,8 +20,11 @@ from h3fusion.models import load_model
 
 
 def system_names(config: RunConfig) -> list[str]:
+    baselines = config.baselines
     return ["base", *(f"expert-{axis}" for axis in config.experts), "h3fusion",
-            *(f"merge-{method}" for method in config.baselines.merges)]
+            *(f"merge-{method}" for method in baselines.merges),
+            *(["multitask-sft"] if baselines.multitask_sft else []),
+            *(["h3fusion-authors-code"] if baselines.authors_code else [])]
 
 
 def system_source(config: RunConfig, name: str) -> Path | str:
@@ -35,6 +40,14 @@ def system_source(config: RunConfig, name: str) -> Path | str:
         return fused_dir(config)
     if name.startswith("merge-") and name[6:] in config.baselines.merges:
         return adapter_paths(config)
+    if name == "multitask-sft" and config.baselines.multitask_sft:
+        from h3fusion.baselines.trained import multitask_dir
+
+        return multitask_dir(config)
+    if name == "h3fusion-authors-code" and config.baselines.authors_code:
+        from h3fusion.baselines.trained import authors_code_config
+
+        return fused_dir(authors_code_config(config))
     raise H3FusionError(f"unknown system '{name}'; this run has {', '.join(system_names(config))}")
 
 
@@ -51,11 +64,12 @@ def load_system(config: RunConfig, name: str):
         base, tokenizer = load_model(config.model.base, config.model.dtype, **model_kwargs)
         merged = merge_experts(base, source, method, **config.baselines.merge_params.get(method, {}))
         return merged.eval(), tokenizer
-    if name.startswith("expert-"):
+    if name.startswith("expert-") or name == "multitask-sft":
         from peft import PeftModel
 
         if not (Path(source) / "adapter_config.json").is_file():
-            raise H3FusionError(f"system {name}: no adapter at {source}; run `h3fusion align` first")
+            raise H3FusionError(f"system {name}: no adapter at {source}; run `h3fusion align` (experts) or "
+                                "`h3fusion run --stage baselines` first")
         base, tokenizer = load_model(config.model.base, config.model.dtype, **model_kwargs)
         merged = PeftModel.from_pretrained(base, str(source)).merge_and_unload()  # plain-speed generation
         return merged.eval(), tokenizer
