@@ -1,0 +1,661 @@
+"""Speed, size and memory of the fused MoE vs the base model, the dense layout and the Mixtral export.
+
+    H3FUSION_CACHE=.cache/h3fusion HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_moe.py --quick \
+        --out results/bench.json [--device cpu|cuda] [--dtype float32|bfloat16]
+
+One process, ``torch.set_num_threads(1)``; every timed comparison runs its variants in alternating
+order (reversed on odd repeats) after a warm-up of each and reports the median of the repeats
+(see /work/shared/docs/MOE-PROTOTYPE.md). Timing and memory are measured in separate runs: on CPU
+peak memory is the peak RSS above the level just before the measured call, sampled every 2 ms with
+glibc's mmap threshold lowered and the heap trimmed first (so freed tensors leave RSS); on CUDA it is
+the torch allocator's peak above the allocation before the call.
+
+Sections (keys of the JSON): ``generation`` (greedy tokens/s at batch 1 and 8), ``parameters``
+(total / active per token / weight bytes / generation peak memory), ``training`` (fusion step vs an
+expert LoRA step), ``build`` (build_moe with 3 adapters), ``llama2_7b`` (parameter counts on the meta
+device and analytically), ``evaluator`` (generate_jsonl vs a plain batch loop on AlpacaEval prompts).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("H3FUSION_NO_PROGRESS", "1")
+
+import argparse  # noqa: E402
+import ctypes  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("H3FUSION_CACHE", str(REPO / ".cache" / "h3fusion"))
+sys.path.insert(0, str(REPO))  # tests.moe_fixtures.make_adapter
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+ALPACA_EVAL = REPO.parent / "shared" / "data" / "alpaca_eval" / "text_davinci_003_outputs.json"
+NAMES = ("helpful", "harmless", "honest")
+TOP_K = 2
+GEN_TOKENS = 32
+PROMPT_TOKENS = 32
+TARGETS = {
+    "compact/base b1": (">=", 0.80),
+    "compact/base b8": (">=", 0.85),
+    "compact/dense b1": (">=", 1.3),
+    "compact/dense b8": (">=", 1.5),
+    "compact params / base params": ("<=", 1.05),
+    "fusion step / LoRA step time": ("<=", 1.3),
+    "fusion step / LoRA step peak mem": ("<=", 1.3),
+    "llama2-7b compact params (B)": ("<=", 7.0),
+    "generate_jsonl / plain loop tok/s": (">=", 2.0),
+}
+
+
+# ---------------------------------------------------------------------------- measurement helpers
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable, device: str):
+    sync(device)
+    start = time.perf_counter()
+    result = fn()
+    sync(device)
+    return result, time.perf_counter() - start
+
+
+def alternating(variants: dict[str, Callable[[], float]], repeats: int, warmups: dict[str, Callable] | None = None
+                ) -> dict[str, list[float]]:
+    """Warm up every variant, then run all in alternating order (reversed on odd repeats).
+
+    Each callable returns its own measured seconds; returns the samples per variant."""
+    for name, fn in (warmups or variants).items():
+        fn()
+        log(f"  warm-up {name} done")
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    names = list(variants)
+    for rep in range(repeats):
+        for name in names if rep % 2 == 0 else names[::-1]:
+            samples[name].append(variants[name]())
+        log(f"  repeat {rep + 1}/{repeats}: " + ", ".join(f"{n} {samples[n][-1]:.2f}s" for n in names))
+    return samples
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+_LIBC = None
+
+
+def memory_mode() -> None:
+    """Make freed tensors leave RSS: serve >= 64 KiB allocations by mmap (glibc), for the memory phase only."""
+    global _LIBC
+    try:
+        _LIBC = ctypes.CDLL("libc.so.6")
+        _LIBC.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD (also disables the dynamic threshold)
+        _LIBC.mallopt(-1, 1 << 16)  # M_TRIM_THRESHOLD
+    except OSError:
+        _LIBC = None
+
+
+class PeakMemory:
+    """Peak memory above the level at entry (CPU: sampled RSS; CUDA: torch allocator)."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.peak = self.end = 0
+
+    def __enter__(self):
+        gc.collect()
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+            return self
+        if _LIBC is not None:
+            _LIBC.malloc_trim(0)
+        self.start = self._max = _rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.002):
+            self._max = max(self._max, _rss())
+
+    def __exit__(self, *exc):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.start
+            self.end = torch.cuda.memory_allocated() - self.start
+            return
+        self._stop.set()
+        self._thread.join()
+        now = _rss()
+        self.peak = max(self._max, now) - self.start
+        self.end = now - self.start
+
+
+def mib(n: float) -> float:
+    return round(n / 2**20, 1)
+
+
+# ---------------------------------------------------------------------------- models
+def unique_params(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    seen, out = set(), []
+    for name, p in model.named_parameters(remove_duplicate=False):
+        key = (p.data_ptr(), p.shape, p.dtype) if p.device.type != "meta" else id(p)
+        if key not in seen:
+            seen.add(key)
+            out.append((name, p))
+    return out
+
+
+def param_counts(model: torch.nn.Module, kind: str, n: int = 3, k: int = TOP_K) -> dict:
+    """total, active per token (a token runs k of the n experts; the embedding counts, as for Mixtral)."""
+    params = unique_params(model)
+    total = sum(p.numel() for _, p in params)
+    if kind == "base":
+        expert = 0
+    elif kind == "compact":
+        expert = sum(p.numel() for name, p in params if ".delta_A." in name or ".delta_B." in name)
+    else:  # dense (experts.<proj>) and mixtral (mlp.experts.gate_up_proj / down_proj)
+        expert = sum(p.numel() for name, p in params if ".experts." in name)
+    inactive = expert * (n - k) // n
+    weight_bytes = sum(p.numel() * p.element_size() for _, p in params)
+    weight_bytes += sum(b.numel() * b.element_size() for b in model.buffers())
+    return {"total": total, "active_per_token": total - inactive, "weight_bytes": weight_bytes}
+
+
+def make_adapters(base_dir: Path, root: Path) -> dict[str, Path]:
+    from tests.moe_fixtures import make_adapter
+
+    return {name: make_adapter(base_dir, root / name, seed=i + 1, r=8, alpha=16.0) for i, name in enumerate(NAMES)}
+
+
+def build(base_dir: str, adapters: dict[str, Path], storage: str, dtype, device: str):
+    from h3fusion.moe.build import build_moe
+
+    model = build_moe(base_dir, {k: str(v) for k, v in adapters.items()}, top_k=TOP_K, storage=storage, dtype=dtype)
+    return model.to(device).eval()
+
+
+# ---------------------------------------------------------------------------- sections
+def gen_prompts(tokenizer, batch: int, device: str) -> dict:
+    """``batch`` AlpacaEval instructions cut to exactly PROMPT_TOKENS tokens (no padding)."""
+    rows = json.loads(ALPACA_EVAL.read_text())
+    ids = []
+    for row in rows:
+        tok = tokenizer(row["instruction"] + " " + row["output"], add_special_tokens=False)["input_ids"]
+        if len(tok) >= PROMPT_TOKENS:
+            ids.append(tok[:PROMPT_TOKENS])
+        if len(ids) == batch:
+            break
+    input_ids = torch.tensor(ids, device=device)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+
+
+def greedy(model, inputs: dict, tokens: int, pad_id: int) -> torch.Tensor:
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                             top_k=None, top_p=None, temperature=None, pad_token_id=pad_id)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + tokens, out.shape
+    return out
+
+
+def section_generation(models: dict, tokenizer, args) -> dict:
+    pad = tokenizer.pad_token_id
+    result = {}
+    for batch in (1, 8):
+        inputs = gen_prompts(tokenizer, batch, args.device)
+        log(f"generation batch {batch}: {list(models)}")
+
+        def runner(model, tokens=GEN_TOKENS, inputs=inputs):
+            return lambda: timed(lambda: greedy(model, inputs, tokens, pad), args.device)[1]
+
+        samples = alternating({name: runner(m) for name, m in models.items()}, args.gen_repeats,
+                              warmups={name: runner(m, 8) for name, m in models.items()})
+        result[f"b{batch}"] = {
+            name: {"tok_s": batch * GEN_TOKENS / median(s), "seconds": s} for name, s in samples.items()
+        }
+    # agreement of the layouts (same function, different storage): first-token logits and greedy tokens
+    inputs = gen_prompts(tokenizer, 2, args.device)
+    with torch.no_grad():
+        logits = {name: m(**inputs).logits.float() for name, m in models.items() if name != "base"}
+    result["max_abs_logit_diff"] = {
+        "compact_vs_dense": float((logits["compact"] - logits["dense"]).abs().max()),
+        "compact_vs_mixtral": float((logits["compact"] - logits["mixtral"]).abs().max()),
+    }
+    return result
+
+
+def section_memory(models: dict, tokenizer, args) -> dict:
+    """Peak memory of one b8 greedy generation per variant (above its pre-call level)."""
+    inputs = gen_prompts(tokenizer, 8, args.device)
+    out = {}
+    for name, model in models.items():
+        peaks = []
+        for _ in range(2):  # the smaller of two: heap state can only add to a sample
+            with PeakMemory(args.device) as mem:
+                greedy(model, inputs, GEN_TOKENS, tokenizer.pad_token_id)
+            peaks.append(mem.peak)
+        out[name] = {"generate_b8_peak_bytes": min(peaks), "generate_b8_peak_samples": peaks}
+    return out
+
+
+def training_batch(tokenizer, device: str, batch: int = 4, length: int = 128) -> dict:
+    rows = json.loads(ALPACA_EVAL.read_text())
+    text = " ".join(r["instruction"] + " " + r["output"] for r in rows[:200])
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][: batch * length]
+    input_ids = torch.tensor(ids, device=device).view(batch, length)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone(),
+            "axis_label": torch.tensor([0, 1, 2, 0][:batch], device=device)}
+
+
+class TrainSetup:
+    """The two training steps: the fusion stage on the compact MoE, and an expert LoRA on the base."""
+
+    def __init__(self, base_dir: str, adapters: dict, tokenizer, args, workdir: Path):
+        from peft import LoraConfig, get_peft_model
+        from transformers import Trainer
+
+        from h3fusion.config import RunConfig
+        from h3fusion.fusion import FusionTrainer, prepare_for_fusion
+        from h3fusion.models import load_model
+        from h3fusion.sft import training_arguments
+
+        config = RunConfig()
+        targs = training_arguments(config.fusion.train, workdir / "trainer", 0)
+        self.device = args.device
+        self.batch = training_batch(tokenizer, args.device)
+
+        self.fused = build(base_dir, adapters, "compact", args.torch_dtype, args.device)
+        prepare_for_fusion(self.fused, config)
+        self.fused.train()
+        self.fusion_trainer = FusionTrainer(
+            model=self.fused, args=targs, gate_lambda=config.fusion.gate_lambda, gammas=config.gammas(),
+            gate_loss_form=config.fusion.gate_loss, expert_names=list(NAMES), router_lr=config.fusion.router_lr,
+        )
+        self.fusion_opt = self.fusion_trainer.create_optimizer()
+
+        lora_base, _ = load_model(base_dir, args.torch_dtype)
+        lora_cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=config.lora.dropout,
+                              target_modules=["gate_proj", "up_proj", "down_proj"], bias="none")
+        self.lora = get_peft_model(lora_base.to(args.device), lora_cfg)
+        self.lora.train()
+        self.lora_trainer = Trainer(model=self.lora, args=targs)
+        self.lora_opt = self.lora_trainer.create_optimizer()
+        self.trainable = {
+            "fusion": sum(p.numel() for p in self.fused.parameters() if p.requires_grad),
+            "lora": sum(p.numel() for p in self.lora.parameters() if p.requires_grad),
+        }
+        self.lora_settings = {"r": 8, "alpha": 16, "dropout": config.lora.dropout}
+        self.fusion_settings = {"r": config.fusion.lora_r, "alpha": config.fusion.lora_alpha,
+                                "dropout": config.fusion.lora_dropout, "attention_lora": config.fusion.attention_lora}
+
+    def fusion_step(self) -> float:
+        self.fusion_opt.zero_grad(set_to_none=True)
+        inputs = dict(self.batch)
+
+        def step():
+            loss = self.fusion_trainer.compute_loss(self.fused, inputs)
+            loss.backward()
+            self.fusion_opt.step()
+
+        return timed(step, self.device)[1]
+
+    def lora_step(self) -> float:
+        self.lora_opt.zero_grad(set_to_none=True)
+        inputs = {k: v for k, v in self.batch.items() if k != "axis_label"}
+
+        def step():
+            loss = self.lora(**inputs).loss
+            loss.backward()
+            self.lora_opt.step()
+
+        return timed(step, self.device)[1]
+
+
+def section_training(setup: TrainSetup, args) -> dict:
+    log("training: fusion step vs expert LoRA step (batch 4 x 128)")
+    samples = alternating({"fusion": setup.fusion_step, "lora": setup.lora_step}, args.train_repeats)
+    return {name: {"step_s": median(s), "seconds": s} for name, s in samples.items()} | {
+        "trainable_parameters": setup.trainable, "lora_settings": setup.lora_settings,
+        "fusion_settings": setup.fusion_settings}
+
+
+def training_memory(setup: TrainSetup, args) -> dict:
+    out = {}
+    for name, fn in (("fusion", setup.fusion_step), ("lora", setup.lora_step)):
+        peaks = []
+        for _ in range(2):  # the smaller of two, as for generation
+            with PeakMemory(args.device) as mem:
+                fn()
+            peaks.append(mem.peak)
+        out[name] = min(peaks)
+    return out
+
+
+def llama2_7b_counts(n: int = 3, r: int = 8) -> dict:
+    """Parameter counts of a Llama-2-7B-shaped base, compact and dense fused model: meta device + analytic."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from h3fusion.moe.layer import PROJECTIONS, LowRankDelta
+    from h3fusion.moe.modeling import H3FusionConfig, H3FusionForCausalLM
+
+    h, inter, layers, vocab = 4096, 11008, 32, 32000
+    cfg = dict(hidden_size=h, intermediate_size=inter, num_hidden_layers=layers, vocab_size=vocab,
+               num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=False)
+    base_an = 2 * vocab * h + layers * (4 * h * h + 3 * h * inter + 2 * h) + h
+    compact_an = base_an + layers * (n * h + n * 3 * r * (h + inter))
+    dense_an = base_an + layers * ((n - 1) * 3 * h * inter + n * h)
+    out = {"analytic": {"base": base_an, "compact": compact_an, "dense": dense_an}}
+    shapes = {"gate_proj": (inter, h), "up_proj": (inter, h), "down_proj": (h, inter)}
+    meta = {}
+    try:
+        for kind in ("base", "compact", "dense"):
+            with torch.device("meta"):
+                base = LlamaForCausalLM(LlamaConfig(**cfg))
+                if kind != "base":
+                    deltas = [[{p: LowRankDelta(torch.empty(r, shapes[p][1]), torch.empty(shapes[p][0], r), 2.0)
+                                for p in PROJECTIONS} for _ in range(n)] for _ in range(layers)]
+                    config = H3FusionConfig(base_config=base.config.to_dict(), expert_names=list(NAMES),
+                                            num_experts_per_tok=TOP_K, storage=kind)
+                    base = H3FusionForCausalLM(config, base_model=base, expert_deltas=deltas)
+            meta[kind] = param_counts(base, kind)["total"]
+        out["meta"] = meta
+        out["meta_matches_analytic"] = meta == out["analytic"]
+    except Exception as error:  # noqa: BLE001 - the analytic counts still stand
+        out["meta_error"] = f"{type(error).__name__}: {error}"
+    return out
+
+
+def section_evaluator(model, tokenizer, args, workdir: Path) -> dict:
+    """generate_jsonl (length-sorted windows) vs a plain batch-8 model.generate loop in input order."""
+    from h3fusion.data import format_prompt
+    from h3fusion.generate import generate_jsonl
+
+    rows = json.loads(ALPACA_EVAL.read_text())[: args.eval_prompts]
+    records = [{"instruction": r["instruction"]} for r in rows]
+    prompts = [format_prompt(r["instruction"], "", "alpaca", tokenizer) for r in records]
+    max_new = args.eval_tokens
+    runs: dict[str, list[dict]] = {"generate_jsonl": [], "plain_loop": []}  # per run, warm-up first
+    original_generate = model.generate
+
+    def traced_generate(tag):  # records time inside model.generate and the batch shapes
+        def wrapper(**kw):
+            out, dt = timed(lambda: original_generate(**kw), args.device)
+            p = runs[tag][-1]
+            p["generate_s"] += dt
+            p["prompt_tokens_padded"] += int(kw["input_ids"].numel())
+            p["prompt_tokens_real"] += int(kw["attention_mask"].sum())
+            p["decode_slots"] += int(out.shape[0] * (out.shape[1] - kw["input_ids"].shape[1]))
+            p["batches"] += 1
+            return out
+        return wrapper
+
+    counter = {"n": 0}
+    tokens = {}
+
+    def new_run(tag: str) -> None:
+        runs[tag].append({"generate_s": 0.0, "prompt_tokens_padded": 0, "prompt_tokens_real": 0,
+                          "decode_slots": 0, "batches": 0})
+
+    def run_jsonl() -> float:
+        counter["n"] += 1
+        new_run("generate_jsonl")
+        model.generate = traced_generate("generate_jsonl")
+        try:
+            stats, dt = timed(lambda: generate_jsonl(model, tokenizer, records, workdir / f"gen{counter['n']}.jsonl",
+                                                     max_new_tokens=max_new, batch_size=8, progress=False,
+                                                     log=lambda *_: None), args.device)
+        finally:
+            del model.generate
+        tokens["generate_jsonl"] = stats["new_tokens"]
+        return dt
+
+    def run_plain() -> float:
+        new_run("plain_loop")
+        model.generate = traced_generate("plain_loop")
+        try:
+            def loop():
+                tokenizer.padding_side = "left"
+                n_new = 0
+                for b in range(0, len(prompts), 8):
+                    batch = tokenizer(prompts[b:b + 8], return_tensors="pt", padding=True,
+                                      add_special_tokens=False).to(args.device)
+                    with torch.no_grad():
+                        out = model.generate(**batch, max_new_tokens=max_new, do_sample=False, top_k=None,
+                                             top_p=None, temperature=None, pad_token_id=tokenizer.pad_token_id,
+                                             eos_token_id=tokenizer.eos_token_id)
+                    new = out[:, batch["input_ids"].shape[1]:]
+                    for row in new:
+                        ids = row[row != tokenizer.pad_token_id]
+                        n_new += int(ids.numel())
+                        tokenizer.decode(ids, skip_special_tokens=True)
+                return n_new
+
+            n_new, dt = timed(loop, args.device)
+        finally:
+            del model.generate
+        tokens["plain_loop"] = n_new
+        return dt
+
+    log(f"evaluator path: {len(records)} AlpacaEval prompts, batch 8, max_new_tokens {max_new}")
+    samples = alternating({"generate_jsonl": run_jsonl, "plain_loop": run_plain}, args.eval_repeats)
+    result = {"prompts": len(records), "max_new_tokens": max_new, "model": "compact"}
+    for name, s in samples.items():
+        measured = runs[name][1:]  # drop the warm-up
+        p = {k: median([r[k] for r in measured]) for k in measured[0]}
+        result[name] = {"new_tokens": tokens[name], "seconds": s, "tok_s": tokens[name] / median(s),
+                        "median_profile_per_run": p,
+                        "outside_generate_s": median(s) - p["generate_s"],
+                        "useful_decode_fraction": tokens[name] / max(p["decode_slots"], 1),
+                        "padding_fraction": 1 - p["prompt_tokens_real"] / max(p["prompt_tokens_padded"], 1)}
+    return result
+
+
+# ---------------------------------------------------------------------------- report
+def check(name: str, value: float) -> str:
+    op, target = TARGETS[name]
+    ok = value >= target if op == ">=" else value <= target
+    return f"{op} {target:g}", "met" if ok else "MISSED"
+
+
+def paired(numerators: list[float], denominators: list[float]) -> float:
+    """Median over repeats of numerator/denominator (the two ran next to each other in every repeat)."""
+    return median([a / b for a, b in zip(numerators, denominators, strict=True)])
+
+
+def table(results: dict) -> str:
+    g, p, t = results["generation"], results["parameters"], results["training"]
+    rows: list[tuple[str, str, str, str]] = []
+
+    def add(name, value, fmt="{:.3f}"):
+        if name in TARGETS:
+            target, verdict = check(name, value)
+        else:
+            target, verdict = "", ""
+        rows.append((name, fmt.format(value), target, verdict))
+
+    for b in ("b1", "b8"):
+        for v in g[b]:
+            add(f"{v} tok/s {b}", g[b][v]["tok_s"], "{:.2f}")
+    for b in ("b1", "b8"):
+        for num, den in (("compact", "base"), ("compact", "dense"), ("mixtral", "base")):
+            add(f"{num}/{den} {b}", g[b][num]["tok_s"] / g[b][den]["tok_s"])
+            rows.append((f"  ({num}/{den} {b}: median of per-repeat ratios)",
+                         f"{paired(g[b][den]['seconds'], g[b][num]['seconds']):.3f}", "", ""))
+    for v, c in p.items():
+        add(f"{v} params total / active (M)", c["total"] / 1e6, "{:.2f}")
+        rows[-1] = (rows[-1][0], f"{c['total'] / 1e6:.2f} / {c['active_per_token'] / 1e6:.2f}", "", "")
+        rows.append((f"{v} weights / generate-b8 peak (MiB)",
+                     f"{mib(c['weight_bytes'])} / {mib(c['generate_b8_peak_bytes'])}", "", ""))
+    add("compact params / base params", p["compact"]["total"] / p["base"]["total"], "{:.4f}")
+    add("fusion step s", t["fusion"]["step_s"], "{:.2f}")
+    add("LoRA step s", t["lora"]["step_s"], "{:.2f}")
+    add("fusion step / LoRA step time", t["fusion"]["step_s"] / t["lora"]["step_s"])
+    rows.append(("  (fusion/LoRA time: median of per-repeat ratios)",
+                 f"{paired(t['fusion']['seconds'], t['lora']['seconds']):.3f}", "", ""))
+    rows.append(("fusion / LoRA step peak (MiB)",
+                 f"{mib(t['peak_bytes']['fusion'])} / {mib(t['peak_bytes']['lora'])}", "", ""))
+    add("fusion step / LoRA step peak mem", t["peak_bytes"]["fusion"] / t["peak_bytes"]["lora"])
+    for storage, b in results["build"].items():
+        rows.append((f"build_moe {storage} s / peak (MiB)", f"{b['seconds_median']:.2f} / {mib(b['peak_bytes'])}",
+                     "", ""))
+    ll = results["llama2_7b"]
+    counts = ll.get("meta", ll["analytic"])
+    add("llama2-7b base params (B)", counts["base"] / 1e9)
+    add("llama2-7b compact params (B)", counts["compact"] / 1e9)
+    add("llama2-7b dense params (B)", counts["dense"] / 1e9)
+    rows.append(("llama2-7b meta == analytic", str(ll.get("meta_matches_analytic", ll.get("meta_error"))), "", ""))
+    e = results["evaluator"]
+    add("generate_jsonl tok/s", e["generate_jsonl"]["tok_s"], "{:.2f}")
+    add("plain loop tok/s", e["plain_loop"]["tok_s"], "{:.2f}")
+    add("generate_jsonl / plain loop tok/s", e["generate_jsonl"]["tok_s"] / e["plain_loop"]["tok_s"])
+    widths = [max(len(r[i]) for r in [("measure", "value", "target", "verdict"), *rows]) for i in range(4)]
+    lines = []
+    for r in [("measure", "value", "target", "verdict"), tuple("-" * w for w in widths), *rows]:
+        lines.append("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- main
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and shorter evaluator answers")
+    parser.add_argument("--out", default="results/bench.json")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--smoke", action="store_true", help="one repeat of everything, tiny evaluator run "
+                        "(checks the script; figures meaningless)")
+    parser.add_argument("--report", metavar="JSON", help="only reprint the table of an earlier run's JSON")
+    args = parser.parse_args()
+    if args.report:
+        print(table(json.loads(Path(args.report).read_text())))
+        return
+    args.torch_dtype = getattr(torch, args.dtype)
+    args.gen_repeats = 3 if args.quick else 5
+    args.train_repeats = 3 if args.quick else 5
+    args.eval_repeats = 1 if args.quick else 2
+    args.eval_prompts = 24
+    args.eval_tokens = 32 if args.quick else 64
+    args.build_repeats = 1 if args.quick else 2
+    if args.smoke:
+        args.gen_repeats = args.train_repeats = args.eval_repeats = args.build_repeats = 1
+        args.eval_prompts, args.eval_tokens = 8, 8
+
+    from transformers import MixtralForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+    from h3fusion.models import load_model, resolve_model_path
+    from h3fusion.moe.export import export_mixtral
+
+    started = time.perf_counter()
+    results: dict = {
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "device": args.device, "dtype": args.dtype,
+                    "loadavg_start": os.getloadavg()},
+        "settings": {k: v for k, v in vars(args).items() if k != "torch_dtype"},
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    base_dir = resolve_model_path("smollm2-135m")
+    workdir = Path(tempfile.mkdtemp(prefix="bench_moe."))
+    log(f"adapters (r=8, alpha=16) in {workdir}")
+    adapters = make_adapters(Path(base_dir), workdir / "adapters")
+
+    base, tokenizer = load_model(base_dir, args.torch_dtype)
+    base = base.to(args.device)
+    build_s: dict[str, list[float]] = {"compact": [], "dense": []}
+    models = {"base": base}
+    for storage in ("compact", "dense"):
+        models[storage], dt = timed(lambda s=storage: build(base_dir, adapters, s, args.torch_dtype, args.device),
+                                    args.device)
+        build_s[storage].append(dt)
+        log(f"built {storage} in {dt:.1f}s")
+    export_mixtral(models["compact"], workdir / "mixtral")
+    mixtral, info = MixtralForCausalLM.from_pretrained(workdir / "mixtral", dtype=args.torch_dtype,
+                                                       output_loading_info=True)
+    assert not any(info.values()), info
+    models["mixtral"] = mixtral.to(args.device).eval()
+
+    results["generation"] = section_generation(models, tokenizer, args)
+    results["llama2_7b"] = llama2_7b_counts()
+    setup = TrainSetup(base_dir, adapters, tokenizer, args, workdir)
+    results["training"] = section_training(setup, args)
+    results["evaluator"] = section_evaluator(models["compact"], tokenizer, args, workdir / "eval")
+    for _ in range(args.build_repeats - 1):
+        for storage in ("compact", "dense"):
+            _, dt = timed(lambda s=storage: build(base_dir, adapters, s, args.torch_dtype, args.device), args.device)
+            build_s[storage].append(dt)
+
+    # ---- memory phase (after all timing: it changes the allocator's behaviour)
+    log("memory phase")
+    memory_mode()
+    mem = section_memory(models, tokenizer, args)
+    results["parameters"] = {
+        name: param_counts(m, {"base": "base", "compact": "compact", "dense": "dense", "mixtral": "mixtral"}[name])
+        | mem[name] for name, m in models.items()
+    }
+    results["training"]["peak_bytes"] = training_memory(setup, args)
+    del setup
+    results["build"] = {}
+    for storage in ("compact", "dense"):
+        with PeakMemory(args.device) as m:
+            model = build(base_dir, adapters, storage, args.torch_dtype, args.device)
+        del model
+        results["build"][storage] = {"seconds": build_s[storage], "seconds_median": median(build_s[storage]),
+                                     "peak_bytes": m.peak, "retained_bytes": m.end, "includes": "base load from disk"}
+    results["machine"]["loadavg_end"] = os.getloadavg()
+    results["wall_seconds"] = round(time.perf_counter() - started, 1)
+    results["table"] = table(results)
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2, default=str))
+    print()
+    print(results["table"])
+    e = results["evaluator"]
+    for name in ("generate_jsonl", "plain_loop"):
+        r = e[name]
+        prof = r["median_profile_per_run"]
+        print(f"{name}: {r['new_tokens']} new tokens, median {median(r['seconds']):.2f}s, in generate "
+              f"{prof['generate_s']:.2f}s, outside {r['outside_generate_s']:.2f}s, prompt padding "
+              f"{r['padding_fraction']:.1%}, useful decode slots {r['useful_decode_fraction']:.1%}")
+    print(f"logit agreement: {results['generation']['max_abs_logit_diff']}")
+    print(f"wall {results['wall_seconds']}s; load average {results['machine']['loadavg_start']} -> "
+          f"{results['machine']['loadavg_end']}; JSON: {out}")
+
+
+if __name__ == "__main__":
+    main()
