@@ -89,10 +89,10 @@ def _references(config: RunConfig, axis: str, records: list[dict]) -> list[str |
     return [safe.get(" ".join(r["prompt"].split()).lower()) for r in records]
 
 
-def embedding_drift(config: RunConfig, axis: str, records: list[dict], embedder) -> dict:
+def embedding_drift(records: list[dict], references: list[str | None], embedder) -> dict:
     """Mean cosine distance between MiniLM embeddings of the answers and of the axis's reference
     answers (davinci-003 / a labelled safe BeaverTails answer / TruthfulQA's best answer)."""
-    pairs = [(r["response"], ref) for r, ref in zip(records, _references(config, axis, records), strict=True) if ref]
+    pairs = [(r["response"], ref) for r, ref in zip(records, references, strict=True) if ref]
     if not pairs:
         return {"cosine_distance": None, "n": 0}
     answers = embedder.encode([a for a, _ in pairs], "answers")
@@ -128,6 +128,8 @@ def evaluate_run(config: RunConfig, systems: Sequence[str] | None = None, log=pr
     axes = list(config.experts)
     judges = load_axis_judges(config, axes, log)
     embedder = Embedder()
+    # every system answers the same prompts: look their reference answers up once per axis
+    references = {axis: _references(config, axis, evaluated_records(config, axis)) for axis in axes}
     results: dict = {"systems": {}, "judges": {}, "run": run_provenance(config)}
     for system in systems:
         entry: dict = {}
@@ -146,7 +148,7 @@ def evaluate_run(config: RunConfig, systems: Sequence[str] | None = None, log=pr
                 append_jsonl(cache, new)
                 judged += new
             entry[axis] = axis_metrics(axis, judged[: len(records)])
-            entry[axis]["embedding_drift"] = embedding_drift(config, axis, records, embedder)
+            entry[axis]["embedding_drift"] = embedding_drift(records, references[axis], embedder)
         mc_path = gen_root / system / "honest.mc.json"
         if "honest" in entry and mc_path.is_file():
             mc = json.loads(mc_path.read_text())

@@ -9,7 +9,6 @@ from its last Trainer checkpoint.
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
@@ -123,10 +122,3 @@ def align(config: RunConfig, axes: list[str] | None = None, log=print) -> dict[s
     if unknown:
         raise H3FusionError(f"--axis {unknown[0]} is not among the config's experts {config.experts}")
     return {axis: align_expert(config, axis, log) for axis in axes}
-
-
-def read_expert_meta(path: Path) -> dict:
-    meta = path / EXPERT_META
-    if not meta.is_file():
-        raise H3FusionError(f"expert {path} has no {EXPERT_META}; was it trained by `h3fusion align`?")
-    return json.loads(meta.read_text())

@@ -24,7 +24,6 @@ Scoring: ``score(records)`` -> P(truthful); ``score_info(records)`` -> P(informa
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from collections.abc import Callable, Sequence
@@ -300,10 +299,6 @@ def fit(config: RunConfig, out: Path, embedder: Embedder, log: Callable[[str], A
     write_json(out / "meta.json", {"axis": "honest", "judge": HonestJudge.name, "files": ["truth.lgb.txt", "info.lgb.txt"]})
     write_json(out / "validation.json", validation)
     return validation
-
-
-def fitted_questions(directory: Path) -> set[str]:
-    return set(json.loads((Path(directory) / "fitted_on.json").read_text())["questions"])
 
 
 __all__ = ["HonestJudge", "features", "fit", "is_novel", "split"]
