@@ -20,7 +20,9 @@ def test_run_all_stages_then_skip(tmp_path, tiny_llama_dir, data_dir, judge_cach
     first = subprocess.run(cmd, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr[-3000:]
     run = tmp_path / "run"
-    for system in ["base", "expert-helpful", "expert-harmless", "expert-honest", "h3fusion", "merge-linear"]:
+    generated = ["base", "expert-helpful", "expert-harmless", "expert-honest", "h3fusion", "merge-linear",
+                 "ensemble-logits"]
+    for system in generated:
         for axis in ["helpful", "harmless", "honest"]:
             records = read_jsonl(run / "generations" / system / f"{axis}.jsonl")
             assert len(records) == 4 and all("response" in r for r in records)
@@ -29,11 +31,15 @@ def test_run_all_stages_then_skip(tmp_path, tiny_llama_dir, data_dir, judge_cach
     mc = json.loads((run / "generations" / "base" / "honest.mc.json").read_text())
     assert mc["n"] == 4 and 0 <= mc["mc1"] <= 1 and 0 < mc["mc2"] < 1
     results = json.loads((run / "results.json").read_text())
-    assert set(results["systems"]) == {"base", "expert-helpful", "expert-harmless", "expert-honest", "h3fusion",
-                                       "merge-linear"}
+    assert set(results["systems"]) == {*generated, "ensemble-rerank"}
+    for axis in ["helpful", "harmless", "honest"]:  # the rerank ensemble keeps one expert's answer per prompt
+        picked = read_jsonl(run / "generations" / "ensemble-rerank" / f"{axis}.jsonl")
+        for i, record in enumerate(picked):
+            chosen = read_jsonl(run / "generations" / record["chosen_expert"] / f"{axis}.jsonl")[i]
+            assert record["response"] == chosen["response"]
     assert all(entry["hhh"] is not None for entry in results["systems"].values())
     again = subprocess.run(cmd, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-3000:]
     skipped = [line for line in again.stdout.splitlines() if "skipping" in line]
-    assert len(skipped) == 3 + 1 + 1 + 6, again.stdout  # 3 experts, build, fuse, 6 systems' generations
+    assert len(skipped) == 3 + 1 + 1 + 7, again.stdout  # 3 experts, build, fuse, 7 systems' generations
     assert "[run] evaluate done" in again.stdout  # scoring reuses the cached judgements

@@ -117,9 +117,9 @@ def generate(
 
     if target.endswith((".yaml", ".yml")):
         cfg = _config(Path(target), set_, out)
-        from h3fusion.systems import system_names
+        from h3fusion.systems import generated_systems
 
-        for name in system or system_names(cfg):
+        for name in system or generated_systems(cfg):
             generate_system(cfg, name, axis)
         typer.echo(f"generations: {cfg.run_path / 'generations'}")
         return

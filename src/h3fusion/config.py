@@ -138,6 +138,9 @@ class BaselinesConfig(_Section):
 
     merges: list[Literal["linear", "task-arithmetic", "ties", "dare"]] = ["linear", "task-arithmetic", "ties", "dare"]
     """Weight merges of the expert deltas, each a system named merge-<method>."""
+    ensembles: list[Literal["logits", "rerank"]] = ["logits", "rerank"]
+    """Ensembles of the experts, each a system ensemble-<kind>: logits (mean next-token distribution,
+    one batched forward over the shared base) and rerank (the expert answer the axis's judge prefers)."""
     multitask_sft: bool = True
     """Train multitask-sft: one LoRA (FFN + attention) on the fusion data for the fusion steps."""
     authors_code: bool = True

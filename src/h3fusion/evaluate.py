@@ -120,8 +120,13 @@ def evaluate_run(config: RunConfig, systems: Sequence[str] | None = None, log=pr
     """Score every system that has generations; write ``<run>/results.json`` (atomically)."""
     from h3fusion.judges.base import Embedder
 
+    from h3fusion.baselines.ensembles import RERANK
+
     gen_root = generations_dir(config)
-    available = sorted(p.name for p in gen_root.iterdir() if p.is_dir()) if gen_root.is_dir() else []
+    available = sorted(p.name for p in gen_root.iterdir() if p.is_dir() and p.name != RERANK) if gen_root.is_dir() else []
+    experts = [f"expert-{axis}" for axis in config.experts]
+    if "rerank" in config.baselines.ensembles and all(e in available for e in experts):
+        available.append(RERANK)  # assembled from the experts' judged answers, after them
     systems = list(systems or available)
     if not systems:
         raise H3FusionError(f"no generations under {gen_root}; run `h3fusion generate` first")
@@ -134,20 +139,12 @@ def evaluate_run(config: RunConfig, systems: Sequence[str] | None = None, log=pr
     for system in systems:
         entry: dict = {}
         for axis in axes:
-            source = gen_root / system / f"{axis}.jsonl"
-            expected = len(evaluated_records(config, axis))
-            records = read_jsonl(source) if source.is_file() else []
-            if len(records) < expected:
-                raise H3FusionError(f"{source} holds {len(records)} of {expected} answers; finish it with "
-                                    "`h3fusion generate` first")
-            records = records[:expected]
-            cache = config.run_path / "judgements" / system / f"{axis}.jsonl"
-            judged = read_jsonl(cache, repair=True) if cache.is_file() else []
-            if len(judged) < len(records):  # score what is not cached yet, then append
-                new = judge_records(axis, judges[axis], records[len(judged):])
-                append_jsonl(cache, new)
-                judged += new
-            entry[axis] = axis_metrics(axis, judged[: len(records)])
+            if system == RERANK:
+                judged = _rerank_axis(config, axis, judges[axis], experts)
+            else:
+                judged = _judged(config, system, axis, judges[axis])
+            records = [{k: v for k, v in r.items() if k not in ("score", "label")} for r in judged]
+            entry[axis] = axis_metrics(axis, judged)
             entry[axis]["embedding_drift"] = embedding_drift(records, references[axis], embedder)
         mc_path = gen_root / system / "honest.mc.json"
         if "honest" in entry and mc_path.is_file():
@@ -161,6 +158,35 @@ def evaluate_run(config: RunConfig, systems: Sequence[str] | None = None, log=pr
     out = config.run_path / "results.json"
     write_json(out, results)
     return out
+
+
+def _judged(config: RunConfig, system: str, axis: str, judge) -> list[dict]:
+    """A system's answers on an axis with the judge's score and label (cached in ``<run>/judgements``)."""
+    source = generations_dir(config) / system / f"{axis}.jsonl"
+    expected = len(evaluated_records(config, axis))
+    records = read_jsonl(source) if source.is_file() else []
+    if len(records) < expected:
+        raise H3FusionError(f"{source} holds {len(records)} of {expected} answers; finish it with "
+                            "`h3fusion generate` first")
+    records = records[:expected]
+    cache = config.run_path / "judgements" / system / f"{axis}.jsonl"
+    judged = read_jsonl(cache, repair=True) if cache.is_file() else []
+    if len(judged) < len(records):  # score what is not cached yet, then append
+        new = judge_records(axis, judge, records[len(judged):])
+        append_jsonl(cache, new)
+        judged += new
+    return judged[: len(records)]
+
+
+def _rerank_axis(config: RunConfig, axis: str, judge, experts: list[str]) -> list[dict]:
+    """The rerank ensemble's judged answers; its answers are also written as a generations file."""
+    from h3fusion.baselines.ensembles import RERANK, rerank
+
+    picked = rerank(axis, {e: _judged(config, e, axis, judge) for e in experts})
+    answers = generations_dir(config) / RERANK / f"{axis}.jsonl"
+    answers.unlink(missing_ok=True)  # derived from the experts' files: rewritten whole every time
+    append_jsonl(answers, [{k: v for k, v in r.items() if k not in ("score", "label")} for r in picked])
+    return picked
 
 
 def _summary(axis: str, metrics: dict) -> str:

@@ -3,7 +3,8 @@
 Each output line is the input record plus ``response``. Lines are appended as batches finish, in
 input order, so a killed run resumes after the last complete line (a truncated last line is cut
 off and redone). Within a window of pending prompts, batches are formed by prompt length, which
-keeps left-padding waste small.
+keeps left-padding waste small; decoding itself is ``decoding.decode_batch`` (finished rows leave
+the batch).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 
 from h3fusion.data import format_prompt
+from h3fusion.decoding import decode_batch
 from h3fusion.errors import H3FusionError
 from h3fusion.io import append_jsonl, read_jsonl, write_json
 
@@ -64,9 +66,7 @@ def generate_jsonl(
     pending = list(range(len(done), len(records)))
     prompts = [format_prompt(*prompt_text(r, f"prompt {i + 1}"), prompt_format, tokenizer)
                for i, r in enumerate(records)]
-    tokenizer.padding_side = "left"  # generation continues from the right edge of every row
     model.eval()
-    device = next(model.parameters()).device
     stats = {"prompts": len(pending), "resumed_after": len(done), "new_tokens": 0, "seconds": 0.0}
     bar = None
     if progress and pending:
@@ -82,21 +82,14 @@ def generate_jsonl(
         answers: dict[int, str] = {}
         for b in range(0, len(order), batch_size):
             batch_ids = order[b:b + batch_size]
-            batch = tokenizer([prompts[i] for i in batch_ids], return_tensors="pt", padding=True,
-                              add_special_tokens=False).to(device)
-            if do_sample:
-                torch.manual_seed(seed + batch_ids[0])  # per-batch seed: a resumed run samples the same
-            out = model.generate(
-                **batch, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                temperature=temperature if do_sample else None, top_p=top_p if do_sample else None,
-                top_k=None, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                stop_strings=list(stop_strings) or None, tokenizer=tokenizer if stop_strings else None,
+            new = decode_batch(
+                model, tokenizer, [prompts[i] for i in batch_ids], max_new_tokens=max_new_tokens,
+                do_sample=do_sample, temperature=temperature, top_p=top_p,
+                seed=seed + batch_ids[0],  # per-batch seed: a resumed run samples the same
+                stop_strings=stop_strings, adapters=getattr(model, "ensemble_adapters", None),
             )
-            new = out[:, batch["input_ids"].shape[1]:]
-            for row, i in enumerate(batch_ids):
-                ids = new[row]
-                ids = ids[ids != tokenizer.pad_token_id] if tokenizer.pad_token_id is not None else ids
-                stats["new_tokens"] += int(ids.numel())
+            for i, ids in zip(batch_ids, new, strict=True):
+                stats["new_tokens"] += len(ids)
                 answers[i] = cut_at_stops(tokenizer.decode(ids, skip_special_tokens=True), stop_strings)
             if bar is not None:
                 bar.update(len(batch_ids))

@@ -44,9 +44,9 @@ def _baselines(config: RunConfig, log) -> None:
 
 def _generate(config: RunConfig, log) -> None:
     from h3fusion.generate import generate_system
-    from h3fusion.systems import system_names
+    from h3fusion.systems import generated_systems
 
-    for name in system_names(config):
+    for name in generated_systems(config):
         generate_system(config, name, log=log)
 
 

@@ -4,6 +4,8 @@
     expert-<axis>      the base with that axis's LoRA expert merged in
     h3fusion           the fused MoE (<run>/fused)
     merge-<method>     the base plus a weight merge of the expert deltas (linear, task-arithmetic, ties, dare)
+    ensemble-logits    the experts' mean next-token distribution (baselines.ensembles)
+    ensemble-rerank    each prompt's best-judged expert answer (assembled by `evaluate`, nothing to load)
     multitask-sft      the base with one multi-task LoRA merged in (baselines.trained)
     h3fusion-authors-code  the fused MoE as the authors' released code builds and trains it
 
@@ -23,8 +25,16 @@ def system_names(config: RunConfig) -> list[str]:
     baselines = config.baselines
     return ["base", *(f"expert-{axis}" for axis in config.experts), "h3fusion",
             *(f"merge-{method}" for method in baselines.merges),
+            *(f"ensemble-{kind}" for kind in baselines.ensembles),
             *(["multitask-sft"] if baselines.multitask_sft else []),
             *(["h3fusion-authors-code"] if baselines.authors_code else [])]
+
+
+def generated_systems(config: RunConfig) -> list[str]:
+    """The systems that generate answers themselves (all but the rerank ensemble, which picks)."""
+    from h3fusion.baselines.ensembles import RERANK
+
+    return [name for name in system_names(config) if name != RERANK]
 
 
 def system_source(config: RunConfig, name: str) -> Path | str:
@@ -39,6 +49,8 @@ def system_source(config: RunConfig, name: str) -> Path | str:
     if name == "h3fusion":
         return fused_dir(config)
     if name.startswith("merge-") and name[6:] in config.baselines.merges:
+        return adapter_paths(config)
+    if name.startswith("ensemble-") and name[9:] in config.baselines.ensembles:
         return adapter_paths(config)
     if name == "multitask-sft" and config.baselines.multitask_sft:
         from h3fusion.baselines.trained import multitask_dir
@@ -64,6 +76,12 @@ def load_system(config: RunConfig, name: str):
         base, tokenizer = load_model(config.model.base, config.model.dtype, **model_kwargs)
         merged = merge_experts(base, source, method, **config.baselines.merge_params.get(method, {}))
         return merged.eval(), tokenizer
+    if name.startswith("ensemble-"):
+        from h3fusion.baselines.ensembles import LOGITS, load_logit_ensemble
+
+        if name != LOGITS:
+            raise H3FusionError(f"system {name} picks among the experts' answers at evaluation; it has no model")
+        return load_logit_ensemble(config)
     if name.startswith("expert-") or name == "multitask-sft":
         from peft import PeftModel
 

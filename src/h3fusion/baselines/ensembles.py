@@ -1,0 +1,68 @@
+"""Ensembles of the same three experts, compared against H3Fusion.
+
+    ensemble-logits  at every decoding step, the mean of the experts' next-token distributions,
+                     computed in one batched forward over the shared base (PEFT mixed-adapter
+                     batches; ``decoding.decode_batch``). Cost: N forwards' worth of compute per token.
+    ensemble-rerank  one answer per expert (their own generations, reused), keeping the answer the
+                     axis's offline judge scores best (LLM-Blender-style). Cost: N generations plus
+                     judge calls. It borrows the very judge that scores it, so its numbers are an
+                     upper bound for reranking, not a deployable system; the report says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from h3fusion.config import RunConfig
+from h3fusion.errors import H3FusionError
+
+LOGITS = "ensemble-logits"
+RERANK = "ensemble-rerank"
+
+
+def load_logit_ensemble(config: RunConfig):
+    """(PEFT model holding every expert adapter, tokenizer); ``model.ensemble_adapters`` names them."""
+    from pathlib import Path
+
+    from peft import PeftModel
+
+    from h3fusion.models import load_model
+    from h3fusion.moe.build import adapter_paths
+
+    paths = adapter_paths(config)
+    missing = [axis for axis, path in paths.items() if not (Path(path) / "adapter_config.json").is_file()]
+    if missing:
+        raise H3FusionError(f"{LOGITS}: no adapter for {', '.join(missing)} at {paths[missing[0]]}; "
+                            "run `h3fusion align` first")
+    base, tokenizer = load_model(config.model.base, config.model.dtype,
+                                 trust_remote_code=config.model.trust_remote_code, cache_dir=config.model.cache_dir)
+    axes = list(paths)
+    model = PeftModel.from_pretrained(base, str(paths[axes[0]]), adapter_name=axes[0])
+    for axis in axes[1:]:
+        model.load_adapter(str(paths[axis]), adapter_name=axis)
+    model.eval()
+    model.ensemble_adapters = axes
+    return model, tokenizer
+
+
+def rerank_score(axis: str, judged: dict) -> float:
+    """How good the axis's judge finds one answer (higher is better)."""
+    if axis == "helpful":
+        return judged["score"]
+    if axis == "harmless":
+        return -judged["score"]  # the judge's P(harmful)
+    return judged["score"]["truthful"] * judged["score"]["informative"]
+
+
+def rerank(axis: str, judged_by_expert: Mapping[str, list[dict]]) -> list[dict]:
+    """Per prompt, the best-scored expert answer (first expert wins ties), with ``chosen_expert``."""
+    experts = list(judged_by_expert)
+    lengths = {len(rows) for rows in judged_by_expert.values()}
+    if len(lengths) != 1:
+        raise H3FusionError(f"{RERANK} / {axis}: the experts answered different numbers of prompts "
+                            f"({sorted(lengths)}); finish their generations first")
+    picked = []
+    for rows in zip(*judged_by_expert.values(), strict=True):
+        best = max(range(len(rows)), key=lambda k: (rerank_score(axis, rows[k]), -k))
+        picked.append({**rows[best], "chosen_expert": experts[best]})
+    return picked
