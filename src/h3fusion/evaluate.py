@@ -118,9 +118,8 @@ def run_provenance(config: RunConfig) -> dict:
 
 def evaluate_run(config: RunConfig, systems: Sequence[str] | None = None, log=print) -> Path:
     """Score every system that has generations; write ``<run>/results.json`` (atomically)."""
-    from h3fusion.judges.base import Embedder
-
     from h3fusion.baselines.ensembles import RERANK
+    from h3fusion.judges.base import Embedder
 
     gen_root = generations_dir(config)
     available = sorted(p.name for p in gen_root.iterdir() if p.is_dir() and p.name != RERANK) if gen_root.is_dir() else []
