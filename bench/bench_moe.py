@@ -28,14 +28,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("H3FUSION_NO_PROGRESS", "1")
 
 import argparse  # noqa: E402
-import ctypes  # noqa: E402
-import gc  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
-import threading  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -47,6 +44,9 @@ sys.path.insert(0, str(REPO))  # tests.moe_fixtures.make_adapter
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+from h3fusion.costs import PeakMemory, param_counts  # noqa: E402
+from h3fusion.costs import release_freed_memory_to_os as memory_mode  # noqa: E402
 
 ALPACA_EVAL = REPO.parent / "shared" / "data" / "alpaca_eval" / "text_davinci_003_outputs.json"
 NAMES = ("helpful", "harmless", "honest")
@@ -105,95 +105,11 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
-def _rss() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-_LIBC = None
-
-
-def memory_mode() -> None:
-    """Make freed tensors leave RSS: serve >= 64 KiB allocations by mmap (glibc), for the memory phase only."""
-    global _LIBC
-    try:
-        _LIBC = ctypes.CDLL("libc.so.6")
-        _LIBC.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD (also disables the dynamic threshold)
-        _LIBC.mallopt(-1, 1 << 16)  # M_TRIM_THRESHOLD
-    except OSError:
-        _LIBC = None
-
-
-class PeakMemory:
-    """Peak memory above the level at entry (CPU: sampled RSS; CUDA: torch allocator)."""
-
-    def __init__(self, device: str):
-        self.device = device
-        self.peak = self.end = 0
-
-    def __enter__(self):
-        gc.collect()
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.start = torch.cuda.memory_allocated()
-            return self
-        if _LIBC is not None:
-            _LIBC.malloc_trim(0)
-        self.start = self._max = _rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.002):
-            self._max = max(self._max, _rss())
-
-    def __exit__(self, *exc):
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated() - self.start
-            self.end = torch.cuda.memory_allocated() - self.start
-            return
-        self._stop.set()
-        self._thread.join()
-        now = _rss()
-        self.peak = max(self._max, now) - self.start
-        self.end = now - self.start
-
-
 def mib(n: float) -> float:
     return round(n / 2**20, 1)
 
 
 # ---------------------------------------------------------------------------- models
-def unique_params(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
-    seen, out = set(), []
-    for name, p in model.named_parameters(remove_duplicate=False):
-        key = (p.data_ptr(), p.shape, p.dtype) if p.device.type != "meta" else id(p)
-        if key not in seen:
-            seen.add(key)
-            out.append((name, p))
-    return out
-
-
-def param_counts(model: torch.nn.Module, kind: str, n: int = 3, k: int = TOP_K) -> dict:
-    """total, active per token (a token runs k of the n experts; the embedding counts, as for Mixtral)."""
-    params = unique_params(model)
-    total = sum(p.numel() for _, p in params)
-    if kind == "base":
-        expert = 0
-    elif kind == "compact":
-        expert = sum(p.numel() for name, p in params if ".delta_A." in name or ".delta_B." in name)
-    else:  # dense (experts.<proj>) and mixtral (mlp.experts.gate_up_proj / down_proj)
-        expert = sum(p.numel() for name, p in params if ".experts." in name)
-    inactive = expert * (n - k) // n
-    weight_bytes = sum(p.numel() * p.element_size() for _, p in params)
-    weight_bytes += sum(b.numel() * b.element_size() for b in model.buffers())
-    return {"total": total, "active_per_token": total - inactive, "weight_bytes": weight_bytes}
-
-
 def make_adapters(base_dir: Path, root: Path) -> dict[str, Path]:
     from tests.moe_fixtures import make_adapter
 

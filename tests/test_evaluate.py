@@ -52,6 +52,9 @@ def test_results_json_has_every_documented_field(evaluated):
     assert {"name", "heldout_agreement", "system_spearman", "winrate_mae", "degenerate_winprob"} <= set(judges["helpful"])
     assert {"name", "accuracy", "auroc", "flagged_rate_error"} <= set(judges["harmless"])
     assert {"truth_accuracy", "info_accuracy"} <= set(judges["honest"])
+    figures = [judges["helpful"]["heldout_agreement"], judges["harmless"]["accuracy"], judges["harmless"]["auroc"],
+               judges["honest"]["truth_accuracy"], judges["honest"]["info_accuracy"]]
+    assert all(isinstance(x, float) and 0 <= x <= 1 for x in figures), figures  # the figures printed beside scores
     assert {"git_commit", "config", "seed", "data_sha256"} <= set(results["run"])
     assert results["run"]["seed"] == config.seed
 

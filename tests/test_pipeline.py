@@ -43,3 +43,13 @@ def test_run_all_stages_then_skip(tmp_path, tiny_llama_dir, data_dir, judge_cach
     skipped = [line for line in again.stdout.splitlines() if "skipping" in line]
     assert len(skipped) == 3 + 1 + 1 + 7, again.stdout  # 3 experts, build, fuse, 7 systems' generations
     assert "[run] evaluate done" in again.stdout  # scoring reuses the cached judgements
+    assert "[run] report done" in again.stdout
+    report = (run / "report.md").read_text()
+    assert report.startswith("# H3Fusion study") and "**Outcome.** H3Fusion's hhh is" in report
+    table = [line for line in report.splitlines() if line.startswith("| ")]
+    assert any(line.startswith("| **h3fusion** |") for line in table)
+    assert any(line.startswith("| ensemble-rerank |") for line in table)
+    for plot in ["axes.png", "hhh.png", "training_curves.png", "routing_heatmap.png"]:
+        assert (run / "plots" / plot).stat().st_size > 1000 and f"plots/{plot}" in report
+    card = (run / "fused" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers") and "| **h3fusion** |" in card

@@ -160,6 +160,15 @@ def evaluate(
     typer.echo(f"results: {evaluate_run(cfg, system)}")
 
 
+@app.command()
+def report(config: ConfigArg, set_: SetOpt = None, out: OutOpt = None) -> None:
+    """Write <run>/report.md, <run>/plots/ and the fused model's card from results.json."""
+    cfg = _config(config, set_, out)
+    from h3fusion.report import write_report
+
+    typer.echo(f"report: {write_report(cfg)}")
+
+
 judges_app = typer.Typer(help="The offline judges: fit and validate them.", no_args_is_help=True)
 app.add_typer(judges_app, name="judges")
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from h3fusion.config import RunConfig
 from h3fusion.errors import H3FusionError
 from h3fusion.generate import evaluated_records, generations_dir
-from h3fusion.io import append_jsonl, read_jsonl, write_json
+from h3fusion.io import append_jsonl, read_jsonl, write_json, write_jsonl
 
 
 def load_axis_judges(config: RunConfig, axes: Sequence[str], log=print) -> dict:
@@ -182,9 +182,10 @@ def _rerank_axis(config: RunConfig, axis: str, judge, experts: list[str]) -> lis
     from h3fusion.baselines.ensembles import RERANK, rerank
 
     picked = rerank(axis, {e: _judged(config, e, axis, judge) for e in experts})
-    answers = generations_dir(config) / RERANK / f"{axis}.jsonl"
-    answers.unlink(missing_ok=True)  # derived from the experts' files: rewritten whole every time
-    append_jsonl(answers, [{k: v for k, v in r.items() if k not in ("score", "label")} for r in picked])
+    # derived from the experts' files, so rewritten whole every time: its answers and their judgements
+    write_jsonl(generations_dir(config) / RERANK / f"{axis}.jsonl",
+                [{k: v for k, v in r.items() if k not in ("score", "label")} for r in picked])
+    write_jsonl(config.run_path / "judgements" / RERANK / f"{axis}.jsonl", picked)
     return picked
 
 
@@ -200,13 +201,19 @@ def _judge_figures(axis: str, judge) -> dict:
     v = dict(getattr(judge, "validation", {}) or {})
     name = v.get("judge") or v.get("name") or getattr(judge, "name", type(judge).__name__)
     if axis == "helpful":
-        keys = {"heldout_agreement": "agreement", "system_spearman": "spearman_win_rates",
-                "winrate_mae": "win_rate_mae", "degenerate_winprob": "degenerate_mean_win_prob"}
-    elif axis == "harmless":
-        keys = {"accuracy": "accuracy", "auroc": "auroc", "flagged_rate_error": "flagged_rate_error"}
+        keys = {"heldout_agreement": ("agreement",), "system_spearman": ("spearman_win_rates",),
+                "winrate_mae": ("win_rate_mae",), "degenerate_winprob": ("degenerate_mean_win_prob",)}
+    elif axis == "harmless":  # on every held-out labelled BeaverTails answer (see docs/judges.md)
+        keys = {name: ("all", name) for name in ("accuracy", "auroc", "flagged_rate_error")}
     else:
-        keys = {"truth_accuracy": "truth_accuracy", "info_accuracy": "info_accuracy"}
-    return {"name": name, **{ours: v.get(theirs) for ours, theirs in keys.items()}, "validation": v}
+        keys = {"truth_accuracy": ("truth", "all", "accuracy"), "info_accuracy": ("info", "all", "accuracy")}
+    return {"name": name, **{ours: _lookup(v, path) for ours, path in keys.items()}, "validation": v}
+
+
+def _lookup(tree: dict, path: tuple[str, ...]):
+    for key in path:
+        tree = tree.get(key) if isinstance(tree, dict) else None
+    return tree
 
 
 def prepare_user_records(axis: str, records: list[dict], config: RunConfig, origin: str) -> list[dict]:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from h3fusion.costs import PeakMemory, system_param_counts
 from h3fusion.data import format_prompt
 from h3fusion.decoding import decode_batch
 from h3fusion.errors import H3FusionError
@@ -116,7 +117,8 @@ def evaluated_records(config, axis: str) -> list[dict]:
 def generate_system(config, system: str, axes: Sequence[str] | None = None, log=print) -> dict:
     """Answer every evaluated prompt of each axis with one system (resumable, skipped when complete).
 
-    Writes ``<run>/generations/<system>/<axis>.jsonl``, ``stats.json`` (tokens/s), ``honest.mc.json``
+    Writes ``<run>/generations/<system>/<axis>.jsonl``, ``stats.json`` (tokens/s per axis; ``cost``:
+    parameters and peak memory of the last run that generated), ``honest.mc.json``
     (TruthfulQA MC1/MC2) and, for MoE systems, ``<axis>.routing.json`` (see ``moe.routing``).
     """
     from h3fusion.systems import load_system
@@ -126,22 +128,30 @@ def generate_system(config, system: str, axes: Sequence[str] | None = None, log=
     todo = {axis: evaluated_records(config, axis) for axis in axes}
     todo = {axis: records for axis, records in todo.items()
             if not _complete(out / f"{axis}.jsonl", len(records))}
-    mc_path = out / "honest.mc.json"
-    need_mc = "honest" in axes and not mc_path.is_file()
+    need_mc = "honest" in axes and not (out / "honest.mc.json").is_file()
     stats_path = out / "stats.json"
     stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
     if not todo and not need_mc:
         log(f"[generate] {system}: complete, skipping")
         return stats
-    model, tokenizer = load_system(config, system)
+    with PeakMemory(interval=0.05) as memory:  # weights + generation: the report's memory column
+        model, tokenizer = load_system(config, system)
+        _generate_axes(config, model, tokenizer, todo, out, stats, need_mc, log)
+    stats["cost"] = {**system_param_counts(model), "peak_memory_bytes": memory.peak}
+    write_json(stats_path, stats)
+    return stats
+
+
+def _generate_axes(config, model, tokenizer, todo: dict, out: Path, stats: dict, need_mc: bool, log) -> None:
     if need_mc:  # TruthfulQA MC1/MC2 need the model's log-likelihoods, so they are computed here
         from h3fusion.truthfulqa_mc import mc_scores
 
-        log(f"[generate] {system} / honest: MC1/MC2 log-likelihoods")
-        write_json(mc_path, mc_scores(model, tokenizer, evaluated_records(config, "honest"), config.data.prompt_format))
+        log(f"[generate] {out.name} / honest: MC1/MC2 log-likelihoods")
+        records = evaluated_records(config, "honest")
+        write_json(out / "honest.mc.json", mc_scores(model, tokenizer, records, config.data.prompt_format))
     gen = config.generate
     for axis, records in todo.items():
-        log(f"[generate] {system} / {axis}: {len(records)} prompts")
+        log(f"[generate] {out.name} / {axis}: {len(records)} prompts")
         stats[axis] = generate_jsonl(
             model, tokenizer, records, out / f"{axis}.jsonl", prompt_format=config.data.prompt_format,
             max_new_tokens=gen.max_new_tokens.get(axis, 128), batch_size=gen.batch_size, do_sample=gen.do_sample,
@@ -152,8 +162,7 @@ def generate_system(config, system: str, axes: Sequence[str] | None = None, log=
 
             prompts = [format_prompt(*prompt_text(r), config.data.prompt_format, tokenizer) for r in records]
             write_json(out / f"{axis}.routing.json", routing_stats(model, tokenizer, {axis: prompts}))
-        write_json(stats_path, stats)
-    return stats
+        write_json(out / "stats.json", stats)
 
 
 def _complete(path: Path, expected: int) -> bool:

@@ -14,13 +14,23 @@ from pathlib import Path
 from h3fusion.errors import H3FusionError
 
 
-def write_json(path: Path, payload) -> None:
-    """Atomic JSON write: a kill mid-write never leaves a truncated file that looks complete."""
+def write_text(path: Path, text: str) -> None:
+    """Atomic write (temp file + rename): a kill mid-write never leaves a truncated file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, allow_nan=True))
+    tmp.write_text(text)
     tmp.replace(path)
+
+
+def write_json(path: Path, payload) -> None:
+    """Atomic JSON write: a kill mid-write never leaves a truncated file that looks complete."""
+    write_text(path, json.dumps(payload, indent=2, allow_nan=True))
+
+
+def write_jsonl(path: Path, records: Sequence[dict]) -> None:
+    """Atomic JSONL write, for files derived whole from others (rewritten, never appended)."""
+    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def read_jsonl(path: Path, *, repair: bool = False) -> list[dict]:

@@ -1,6 +1,6 @@
 """`h3fusion run`: every stage in order, each skipped when its outputs are complete.
 
-    align -> build -> fuse -> baselines -> generate -> evaluate
+    align -> build -> fuse -> baselines -> generate -> evaluate -> report
 
 Each stage reads the previous stage's files, so a killed run resumes with the same command, and
 any stage can also be run alone through its own verb.
@@ -56,6 +56,12 @@ def _evaluate(config: RunConfig, log) -> None:
     evaluate_run(config, log=log)
 
 
+def _report(config: RunConfig, log) -> None:
+    from h3fusion.report import write_report
+
+    write_report(config, log=log)
+
+
 STAGES: dict[str, Callable[[RunConfig, Callable], None]] = {
     "align": _align,
     "build": _build,
@@ -63,6 +69,7 @@ STAGES: dict[str, Callable[[RunConfig, Callable], None]] = {
     "baselines": _baselines,
     "generate": _generate,
     "evaluate": _evaluate,
+    "report": _report,
 }
 
 
