@@ -1,25 +1,42 @@
-"""`h3fusion run`: the stages in order, each skipped once complete."""
+"""`h3fusion run`: the stages in order, each skipped once complete, resumed after a kill."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+
+import pytest
 
 from h3fusion.io import read_jsonl
 from tests.conftest import EVALUATED, SMALL_JUDGES, write_config
 
+STAGES = ["align", "build", "fuse", "baselines", "generate", "evaluate", "report"]
 
-def test_run_all_stages_then_skip(tmp_path, tiny_llama_dir, data_dir, judge_cache):
-    path = write_config(tmp_path / "c.yaml", model={"base": str(tiny_llama_dir)}, data={"dir": str(data_dir)},
+
+def pipeline_config(root, tiny_llama_dir, data_dir, judge_cache):
+    return write_config(root / "c.yaml", model={"base": str(tiny_llama_dir)}, data={"dir": str(data_dir)},
                         train={"max_steps": 2}, fusion={"examples_per_axis": 4, "heldout_prompts": 2,
                                                         "train": {"max_steps": 2, "batch_size": 4}},
                         generate={"max_new_tokens": {"helpful": 4, "harmless": 4, "honest": 4}, "batch_size": 4},
                         evaluate=EVALUATED, judges={"cache_dir": str(judge_cache), **SMALL_JUDGES})
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_llama_dir, data_dir, judge_cache):
+    """One complete `h3fusion run` of the tiny pipeline: (config path, command, its first completed process)."""
+    root = tmp_path_factory.mktemp("pipeline")
+    path = pipeline_config(root, tiny_llama_dir, data_dir, judge_cache)
     cmd = [sys.executable, "-m", "h3fusion.cli", "run", str(path)]
-    first = subprocess.run(cmd, capture_output=True, text=True)
+    return path, cmd, subprocess.run(cmd, capture_output=True, text=True)
+
+
+def test_run_all_stages_then_skip(uninterrupted):
+    path, cmd, first = uninterrupted
     assert first.returncode == 0, first.stderr[-3000:]
-    run = tmp_path / "run"
+    run = path.parent / "run"
     generated = ["base", "expert-helpful", "expert-harmless", "expert-honest", "h3fusion", "merge-linear",
                  "ensemble-logits"]
     for system in generated:
@@ -53,3 +70,43 @@ def test_run_all_stages_then_skip(tmp_path, tiny_llama_dir, data_dir, judge_cach
         assert (run / "plots" / plot).stat().st_size > 1000 and f"plots/{plot}" in report
     card = (run / "fused" / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: transformers") and "| **h3fusion** |" in card
+
+
+def flatten(tree, prefix=""):
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    return {k: v for key, sub in tree.items() for k, v in flatten(sub, f"{prefix}/{key}").items()}
+
+
+def answers(run):
+    return {str(p.relative_to(run)): [r["response"] for r in read_jsonl(p)]
+            for p in sorted((run / "generations").glob("*/*.jsonl"))}
+
+
+def test_run_resumes_after_a_kill_at_each_stage_boundary(tmp_path, uninterrupted, tiny_llama_dir, data_dir,
+                                                         judge_cache):
+    """SIGKILL right after each stage reports done; the same command then picks up at the next stage,
+    and the finished run equals an uninterrupted one (greedy decoding, same seed)."""
+    path = pipeline_config(tmp_path, tiny_llama_dir, data_dir, judge_cache)
+    cmd = [sys.executable, "-m", "h3fusion.cli", "run", str(path)]
+    for stage in STAGES[:-1]:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})  # see each line as it is printed
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if line.startswith(f"[run] {stage} done"):
+                proc.send_signal(signal.SIGKILL)
+                break
+        proc.wait()
+        assert proc.returncode == -signal.SIGKILL, f"never reached the end of {stage}: {''.join(seen)[-2000:]}"
+        assert not any(f"[run] {later} done" in "".join(seen) for later in STAGES[STAGES.index(stage) + 1:])
+    final = subprocess.run(cmd, capture_output=True, text=True)
+    assert final.returncode == 0, final.stderr[-3000:]
+    run, reference = tmp_path / "run", uninterrupted[0].parent / "run"
+    assert answers(run) == answers(reference)
+    ours, theirs = (flatten(json.loads((r / "results.json").read_text())["systems"]) for r in (run, reference))
+    assert ours.keys() == theirs.keys()
+    for key, value in ours.items():  # identical answers; sums may differ in the last bit across processes
+        assert value == (pytest.approx(theirs[key], rel=1e-9, abs=1e-12) if isinstance(value, float) else theirs[key]), key
+    assert (run / "report.md").is_file()

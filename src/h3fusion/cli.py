@@ -295,18 +295,45 @@ def data_stats(config: ConfigArg, set_: SetOpt = None) -> None:
         typer.echo(f"{axis}: train {len(load_train(axis, cfg))}, test {len(load_test(axis, cfg))}")
 
 
-def main() -> None:
-    """Console-script entry point: user errors become one line, not a traceback."""
+def _click_exceptions():
+    """(ClickException, NoArgsIsHelpError, Abort) of the click that typer runs on (typer >= 0.2x vendors it)."""
     try:
-        app()
+        from typer._click.exceptions import Abort, ClickException, NoArgsIsHelpError
+    except ImportError:
+        from click.exceptions import Abort, ClickException, NoArgsIsHelpError
+    return ClickException, NoArgsIsHelpError, Abort
+
+
+def main() -> None:
+    """Console-script entry point: user errors and usage errors become one line, not a traceback.
+
+    Usage errors (an unknown or misspelt flag or verb, a missing argument) print
+    ``error: <click's message>; see h3fusion <verb> --help`` and exit 2, like ``H3FusionError``.
+    """
+    click_exception, no_args_is_help, abort = _click_exceptions()
+    try:
+        code = app(prog_name="h3fusion", standalone_mode=False)
     except H3FusionError as error:
         if os.environ.get("H3FUSION_DEBUG") == "1":
             raise
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except no_args_is_help:
+        sys.exit(2)  # `h3fusion` or `h3fusion judges` alone: the help is already printed
+    except click_exception as error:
+        if os.environ.get("H3FUSION_DEBUG") == "1":
+            raise
+        message = " ".join(line.strip() for line in error.format_message().splitlines() if line.strip())
+        ctx = getattr(error, "ctx", None)
+        where = ctx.command_path if ctx is not None else "h3fusion"
+        print(f"error: {message.rstrip('.')}; see {where} --help", file=sys.stderr)
+        sys.exit(2)
+    except (KeyboardInterrupt, abort):
+        code = 130
+    if code == 130:  # typer returns 130 for Ctrl-C when not standalone
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":
