@@ -9,6 +9,8 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from h3fusion.io import read_jsonl
 from tests.conftest import EVALUATED, SMALL_JUDGES, write_config
@@ -110,3 +112,9 @@ def test_run_resumes_after_a_kill_at_each_stage_boundary(tmp_path, uninterrupted
     for key, value in ours.items():  # identical answers; sums may differ in the last bit across processes
         assert value == (pytest.approx(theirs[key], rel=1e-9, abs=1e-12) if isinstance(value, float) else theirs[key]), key
     assert (run / "report.md").is_file()
+    for weights in ["experts/helpful/adapter_model.safetensors", "experts/honest/adapter_model.safetensors",
+                    "fused/model.safetensors"]:  # same seed, same weights (a determinism check too)
+        ours, theirs = load_file(run / weights), load_file(reference / weights)
+        assert ours.keys() == theirs.keys()
+        for name in ours:
+            torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-6)

@@ -53,7 +53,7 @@ def train_lora_adapter(config: RunConfig, label: str, out: Path, *, examples, he
     """LoRA SFT of the base on ``examples`` into ``out`` (a stock PEFT adapter + training_log.json),
     resuming from the last checkpoint; ``heldout`` examples give a loss before/after training."""
     from peft import LoraConfig, get_peft_model
-    from transformers import Trainer
+    from transformers import Trainer, set_seed
 
     model, tokenizer = load_model(
         config.model.base, config.model.dtype,
@@ -65,6 +65,7 @@ def train_lora_adapter(config: RunConfig, label: str, out: Path, *, examples, he
                             "raise data.max_length or the data sizes")
     peft_config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
                              bias="none", task_type="CAUSAL_LM")
+    set_seed(config.seed)  # LoRA's A init draws from the global RNG before the Trainer seeds it
     model = get_peft_model(model, peft_config)
     checkpoints = out / "checkpoints"
     resume = last_checkpoint(checkpoints)

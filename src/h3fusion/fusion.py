@@ -126,7 +126,10 @@ class FusionTrainer(Trainer):
 
 def prepare_for_fusion(model: H3FusionForCausalLM, config: RunConfig) -> None:
     """Attach the fusion-stage LoRAs and set what trains: attention LoRA, expert LoRA, router."""
+    from transformers import set_seed
+
     fusion = config.fusion
+    set_seed(config.seed)  # the fusion LoRAs' init draws from the global RNG before the Trainer seeds it
     for param in model.parameters():
         param.requires_grad_(False)
     if fusion.attention_lora:

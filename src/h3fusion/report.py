@@ -136,9 +136,14 @@ def _outcome(rows: list[dict], results: dict) -> str:
     parts = []
     for row in rows:
         won = [axis for axis, better in row["axes_won"].items() if better]
+        lost = [axis for axis, better in row["axes_won"].items() if better is False]
+        axes = f"better on {', '.join(won) if won else 'no axis'}" + (f", not on {', '.join(lost)}" if lost else "")
         parts.append(f"vs {row['label']} {_fmt(results['systems'][row['system']].get('hhh'))}: "
-                     f"{row['verdict'].replace('**', '')} (better on {', '.join(won) if won else 'no axis'})")
+                     f"{row['verdict'].replace('**', '')} ({axes})")
     text = f"**Outcome.** H3Fusion's hhh is {_fmt(ours)} — " + "; ".join(parts) + "."
+    authors = results["systems"].get("h3fusion-authors-code")
+    if authors is not None:
+        text += f" The authors'-code variant scores hhh {_fmt(authors.get('hhh'))}."
     mt = next((r for r in rows if r["system"] == "multitask-sft"), None)
     if mt is not None and (mt["diff"] is None or mt["diff"] <= 0):
         text += (" H3Fusion does **not** beat multitask-sft (one LoRA on the same mixed data for the same steps): "
