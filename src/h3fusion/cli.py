@@ -296,12 +296,28 @@ def data_stats(config: ConfigArg, set_: SetOpt = None) -> None:
 
 
 def _click_exceptions():
-    """(ClickException, NoArgsIsHelpError, Abort) of the click that typer runs on (typer >= 0.2x vendors it)."""
+    """(ClickException, NoArgsIsHelpError, Abort) of the click typer runs on (newer typer vendors its own)."""
     try:
-        from typer._click.exceptions import Abort, ClickException, NoArgsIsHelpError
+        from typer._click.exceptions import ClickException, NoArgsIsHelpError
+        from typer.exceptions import Abort
     except ImportError:
         from click.exceptions import Abort, ClickException, NoArgsIsHelpError
     return ClickException, NoArgsIsHelpError, Abort
+
+
+def _command_path(ctx) -> str:
+    """``h3fusion <verb>`` of a usage error: from its click context, else from the command line."""
+    if ctx is not None:
+        return ctx.command_path
+    group, words = typer.main.get_command(app), ["h3fusion"]
+    for arg in sys.argv[1:]:
+        command = getattr(group, "commands", {}).get(arg)
+        if command is None and not arg.startswith("-"):
+            break
+        if command is not None:
+            words.append(arg)
+            group = command
+    return " ".join(words)
 
 
 def main() -> None:
@@ -324,9 +340,8 @@ def main() -> None:
         if os.environ.get("H3FUSION_DEBUG") == "1":
             raise
         message = " ".join(line.strip() for line in error.format_message().splitlines() if line.strip())
-        ctx = getattr(error, "ctx", None)
-        where = ctx.command_path if ctx is not None else "h3fusion"
-        print(f"error: {message.rstrip('.')}; see {where} --help", file=sys.stderr)
+        print(f"error: {message.rstrip('.')}; see {_command_path(getattr(error, 'ctx', None))} --help",
+              file=sys.stderr)
         sys.exit(2)
     except (KeyboardInterrupt, abort):
         code = 130

@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from h3fusion.errors import H3FusionError
@@ -147,6 +148,23 @@ def _load_error(spec: str, path: str, what: str, error: Exception) -> H3FusionEr
     return H3FusionError(f"cannot load the {what} of '{spec}': {reason}")
 
 
+def _corrupt_weights_error(spec: str, path: str, error: Exception) -> H3FusionError:
+    """A truncated or garbled .safetensors file (safetensors raises its own error type), by name."""
+    from safetensors import safe_open
+
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    where = f"a .safetensors file in {path}"
+    for file in sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []:
+        try:
+            with safe_open(file, "pt"):
+                pass
+        except Exception:  # any failure to open names the culprit
+            where = str(file)
+            break
+    return H3FusionError(f"cannot load the model of '{spec}': {where} is corrupt or truncated ({reason}); "
+                         "re-download or re-save the model")
+
+
 def load_tokenizer(spec: str, *, trust_remote_code: bool = False, cache_dir: str | Path | None = None):
     from transformers import AutoTokenizer
 
@@ -187,6 +205,8 @@ def load_model(
         )
     except (OSError, ValueError) as error:
         raise _load_error(spec, path, "model", error) from None
+    except SafetensorError as error:
+        raise _corrupt_weights_error(spec, path, error) from None
     if check_mlp:
         check_gated_mlp(model, f"model '{spec}'")
     model.eval()

@@ -76,7 +76,8 @@ def read_adapter(name: str, path: str | Path) -> ExpertAdapter:
         weights = load_file(weights_file)
     except (SafetensorError, OSError) as error:
         raise H3FusionError(
-            f"expert '{name}': {weights_file} is not a readable safetensors file ({error})"
+            f"expert '{name}': {weights_file} is corrupt or truncated ({error}); re-create the adapter "
+            "(`h3fusion align`) or copy it again"
         ) from None
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, tensor in weights.items():
