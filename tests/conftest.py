@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -98,3 +101,14 @@ def judge_cache(tmp_path_factory) -> Path:
 
 SMALL_JUDGES = {"fit_max_rows": 300}  # smoke-test judges: fast to fit, figures meaningless
 EVALUATED = {"helpful_n": 4, "harmless_n": 4, "honest_n": 4}
+
+
+def run_and_kill_at(args: list[str], marker: Path, timeout: float = 300) -> None:
+    """Start a CLI subprocess and SIGKILL it as soon as ``marker`` exists (a checkpoint, a cache file)."""
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert marker.exists(), f"{marker} never appeared before the process ended"

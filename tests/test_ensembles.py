@@ -7,10 +7,12 @@ import pytest
 import torch
 from peft import PeftModel
 
-from h3fusion.baselines.ensembles import rerank
+from h3fusion.baselines.ensembles import load_logit_ensemble, rerank
+from h3fusion.config import load_config
 from h3fusion.decoding import decode_batch, next_token_logprobs
 from h3fusion.errors import H3FusionError
 from h3fusion.models import load_model
+from tests.conftest import write_config
 from tests.moe_fixtures import make_adapter
 
 PROMPTS = ["Name a colour.", "Write a haiku about the sea and the wind, please.", "2 + 2 ="]
@@ -21,6 +23,15 @@ AXES = ["helpful", "harmless", "honest"]
 def adapters(tiny_llama_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("ensemble-adapters")
     return {axis: make_adapter(tiny_llama_dir, root / axis, seed=k + 1) for k, axis in enumerate(AXES)}
+
+
+def ensemble_model(root, base_dir, adapters):
+    """The logit ensemble's model as a run loads it: every expert adapter in one PEFT model."""
+    config = load_config(write_config(root / "c.yaml", model={"base": str(base_dir)},
+                                      moe={"adapters": {axis: str(path) for axis, path in adapters.items()}}))
+    model, tokenizer = load_logit_ensemble(config)
+    assert model.ensemble_adapters == AXES
+    return model, tokenizer
 
 
 def test_greedy_decoding_matches_model_generate(tiny_llama_dir):
@@ -50,12 +61,8 @@ def test_finished_rows_leave_the_batch_without_changing_the_others(tiny_llama_di
     assert others and all(t == a for t, a in others)  # rows that kept going decode as if alone
 
 
-def test_logit_ensemble_is_the_mean_of_the_experts_distributions(tiny_llama_dir, adapters):
-    base, tokenizer = load_model(str(tiny_llama_dir))
-    model = PeftModel.from_pretrained(base, str(adapters["helpful"]), adapter_name="helpful")
-    for axis in AXES[1:]:
-        model.load_adapter(str(adapters[axis]), adapter_name=axis)
-    model.eval()
+def test_logit_ensemble_is_the_mean_of_the_experts_distributions(tmp_path, tiny_llama_dir, adapters):
+    model, tokenizer = ensemble_model(tmp_path, tiny_llama_dir, adapters)
     tokenizer.padding_side = "left"
     batch = tokenizer(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False)
     positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
@@ -76,12 +83,8 @@ def test_logit_ensemble_is_the_mean_of_the_experts_distributions(tiny_llama_dir,
     torch.testing.assert_close(ensemble, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_logit_ensemble_decodes_through_the_shared_loop(tiny_llama_dir, adapters):
-    base, tokenizer = load_model(str(tiny_llama_dir))
-    model = PeftModel.from_pretrained(base, str(adapters["helpful"]), adapter_name="helpful")
-    for axis in AXES[1:]:
-        model.load_adapter(str(adapters[axis]), adapter_name=axis)
-    model.eval()
+def test_logit_ensemble_decodes_through_the_shared_loop(tmp_path, tiny_llama_dir, adapters):
+    model, tokenizer = ensemble_model(tmp_path, tiny_llama_dir, adapters)
     together = decode_batch(model, tokenizer, PROMPTS, max_new_tokens=6, adapters=AXES)
     alone = [decode_batch(model, tokenizer, [p], max_new_tokens=6, adapters=AXES)[0] for p in PROMPTS]
     assert together == alone and all(together)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from h3fusion.config import load_config
 from h3fusion.experts import align, expert_is_complete
 from h3fusion.models import load_model
-from tests.conftest import write_config
+from tests.conftest import run_and_kill_at, write_config
 
 
 @pytest.fixture(scope="module")
@@ -103,3 +103,28 @@ def test_smollm2_experts_loss_falls(tmp_path, data_dir):
     for axis, expert in align(config).items():
         curve = [row["loss"] for row in json.loads((expert / "training_log.json").read_text())["log_history"]]
         assert sum(curve[-3:]) / 3 < sum(curve[:3]) / 3, (axis, curve)
+
+
+def test_align_resumes_after_a_kill_to_the_uninterrupted_adapter(tmp_path, tiny_llama_dir, data_dir):
+    """SIGKILL once the first checkpoint is on disk; the same command resumes there and ends with the
+    adapter and loss curve of an uninterrupted run."""
+    runs = {}
+    for name in ("uninterrupted", "killed"):
+        (tmp_path / name).mkdir()
+        path = write_config(tmp_path / name / "c.yaml", model={"base": str(tiny_llama_dir)}, data={"dir": str(data_dir)},
+                            train={"max_steps": 6, "save_steps": 2})
+        args = [sys.executable, "-m", "h3fusion.cli", "align", str(path), "--axis", "honest"]
+        expert = tmp_path / name / "run" / "experts" / "honest"
+        if name == "killed":
+            run_and_kill_at(args, expert / "checkpoints" / "checkpoint-2" / "trainer_state.json")
+            assert not expert_is_complete(expert)
+        proc = subprocess.run(args, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert ("resuming from" in proc.stdout) == (name == "killed")
+        runs[name] = expert
+    logs = [json.loads((runs[n] / "training_log.json").read_text()) for n in runs]
+    assert [r["loss"] for r in logs[0]["log_history"]] == pytest.approx([r["loss"] for r in logs[1]["log_history"]],
+                                                                       rel=1e-6)
+    ours, theirs = (load_file(runs[n] / "adapter_model.safetensors") for n in runs)
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-7)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from h3fusion.io import read_jsonl
-from tests.conftest import EVALUATED, SMALL_JUDGES, write_config
+from tests.conftest import EVALUATED, SMALL_JUDGES, run_and_kill_at, write_config
 
 STAGES = ["align", "build", "fuse", "baselines", "generate", "evaluate", "report"]
 
@@ -80,6 +81,13 @@ def flatten(tree, prefix=""):
     return {k: v for key, sub in tree.items() for k, v in flatten(sub, f"{prefix}/{key}").items()}
 
 
+def assert_same_results(run, reference):
+    ours, theirs = (flatten(json.loads((r / "results.json").read_text())["systems"]) for r in (run, reference))
+    assert ours.keys() == theirs.keys()
+    for key, value in ours.items():  # identical answers; sums may differ in the last bit across processes
+        assert value == (pytest.approx(theirs[key], rel=1e-9, abs=1e-12) if isinstance(value, float) else theirs[key]), key
+
+
 def answers(run):
     return {str(p.relative_to(run)): [r["response"] for r in read_jsonl(p)]
             for p in sorted((run / "generations").glob("*/*.jsonl"))}
@@ -107,10 +115,7 @@ def test_run_resumes_after_a_kill_at_each_stage_boundary(tmp_path, uninterrupted
     assert final.returncode == 0, final.stderr[-3000:]
     run, reference = tmp_path / "run", uninterrupted[0].parent / "run"
     assert answers(run) == answers(reference)
-    ours, theirs = (flatten(json.loads((r / "results.json").read_text())["systems"]) for r in (run, reference))
-    assert ours.keys() == theirs.keys()
-    for key, value in ours.items():  # identical answers; sums may differ in the last bit across processes
-        assert value == (pytest.approx(theirs[key], rel=1e-9, abs=1e-12) if isinstance(value, float) else theirs[key]), key
+    assert_same_results(run, reference)
     assert (run / "report.md").is_file()
     for weights in ["experts/helpful/adapter_model.safetensors", "experts/honest/adapter_model.safetensors",
                     "fused/model.safetensors"]:  # same seed, same weights (a determinism check too)
@@ -118,3 +123,17 @@ def test_run_resumes_after_a_kill_at_each_stage_boundary(tmp_path, uninterrupted
         assert ours.keys() == theirs.keys()
         for name in ours:
             torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-6)
+
+
+def test_evaluate_resumes_after_a_kill(tmp_path, uninterrupted, tiny_llama_dir, data_dir, judge_cache):
+    """SIGKILL once the first judgements are cached; the same command finishes with the reference results."""
+    path = pipeline_config(tmp_path, tiny_llama_dir, data_dir, judge_cache)
+    reference = uninterrupted[0].parent / "run"
+    shutil.copytree(reference / "generations", tmp_path / "run" / "generations",
+                    ignore=shutil.ignore_patterns("ensemble-rerank"))  # assembled by evaluate itself
+    args = [sys.executable, "-m", "h3fusion.cli", "evaluate", str(path)]
+    run_and_kill_at(args, tmp_path / "run" / "judgements" / "expert-harmless" / "helpful.jsonl")
+    assert not (tmp_path / "run" / "results.json").exists()
+    done = subprocess.run(args, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert_same_results(tmp_path / "run", reference)
