@@ -454,6 +454,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="one repeat of everything, tiny evaluator run "
                         "(checks the script; figures meaningless)")
     parser.add_argument("--report", metavar="JSON", help="only reprint the table of an earlier run's JSON")
+    parser.add_argument("--evaluator-only", action="store_true",
+                        help="only the evaluator section (the compact fused model; minutes)")
     args = parser.parse_args()
     if args.report:
         print(table(json.loads(Path(args.report).read_text())))
@@ -492,6 +494,18 @@ def main() -> None:
 
     base, tokenizer = load_model(base_dir, args.torch_dtype)
     base = base.to(args.device)
+    if args.evaluator_only:
+        compact = build(base_dir, adapters, "compact", args.torch_dtype, args.device)
+        results["evaluator"] = e = section_evaluator(compact, tokenizer, args, workdir / "eval")
+        results["machine"]["loadavg_end"] = os.getloadavg()
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=2, default=str))
+        for name in ("evaluator", "plain_loop"):
+            print(f"{name}: {e[name]['new_tokens']} new tokens, median {median(e[name]['seconds']):.2f}s, "
+                  f"{e[name]['tok_s']:.2f} tok/s")
+        print(f"evaluator / plain loop tok/s: {e['evaluator']['tok_s'] / e['plain_loop']['tok_s']:.2f} (target >= 2); "
+              f"plain loop useful decode slots {e['plain_loop']['useful_decode_fraction']:.1%}; JSON: {args.out}")
+        return
     build_s: dict[str, list[float]] = {"compact": [], "dense": []}
     models = {"base": base}
     for storage in ("compact", "dense"):
