@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
@@ -10,6 +13,7 @@ import pytest
 
 from h3fusion.errors import H3FusionError
 from h3fusion.judges.external import HFModerationJudge, HFTruthInfoJudge, OpenAIPairwiseJudge
+from tests.conftest import write_config
 
 RECORDS = [{"instruction": "Name a fruit.", "reference": "Apple.", "response": "A banana is a fruit."}] * 6
 
@@ -86,3 +90,24 @@ def test_hf_truth_info_judge_with_tiny_stand_in(tiny_llama_dir):
     records = [{"question": "Is the earth flat?", "response": "No, it is round."}]
     truth, info = judge.score_truth(records), judge.score_info(records)
     assert 0 < truth[0] < 1 and 0 < info[0] < 1 and truth != info
+
+
+def test_api_key_never_reaches_outputs_or_logs(stub_server, tmp_path, data_dir):
+    """`h3fusion judge` with the API judge: the key is sent to the endpoint and written nowhere."""
+    secret = "sk-test-secret-4f9a"
+    config = write_config(tmp_path / "c.yaml", data={"dir": str(data_dir)},
+                          judges={"helpful": "api", "api_base_url": stub_server, "api_model": "judge-model",
+                                  "api_key_env": "H3_TEST_KEY"})
+    records = tmp_path / "answers.jsonl"
+    records.write_text("".join(json.dumps(r) + "\n" for r in RECORDS[:2]))
+    out = tmp_path / "judged.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "h3fusion.cli", "judge", "helpful", "--input", str(records),
+                           "--output", str(out), "--config", str(config)],
+                          capture_output=True, text=True, env={**os.environ, "H3_TEST_KEY": secret})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [json.loads(line)["score"] for line in out.read_text().splitlines()] == [1.0, 1.0]
+    assert {auth for _, auth, _ in _Stub.seen} == {f"Bearer {secret}"}  # it was used...
+    assert secret not in proc.stdout + proc.stderr  # ...and never printed
+    for path in tmp_path.rglob("*"):  # ...or stored
+        if path.is_file():
+            assert secret not in path.read_text(errors="ignore"), path

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 
@@ -82,3 +84,26 @@ def test_unknown_model_from_cli_is_one_line_no_traceback(tmp_path):
 def test_unknown_bare_name_offline_names_the_options():
     with pytest.raises(H3FusionError, match="not found: it is not a local directory.*smollm2-135m"):
         load_model("smollm2-1.7b-typo")
+
+
+class _Payload:
+    """A pickle that would run a command when unpickled without weights_only."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_legacy_bin_checkpoints_are_never_unpickled_unsafely(tmp_path, tiny_llama_dir):
+    model_dir = tmp_path / "legacy"
+    shutil.copytree(tiny_llama_dir, model_dir)
+    (model_dir / "model.safetensors").unlink()
+    marker = tmp_path / "pwned"
+    torch.save({"model.embed_tokens.weight": _Payload(marker)}, model_dir / "pytorch_model.bin")
+    proc = subprocess.run([sys.executable, "-m", "h3fusion.cli", "model-info", str(model_dir)],
+                          capture_output=True, text=True)
+    assert not marker.exists()  # transformers loads .bin with weights_only=True: the payload never ran
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("error: model") and "was not unpickled" in proc.stderr

@@ -12,6 +12,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -207,6 +208,10 @@ def load_model(
         raise _load_error(spec, path, "model", error) from None
     except SafetensorError as error:
         raise _corrupt_weights_error(spec, path, error) from None
+    except pickle.UnpicklingError:  # a legacy .bin that holds more than tensors: weights_only refused it
+        raise H3FusionError(f"model '{spec}': its legacy .bin checkpoint at {path} holds objects other than "
+                            "tensors, so it was not unpickled (that could run code); convert a trusted copy to "
+                            "safetensors") from None
     if check_mlp:
         check_gated_mlp(model, f"model '{spec}'")
     model.eval()
