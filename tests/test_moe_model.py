@@ -107,6 +107,10 @@ def test_save_and_load_through_auto_class(tmp_path, tiny_llama_dir, adapters):
     assert not info["missing_keys"] and not info["unexpected_keys"]
     torch.testing.assert_close(logits(loaded.eval()), expected, atol=1e-5, rtol=0)
     assert loaded.config.expert_bias == [0.0, 0.5, 0.0]
+    half = AutoModelForCausalLM.from_pretrained(tmp_path / "moe", dtype=torch.bfloat16)
+    kinds = {name: p.dtype for name, p in half.named_parameters()}
+    assert kinds["model.model.embed_tokens.weight"] == torch.bfloat16  # the base honours the requested dtype
+    assert {d for n, d in kinds.items() if "router" in n or "delta_" in n} == {torch.float32}  # these stay fp32
     # a fresh process that only imports h3fusion, with trust_remote_code off
     code = ("import h3fusion, sys; from transformers import AutoModelForCausalLM as A; "
             f"m = A.from_pretrained(r'{tmp_path / 'moe'}', trust_remote_code=False); print(type(m).__name__)")

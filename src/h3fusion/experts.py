@@ -59,6 +59,7 @@ def train_lora_adapter(config: RunConfig, label: str, out: Path, *, examples, he
         config.model.base, config.model.dtype,
         trust_remote_code=config.model.trust_remote_code, cache_dir=config.model.cache_dir,
     )
+    fingerprint = base_fingerprint(model)  # before training: under FSDP / ZeRO-3 a process later holds a shard
     dataset = SFTDataset(examples, tokenizer, config.data.max_length, config.data.prompt_format)
     if len(dataset) == 0:
         raise H3FusionError(f"{label}: no training examples left after filtering; "
@@ -79,18 +80,28 @@ def train_lora_adapter(config: RunConfig, label: str, out: Path, *, examples, he
         eval_dataset=heldout if len(heldout) else None,
         data_collator=SFTCollator(tokenizer.pad_token_id),
     )
-    heldout_before = trainer.evaluate()["eval_loss"] if len(heldout) else None
     started = time.time()
     trainer.train(resume_from_checkpoint=resume)
     heldout_after = trainer.evaluate()["eval_loss"] if len(heldout) else None
+    # The "before" loss is taken after training with the adapter switched off: LoRA's B starts at zero, so
+    # that is exactly the untrained model. Evaluating before train() would let accelerate mark the bare
+    # model as prepared, and train() would then skip the DDP wrapping: no gradient all-reduce, the ranks
+    # drift apart and rank 0 saves an adapter trained on its shard alone.
+    if len(heldout):
+        with model.disable_adapter():
+            heldout_before = trainer.evaluate()["eval_loss"]
+    else:
+        heldout_before = None
+    # every process takes part: under FSDP / ZeRO-3 the Trainer gathers the sharded adapter for process 0
+    trainer.save_model(str(out))  # safetensors adapter + adapter_config.json
     if not trainer.is_world_process_zero():
         return out
-    model.save_pretrained(out)  # safetensors adapter + adapter_config.json
+    (out / "training_args.bin").unlink(missing_ok=True)  # save_model's extra: the adapter dir stays stock PEFT
     curve = loss_curve(trainer.state.log_history)
     write_json(out / EXPERT_META, {
         **meta,
         "base": config.model.base,
-        "base_fingerprint": base_fingerprint(model.get_base_model()),
+        "base_fingerprint": fingerprint,
         "r": r, "alpha": alpha, "target_modules": sorted(target_modules),
         "prompt_format": config.data.prompt_format,
     })

@@ -65,7 +65,8 @@ class FusionTrainer(Trainer):
         self.gate_loss_form = gate_loss_form
         self.expert_names = list(expert_names)
         self._sums: dict[str, float] = defaultdict(float)
-        self._count = 0
+        self._steps = 0.0  # optimizer steps (on this process) behind ``_sums``
+        self.loss_is_scaled_for_ga = True  # compute_loss scales every term for accumulation itself
 
     def create_optimizer(self, model=None):
         fresh = self.optimizer is None
@@ -81,27 +82,47 @@ class FusionTrainer(Trainer):
         return optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The H3Fusion loss of one micro-batch, scaled so that summing over the micro-batches of a step
+        and averaging over processes (DDP) gives the loss of the whole global batch, as one process would:
+        L_SFT is the token mean over every process's micro-batches (``num_items_in_batch``, counted by the
+        Trainer across accumulation steps and, with ``average_tokens_across_devices``, across processes);
+        L_gate the mean over sequences (per-process batches are equal in size); the drift term once."""
         axis_labels = inputs.pop("axis_label")
-        outputs = model(**inputs)
-        lm_loss = outputs.loss
+        accumulation = getattr(self, "current_gradient_accumulation_steps", 1) if model.training else 1
+        processes = self.accelerator.num_processes
+        if num_items_in_batch is not None:
+            outputs = model(**inputs, num_items_in_batch=num_items_in_batch)  # sum over this micro-batch / N
+            lm_loss = outputs.loss
+            if self.args.average_tokens_across_devices and processes > 1:
+                lm_loss = lm_loss * processes  # N counts every process's tokens; DDP averages the gradients
+        else:
+            outputs = model(**inputs)
+            lm_loss = outputs.loss / accumulation
         p_bar = mean_router_probs(model, inputs["attention_mask"])
         gate = gating_loss(p_bar, axis_labels, self.gate_loss_form)
         drift = drift_penalties(model)
-        loss = lm_loss + self.gate_lambda * gate + (self.gammas.to(drift.device, drift.dtype) * drift).sum()
-        with torch.no_grad():  # running means for the next log line
-            self._sums["lm_loss"] += lm_loss.item()
-            self._sums["gate_loss"] += gate.item()
-            self._sums["router_accuracy"] += (p_bar.argmax(dim=1) == axis_labels).float().mean().item()
+        penalty = (self.gammas.to(drift.device, drift.dtype) * drift).sum()
+        loss = lm_loss + (self.gate_lambda * gate + penalty) / accumulation
+        with torch.no_grad():  # this micro-batch's share of the step's values, summed over processes in log()
+            share = 1.0 / (accumulation * processes)
+            self._sums["lm_loss"] += lm_loss.item() / processes
+            self._sums["gate_loss"] += gate.item() * share
+            self._sums["router_accuracy"] += (p_bar.argmax(dim=1) == axis_labels).float().mean().item() * share
             for name, value in zip(self.expert_names, drift.tolist(), strict=True):
-                self._sums[f"drift_{name}"] += value
-            self._count += 1
+                self._sums[f"drift_{name}"] += value * share
+            self._steps += 1.0 / accumulation
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if self._count and "loss" in logs:
-            logs.update({key: round(value / self._count, 6) for key, value in self._sums.items()})
+        # the Trainer logs on every process at the same steps: sum the shares of all processes
+        if self._steps and "loss" in logs:
+            keys = sorted(self._sums)
+            totals = torch.tensor([self._sums[key] for key in keys], dtype=torch.float64, device=self.args.device)
+            if self.accelerator.num_processes > 1:
+                totals = self.accelerator.reduce(totals, reduction="sum")
+            logs.update({key: round(value / self._steps, 6) for key, value in zip(keys, totals.tolist(), strict=True)})
             self._sums.clear()
-            self._count = 0
+            self._steps = 0.0
         super().log(logs, start_time)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
@@ -146,6 +167,9 @@ def prepare_for_fusion(model: H3FusionForCausalLM, config: RunConfig) -> None:
     for name, param in model.named_parameters():  # inject_adapter_in_model only marks its own
         if "lora_" in name or ".fusion_" in name:
             param.requires_grad_(True)
+        if "lora_" in name and param.dtype in (torch.bfloat16, torch.float16):
+            # inject_adapter_in_model keeps the base's dtype; train the LoRA in fp32 like get_peft_model does
+            param.data = param.data.float()
 
 
 @torch.no_grad()
@@ -233,6 +257,7 @@ def fuse_run(config: RunConfig, log=print) -> Path:
     )
     started = time.time()
     trainer.train(resume_from_checkpoint=resume)
+    trainer.accelerator.wait_for_everyone()  # every process's checkpoint files are written before rmtree below
     if not trainer.is_world_process_zero():
         return out
     history = [row for row in trainer.state.log_history if "lm_loss" in row]

@@ -96,6 +96,9 @@ def training_arguments(train: TrainConfig, output_dir: Path, seed: int, **overri
         report_to=[],
         seed=seed,
         data_seed=seed,
+        # under DDP the loss is the token mean over every process's batch (counts all-reduced), so N processes
+        # of batch b train exactly like one process of batch N*b (tests/test_scale_out.py)
+        average_tokens_across_devices=True,
         use_cpu=use_cpu,
         bf16=train.bf16 and not use_cpu,
         activation_checkpointing=train.gradient_checkpointing,

@@ -95,7 +95,9 @@ class H3FusionForCausalLM(PreTrainedModel, GenerationMixin):
         per-layer expert deltas (``expert_deltas[layer][expert] = {proj: LowRankDelta}``)."""
         super().__init__(config)
         if base_model is None:
-            base_model = AutoModelForCausalLM.from_config(config.make_base_config())
+            # from_pretrained(dtype=...) sets the default dtype while it builds us; from_config would
+            # otherwise take the stored base config's dtype and load a bf16 request in fp32
+            base_model = AutoModelForCausalLM.from_config(config.make_base_config(), dtype=torch.get_default_dtype())
         self.model = base_model
         self._tied_weights_keys = {
             f"model.{k}": f"model.{v}" for k, v in (getattr(base_model, "_tied_weights_keys", None) or {}).items()
