@@ -137,3 +137,18 @@ def test_evaluate_resumes_after_a_kill(tmp_path, uninterrupted, tiny_llama_dir, 
     done = subprocess.run(args, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert_same_results(tmp_path / "run", reference)
+
+
+def test_generate_resumes_after_a_kill(tmp_path, uninterrupted, tiny_llama_dir, data_dir, judge_cache):
+    """SIGKILL once the first answers are on disk; the same command finishes with the reference answers."""
+    path = pipeline_config(tmp_path, tiny_llama_dir, data_dir, judge_cache)
+    reference = uninterrupted[0].parent / "run"
+    for stage in ("experts", "fused"):  # the trained systems, as an earlier stage left them
+        shutil.copytree(reference / stage, tmp_path / "run" / stage)
+    args = [sys.executable, "-m", "h3fusion.cli", "generate", str(path)]
+    run_and_kill_at(args, tmp_path / "run" / "generations" / "expert-helpful" / "helpful.jsonl")
+    assert not (tmp_path / "run" / "generations" / "ensemble-logits").exists()  # killed part-way
+    done = subprocess.run(args, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ours = answers(tmp_path / "run")
+    assert ours == {k: v for k, v in answers(reference).items() if "ensemble-rerank" not in k}
