@@ -122,7 +122,7 @@ def _comparison_rows(results: dict, run: Path, seed: int) -> list[dict]:
         axes = {}
         for _, axis, key, higher in (COLUMNS[0], COLUMNS[1], COLUMNS[4]):
             a, b = _metric(ours, axis, key), _metric(theirs, axis, key)
-            axes[axis] = None if a is None or b is None else (a > b if higher else a < b)
+            axes[axis] = None if a is None or b is None or a == b else (a > b if higher else a < b)  # ties: neither
         rows.append({"label": label, "system": name, "diff": diff, "interval": interval,
                      "relative": {key: relative_improvement(_metric(ours, axis, key), _metric(theirs, axis, key), hi)
                                   for _, axis, key, hi in COLUMNS if key in ("hhh", "win_rate", "flagged_rate",
