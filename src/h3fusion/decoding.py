@@ -22,7 +22,7 @@ import torch
 STOP_TAIL_TOKENS = 16  # stop strings are looked for in the decoded last tokens of a row, not the whole answer
 
 
-def next_token_logprobs(model, *, adapters: Sequence[str] | None = None, rows: int | None = None, **inputs):
+def next_token_logprobs(model, *, adapters: Sequence[str] | None = None, **inputs):
     """(log-probabilities of the next token per prompt row [rows, vocab], model output).
 
     With ``adapters`` the batch holds ``len(adapters)`` consecutive copies of each row, one per
