@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 from h3fusion.config import RunConfig
 from h3fusion.errors import H3FusionError
@@ -22,8 +23,6 @@ RERANK = "ensemble-rerank"
 
 def load_logit_ensemble(config: RunConfig):
     """(PEFT model holding every expert adapter, tokenizer); ``model.ensemble_adapters`` names them."""
-    from pathlib import Path
-
     from peft import PeftModel
 
     from h3fusion.models import load_model
