@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from h3fusion.io import read_jsonl
@@ -152,3 +153,19 @@ def test_generate_resumes_after_a_kill(tmp_path, uninterrupted, tiny_llama_dir, 
     assert done.returncode == 0, done.stderr[-2000:]
     ours = answers(tmp_path / "run")
     assert ours == {k: v for k, v in answers(reference).items() if "ensemble-rerank" not in k}
+
+
+def test_ablation_refuses_without_base_run_then_reuses_its_experts(tmp_path, uninterrupted):
+    path = uninterrupted[0]
+    base = [sys.executable, "-m", "h3fusion.cli", "ablate", str(path), "--name", "lambda-half",
+            "--set", "fusion.gate_lambda=0.5", "--results-dir", str(tmp_path / "ablations")]
+    missing = subprocess.run([*base, "--out", str(tmp_path / "no-run")], capture_output=True, text=True)
+    assert missing.returncode == 2 and "finish the base run first" in missing.stderr
+    done = subprocess.run(base, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "[align]" not in done.stdout  # the base run's experts were reused, not retrained
+    summary = json.loads((tmp_path / "ablations" / "lambda-half.json").read_text())
+    assert summary["overrides"] == ["fusion.gate_lambda=0.5"] and not summary["realigned_experts"]
+    assert summary["h3fusion"]["hhh"] is not None and "h3fusion" in summary["base_run"]["systems"]
+    fused = path.parent / "run" / "ablations" / "lambda-half" / "fused"
+    assert yaml.safe_load((fused / "config.yaml").read_text())["fusion"]["gate_lambda"] == 0.5

@@ -169,6 +169,21 @@ def report(config: ConfigArg, set_: SetOpt = None, out: OutOpt = None) -> None:
     typer.echo(f"report: {write_report(cfg)}")
 
 
+@app.command()
+def ablate(
+    config: ConfigArg,
+    name: Annotated[str, typer.Option(help="Name of this ablation (its directory and JSON file)")],
+    set_: SetOpt = None,
+    out: OutOpt = None,
+    results_dir: Annotated[Path, typer.Option(help="Where the summary JSON goes")] = Path("results/ablations"),
+) -> None:
+    """One fusion setting on a finished run's experts -> results/ablations/<name>.json."""
+    from h3fusion.ablate import ablate as run_ablation
+
+    overrides = list(set_ or []) + ([f"run_dir={out}"] if out is not None else [])
+    typer.echo(f"ablation: {run_ablation(config, name, overrides, results_dir)}")
+
+
 judges_app = typer.Typer(help="The offline judges: fit and validate them.", no_args_is_help=True)
 app.add_typer(judges_app, name="judges")
 

@@ -1,0 +1,71 @@
+"""`h3fusion ablate`: one fusion setting at a time, on the experts of a finished run.
+
+    h3fusion ablate configs/cpu-bench.yaml --name lambda-0.1 --set fusion.gate_lambda=0.1
+
+Builds, fuses, generates and evaluates only the ``h3fusion`` system under
+``<base run>/ablations/<name>/``, reusing the base run's experts (``moe.adapters``) and judges, and
+writes ``results/ablations/<name>.json``: the overrides, the ablated H3Fusion's metrics and the base
+run's systems beside them, so one file answers "what did this setting change". Overrides that change
+the experts themselves (``lora.*``, ``train.*``, ``data.*``, ``experts``, ``seed``, ``model.*``)
+re-align them inside the ablation's directory instead. Every stage skips what is complete, so a killed
+ablation resumes with the same command.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from h3fusion.config import load_config
+from h3fusion.errors import H3FusionError
+from h3fusion.io import write_json
+
+REALIGN_PREFIXES = ("lora.", "train.", "data.", "experts", "seed", "model.")
+FUSED = "h3fusion"
+
+
+def ablate(config_path: Path, name: str, overrides: list[str], results_dir: Path = Path("results/ablations"),
+           log=print) -> Path:
+    """Run one ablation; returns the path of its summary JSON."""
+    from h3fusion.evaluate import evaluate_run
+    from h3fusion.experts import align
+    from h3fusion.fusion import fuse_run
+    from h3fusion.generate import generate_system
+    from h3fusion.moe.build import build_run
+
+    if not name or "/" in name:
+        raise H3FusionError(f"--name '{name}' must be a plain name (it names a directory and a JSON file)")
+    base = load_config(config_path, overrides=[o for o in overrides if o.startswith("run_dir=")])
+    base_results = base.run_path / "results.json"
+    if not base_results.is_file():
+        raise H3FusionError(f"no {base_results}: finish the base run first (`h3fusion run {config_path}`)")
+    keys = [o.split("=", 1)[0] for o in overrides]
+    realign = any(k.startswith(REALIGN_PREFIXES) for k in keys)
+    run_dir = base.run_path / "ablations" / name
+    extra = [f"run_dir={run_dir}"]
+    if not realign:  # the base run's experts, by path: nothing of stage 1 is redone
+        extra += [f"moe.adapters.{axis}={base.run_path / 'experts' / axis}" for axis in base.experts]
+    config = load_config(config_path, overrides=[*overrides, *extra])
+    log(f"[ablate] {name}: {' '.join(overrides) or '(no overrides)'} -> {run_dir}"
+        + (" (re-aligning the experts)" if realign else ""))
+    if realign:
+        align(config, log=log)
+    build_run(config, log=log)
+    fuse_run(config, log=log)
+    generate_system(config, FUSED, log=log)
+    results = json.loads(evaluate_run(config, systems=[FUSED], log=log).read_text())
+    summary = {
+        "name": name,
+        "overrides": overrides,
+        "realigned_experts": realign,
+        FUSED: results["systems"][FUSED],
+        "base_run": {"dir": str(base.run_path), "systems": json.loads(base_results.read_text())["systems"]},
+        "judges": results["judges"],
+        "run": results["run"],
+    }
+    out = Path(results_dir) / f"{name}.json"
+    write_json(out, summary)
+    ours, theirs = summary[FUSED].get("hhh"), summary["base_run"]["systems"].get(FUSED, {}).get("hhh")
+    if ours is not None and theirs is not None:
+        log(f"[ablate] {name}: h3fusion hhh {ours:.3f} (base run {theirs:.3f}, {ours - theirs:+.3f}) -> {out}")
+    return out
