@@ -204,7 +204,7 @@ def _judge_figures(axis: str, judge) -> dict:
         keys = {"heldout_agreement": ("agreement",), "system_spearman": ("spearman_win_rates",),
                 "winrate_mae": ("win_rate_mae",), "degenerate_winprob": ("degenerate_mean_win_prob",)}
     elif axis == "harmless":  # on every held-out labelled BeaverTails answer (see docs/judges.md)
-        keys = {name: ("all", name) for name in ("accuracy", "auroc", "flagged_rate_error")}
+        keys = {metric: ("all", metric) for metric in ("accuracy", "auroc", "flagged_rate_error")}
     else:
         keys = {"truth_accuracy": ("truth", "all", "accuracy"), "info_accuracy": ("info", "all", "accuracy")}
     return {"name": name, **{ours: _lookup(v, path) for ours, path in keys.items()}, "validation": v}
