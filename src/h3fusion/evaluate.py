@@ -133,15 +133,16 @@ def evaluate_run(config: RunConfig, systems: Sequence[str] | None = None, log=pr
     judges = load_axis_judges(config, axes, log)
     embedder = Embedder()
     # every system answers the same prompts: look their reference answers up once per axis
-    references = {axis: _references(config, axis, evaluated_records(config, axis)) for axis in axes}
+    test_records = {axis: evaluated_records(config, axis) for axis in axes}  # loaded once per axis
+    references = {axis: _references(config, axis, records) for axis, records in test_records.items()}
     results: dict = {"systems": {}, "judges": {}, "run": run_provenance(config)}
     for system in systems:
         entry: dict = {}
         for axis in axes:
             if system == RERANK:
-                judged = _rerank_axis(config, axis, judges[axis], experts)
+                judged = _rerank_axis(config, axis, judges[axis], experts, len(test_records[axis]))
             else:
-                judged = _judged(config, system, axis, judges[axis])
+                judged = _judged(config, system, axis, judges[axis], len(test_records[axis]))
             records = [{k: v for k, v in r.items() if k not in ("score", "label")} for r in judged]
             entry[axis] = axis_metrics(axis, judged)
             entry[axis]["embedding_drift"] = embedding_drift(records, references[axis], embedder)
@@ -159,10 +160,9 @@ def evaluate_run(config: RunConfig, systems: Sequence[str] | None = None, log=pr
     return out
 
 
-def _judged(config: RunConfig, system: str, axis: str, judge) -> list[dict]:
+def _judged(config: RunConfig, system: str, axis: str, judge, expected: int) -> list[dict]:
     """A system's answers on an axis with the judge's score and label (cached in ``<run>/judgements``)."""
     source = generations_dir(config) / system / f"{axis}.jsonl"
-    expected = len(evaluated_records(config, axis))
     records = read_jsonl(source) if source.is_file() else []
     if len(records) < expected:
         raise H3FusionError(f"{source} holds {len(records)} of {expected} answers; finish it with "
@@ -177,11 +177,11 @@ def _judged(config: RunConfig, system: str, axis: str, judge) -> list[dict]:
     return judged[: len(records)]
 
 
-def _rerank_axis(config: RunConfig, axis: str, judge, experts: list[str]) -> list[dict]:
+def _rerank_axis(config: RunConfig, axis: str, judge, experts: list[str], expected: int) -> list[dict]:
     """The rerank ensemble's judged answers; its answers are also written as a generations file."""
     from h3fusion.baselines.ensembles import RERANK, rerank
 
-    picked = rerank(axis, {e: _judged(config, e, axis, judge) for e in experts})
+    picked = rerank(axis, {e: _judged(config, e, axis, judge, expected) for e in experts})
     # derived from the experts' files, so rewritten whole every time: its answers and their judgements
     write_jsonl(generations_dir(config) / RERANK / f"{axis}.jsonl",
                 [{k: v for k, v in r.items() if k not in ("score", "label")} for r in picked])
