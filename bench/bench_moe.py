@@ -456,6 +456,8 @@ def main() -> None:
     parser.add_argument("--report", metavar="JSON", help="only reprint the table of an earlier run's JSON")
     parser.add_argument("--evaluator-only", action="store_true",
                         help="only the evaluator section (the compact fused model; minutes)")
+    parser.add_argument("--training-only", action="store_true",
+                        help="only the training section: fusion step vs expert LoRA step, time and peak memory")
     args = parser.parse_args()
     if args.report:
         print(table(json.loads(Path(args.report).read_text())))
@@ -505,6 +507,21 @@ def main() -> None:
                   f"{e[name]['tok_s']:.2f} tok/s")
         print(f"evaluator / plain loop tok/s: {e['evaluator']['tok_s'] / e['plain_loop']['tok_s']:.2f} (target >= 2); "
               f"plain loop useful decode slots {e['plain_loop']['useful_decode_fraction']:.1%}; JSON: {args.out}")
+        return
+    if args.training_only:
+        setup = TrainSetup(base_dir, adapters, tokenizer, args, workdir)
+        results["training"] = t = section_training(setup, args)
+        memory_mode()
+        t["peak_bytes"] = training_memory(setup, args)
+        results["machine"]["loadavg_end"] = os.getloadavg()
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=2, default=str))
+        time_ratio = paired(t["fusion"]["seconds"], t["lora"]["seconds"])
+        mem_ratio = t["peak_bytes"]["fusion"] / t["peak_bytes"]["lora"]
+        print(f"fusion step {t['fusion']['step_s']:.2f}s / LoRA step {t['lora']['step_s']:.2f}s: "
+              f"{time_ratio:.3f} (per-repeat median; target <= 1.3)")
+        print(f"fusion / LoRA step peak memory: {mib(t['peak_bytes']['fusion']):.0f} / "
+              f"{mib(t['peak_bytes']['lora']):.0f} MiB = {mem_ratio:.3f} (target <= 1.3); JSON: {args.out}")
         return
     build_s: dict[str, list[float]] = {"compact": [], "dense": []}
     models = {"base": base}

@@ -489,3 +489,94 @@ def test_cuda_bf16_compact_matches_dense(t):
         yc, yd = (layer(x) for layer in layers)
     assert yc.is_cuda and yc.dtype == torch.bfloat16
     assert (yc.float() - yd.float()).abs().max() < 3e-2 * yd.float().abs().max()
+
+
+# ---------------------------------------------------------------------------------------------- lean backward
+def _composite(g, u, w, a, n_fusion, keep_mask, p):
+    """routed_swiglu written with plain autograd ops (the reference)."""
+    h = F.silu(g) * u * w.unsqueeze(-1)
+    keep = a.shape[0] - n_fusion
+    hd = h if keep_mask is None else h * keep_mask / (1 - p)
+    return h, torch.cat([h @ a[:keep].t(), hd @ a[keep:].t()], dim=-1)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_routed_swiglu_matches_autograd_composition(p):
+    from h3fusion.moe.routed_swiglu import dropout_mask, routed_swiglu
+
+    gen = torch.Generator().manual_seed(0)
+    t, r_keep, r_fus = 7, 3, 2
+    leaves = [torch.randn(*s, generator=gen, dtype=torch.float64, requires_grad=True)
+              for s in ((t, I), (t, I), (t,), (r_keep + r_fus, I))]
+    mask = dropout_mask(leaves[0], p)
+    grads_h = torch.randn(t, I, generator=gen, dtype=torch.float64)
+    grads_z = torch.randn(t, r_keep + r_fus, generator=gen, dtype=torch.float64)
+    outs = {}
+    for name, fn in (("lean", routed_swiglu), ("composite", _composite)):
+        args = [x.detach().clone().requires_grad_() for x in leaves]
+        h, z = fn(*args, r_fus, mask, p) if name == "composite" else fn(*args, r_fus, p, keep_mask=mask)
+        ((h * grads_h).sum() + (z * grads_z).sum()).backward()
+        outs[name] = [h, z, *(x.grad for x in args)]
+    for lean, ref in zip(outs["lean"], outs["composite"], strict=True):
+        torch.testing.assert_close(lean, ref, **F64)
+    # and torch's own numerical check of the hand-written backward
+    args = tuple(x.detach().clone().requires_grad_() for x in leaves)
+    assert torch.autograd.gradcheck(lambda g, u, w, a: routed_swiglu(g, u, w, a, r_fus, p, keep_mask=mask), args)
+
+
+def _saved_activation_rows(layer, x) -> float:
+    """[T_e, I]-sized float activations the layer keeps for backward, in rows per routed token.
+
+    Rows of the weights' low-rank factors ([R, I], R <= 6 here) are not activations and are skipped."""
+    params = {prm.untyped_storage().data_ptr() for prm in layer.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if t.is_floating_point() and t.dim() == 2 and t.shape[-1] == I and t.shape[0] > 6 and ptr not in params:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    y.sum().backward()
+    return sum(seen.values()) / (x.shape[1] * layer.top_k * I * x.element_size())
+
+
+def test_training_path_keeps_two_intermediate_activations_per_routed_token(monkeypatch):
+    """Pins the fusion step's memory fix: g and u per routed token (+ a bool dropout mask), not ~7 tensors."""
+    base, deltas = make_base(torch.float32), make_deltas(3, torch.float32)
+    layer = MoEMLP(base, deltas, top_k=2, storage="compact", decode_threshold=THRESHOLD)
+    layer.add_fusion_lora(r=2, alpha=4.0, dropout=0.1)
+    layer.train()
+    x = tokens(T_LARGE, torch.float32)
+    lean = _saved_activation_rows(layer, x)
+    assert lean <= 2.0 + 1e-9
+    monkeypatch.setattr("h3fusion.moe.layer.is_silu", lambda act: False)  # the plain autograd path
+    assert _saved_activation_rows(layer, x) >= 6.5
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_training_path_equals_plain_autograd_path(monkeypatch, dropout):
+    base, deltas = make_base(torch.float64), make_deltas(3, torch.float64)
+    layer = MoEMLP(base, deltas, top_k=2, storage="compact", decode_threshold=THRESHOLD)
+    layer.add_fusion_lora(r=2, alpha=4.0, dropout=dropout)
+    with torch.no_grad():
+        for p in PROJECTIONS:
+            layer.fusion_B[p].normal_(0, 0.1)
+    layer.train()
+    x = tokens(T_LARGE)
+    results = []
+    for plain in (False, True):
+        if plain:  # same draws from the global RNG: the bool mask and nn.Dropout's mask come from one bernoulli
+            monkeypatch.setattr("h3fusion.moe.layer.is_silu", lambda act: False)
+        layer.zero_grad(set_to_none=True)
+        torch.manual_seed(5)
+        y = layer(x)
+        (y.square().mean() - torch.log(layer.router_probs[:, 0].mean())).backward()
+        results.append([y.detach(), *(prm.grad for prm in layer.parameters() if prm.requires_grad)])
+    if dropout:  # masks are drawn differently (bool vs float noise): outputs differ, gradients still flow
+        assert all(g is not None and g.abs().sum() > 0 for g in results[0][1:])
+        return
+    for lean, plain in zip(*results, strict=True):
+        torch.testing.assert_close(lean, plain, **F64)

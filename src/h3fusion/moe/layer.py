@@ -47,6 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from h3fusion.moe.routed_swiglu import is_silu, routed_swiglu
+
 PROJECTIONS: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
 _DRIFT_EPS = 1e-12
 
@@ -491,6 +493,8 @@ class MoEMLP(nn.Module):
         ag, au = self._gate_up_acts(x, f)
         mix = torch.zeros_like(g0)
         groups = self._groups(top_w, top_i)
+        lean = torch.is_grad_enabled() and is_silu(self.act_fn)
+        drop = self.fusion_dropout.p if self._dropout_active() else 0.0
         z_parts: list[Tensor] = []
         for e, tok, wt in groups:
             g, u = g0[tok], u0[tok]
@@ -498,11 +502,15 @@ class MoEMLP(nn.Module):
                 g = g + ag[tok, e] @ f.gate.B[e].t()
             if au is not None:
                 u = u + au[tok, e] @ f.up.B[e].t()
-            h = self.act_fn(g) * u * wt.unsqueeze(-1)
-            mix.index_add_(0, tok, h)
-            if f.down is not None:
-                z = self._rank_acts(h, f.down.A[e], f.down.n_fusion, F.linear)  # [T_e, Rd]
-                z_parts.append(x.new_zeros(t, z.shape[-1]).index_add(0, tok, z))
+            if f.down is not None and lean:  # same math, a fraction of the activations kept for backward
+                h, z = routed_swiglu(g, u, wt, f.down.A[e], f.down.n_fusion, drop)
+            else:
+                h = self.act_fn(g) * u * wt.unsqueeze(-1)
+                z = None if f.down is None else self._rank_acts(h, f.down.A[e], f.down.n_fusion, F.linear)
+            # index_put_(accumulate) keeps only the indices for backward; index_add_ would also keep h
+            mix.index_put_((tok,), h, accumulate=True)
+            if z is not None:  # [T_e, Rd]
+                z_parts.append(x.new_zeros(t, z.shape[-1]).index_put_((tok,), z, accumulate=True))
         y = self.down_proj(mix)
         if z_parts:
             if len(groups) == self.num_experts:
