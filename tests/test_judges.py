@@ -59,6 +59,25 @@ def test_cache_key_tracks_eval_subsets(config):
     assert cache_key(config) != cache_key(config, max_rows=10)
 
 
+def test_cache_key_follows_file_contents_not_mtimes(config, shared_data, tmp_path):
+    """A fresh copy of the data directory (new mtimes: a new machine) keeps the fitted judges; an edit does not."""
+    import shutil
+
+    from h3fusion.judges import cache_key
+    from h3fusion.judges.fit import DATA_FILES
+
+    copy = tmp_path / "data"
+    shutil.copytree(shared_data, copy, ignore=shutil.ignore_patterns("hh_rlhf"), copy_function=shutil.copyfile)
+    for path in [copy, *copy.rglob("*")]:  # the share is read-only; let the test edit and clean up its copy
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    assert cache_key(config.model_copy(update={"data": config.data.model_copy(update={"dir": str(copy)})})) \
+        == cache_key(config)
+    edited = copy / DATA_FILES[-1]
+    edited.write_bytes(edited.read_bytes()[:-1])
+    assert cache_key(config.model_copy(update={"data": config.data.model_copy(update={"dir": str(copy)})})) \
+        != cache_key(config)
+
+
 def test_judges_need_local_data(monkeypatch):
     from h3fusion.judges import cache_key
 

@@ -11,8 +11,9 @@ Cache layout (default root ``$H3FUSION_CACHE/judges``, else ``~/.cache/h3fusion/
     <root>/<key>/<axis>/              one fitted judge: meta.json, validation.json, fitted_on.json,
                                       *.lgb.txt (LightGBM text models), calibration.json
 
-``key`` hashes the judge version, the sizes and mtimes of every data file the judges read, the
-evaluated subset sizes (``evaluate.*``) and ``max_rows``. Nothing is pickled.
+``key`` hashes the judge version, the contents (sha256) of every data file the judges read, the
+evaluated subset sizes (``evaluate.*``) and ``max_rows``. Contents, not mtimes: a data directory
+copied afresh (a new machine, a re-provisioned share) keeps its fitted judges. Nothing is pickled.
 
 Run a full fit from the shell with ``python -m h3fusion.judges.fit CONFIG [--force] [--axes helpful ...]``.
 """
@@ -70,6 +71,14 @@ def exclusion_config(config: RunConfig) -> RunConfig:
     return config.model_copy(update={"evaluate": config.evaluate.model_copy(update=sizes)})
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def cache_key(config: RunConfig, max_rows: int | None = None) -> str:
     root = data_root(config)
     if root is None:
@@ -80,8 +89,7 @@ def cache_key(config: RunConfig, max_rows: int | None = None) -> str:
         path = root / name
         if not path.is_file():
             raise H3FusionError(f"{path} not found: the judges need it; copy it as shared/data/SOURCES.md lists")
-        stat = path.stat()
-        files.append([name, stat.st_size, stat.st_mtime_ns])
+        files.append([name, _sha256(path)])
     payload = {"version": JUDGE_VERSION, "files": files, "evaluate": config.evaluate.model_dump(),
                "max_rows": max_rows}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
