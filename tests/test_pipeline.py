@@ -169,3 +169,26 @@ def test_ablation_refuses_without_base_run_then_reuses_its_experts(tmp_path, uni
     assert summary["h3fusion"]["hhh"] is not None and "h3fusion" in summary["base_run"]["systems"]
     fused = path.parent / "run" / "ablations" / "lambda-half" / "fused"
     assert yaml.safe_load((fused / "config.yaml").read_text())["fusion"]["gate_lambda"] == 0.5
+
+
+def test_runtime_dial_ablation_reuses_the_fused_model(tmp_path, uninterrupted):
+    """moe.expert_bias is read at load time: the ablation generates with the base run's fused model, no re-fusing."""
+    path = uninterrupted[0]
+    done = subprocess.run([sys.executable, "-m", "h3fusion.cli", "ablate", str(path), "--name", "bias",
+                           "--set", "moe.expert_bias.helpful=4.0", "--results-dir", str(tmp_path / "ablations")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "[fuse]" not in done.stdout and "[build]" not in done.stdout
+    ablation = path.parent / "run" / "ablations" / "bias"
+    assert (ablation / "fused").resolve() == (path.parent / "run" / "fused").resolve()
+    summary = json.loads((tmp_path / "ablations" / "bias.json").read_text())
+    assert summary["fused_again"] is False and summary["h3fusion"]["hhh"] is not None
+    routing = json.loads((ablation / "generations" / "h3fusion" / "helpful.routing.json").read_text())
+    base = json.loads((path.parent / "run" / "generations" / "h3fusion" / "helpful.routing.json").read_text())
+    helpful = routing["experts"].index("helpful")
+
+    def helpful_mass(stats):
+        return sum(layer[helpful] for layer in stats["axes"]["helpful"]["layer_expert_mean"])
+
+    assert helpful_mass(routing) > helpful_mass(base)  # the dial moved the router's mass
+

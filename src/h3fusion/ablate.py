@@ -7,8 +7,10 @@ Builds, fuses, generates and evaluates only the ``h3fusion`` system under
 writes ``results/ablations/<name>.json``: the overrides, the ablated H3Fusion's metrics and the base
 run's systems beside them, so one file answers "what did this setting change". Overrides that change
 the experts themselves (``lora.*``, ``train.*``, ``data.*``, ``experts``, ``seed``, ``model.*``)
-re-align them inside the ablation's directory instead. Every stage skips what is complete, so a killed
-ablation resumes with the same command.
+re-align them inside the ablation's directory instead; overrides of runtime dials only
+(``moe.expert_bias``, read when the fused model is loaded) reuse the base run's fused model as it is
+(``<ablation>/fused`` links to it) and only generate and evaluate. Every stage skips what is complete,
+so a killed ablation resumes with the same command.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from h3fusion.errors import H3FusionError
 from h3fusion.io import write_json
 
 REALIGN_PREFIXES = ("lora.", "train.", "data.", "experts", "seed", "model.")
+# read when a fused model is loaded for generation: the base run's fused model is reused as it is
+RUNTIME_PREFIXES = ("moe.expert_bias",)
 FUSED = "h3fusion"
 
 
@@ -41,23 +45,32 @@ def ablate(config_path: Path, name: str, overrides: list[str], results_dir: Path
         raise H3FusionError(f"no {base_results}: finish the base run first (`h3fusion run {config_path}`)")
     keys = [o.split("=", 1)[0] for o in overrides]
     realign = any(k.startswith(REALIGN_PREFIXES) for k in keys)
+    runtime_only = bool(keys) and all(k.startswith(RUNTIME_PREFIXES) for k in keys)
     run_dir = base.run_path / "ablations" / name
     extra = [f"run_dir={run_dir}"]
     if not realign:  # the base run's experts, by path: nothing of stage 1 is redone
         extra += [f"moe.adapters.{axis}={base.run_path / 'experts' / axis}" for axis in base.experts]
     config = load_config(config_path, overrides=[*overrides, *extra])
     log(f"[ablate] {name}: {' '.join(overrides) or '(no overrides)'} -> {run_dir}"
-        + (" (re-aligning the experts)" if realign else ""))
+        + (" (re-aligning the experts)" if realign else "")
+        + (" (runtime dial: the base run's fused model)" if runtime_only else ""))
     if realign:
         align(config, log=log)
-    build_run(config, log=log)
-    fuse_run(config, log=log)
+    if runtime_only:
+        fused = run_dir / "fused"
+        if not fused.exists():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            fused.symlink_to((base.run_path / "fused").resolve(), target_is_directory=True)
+    else:
+        build_run(config, log=log)
+        fuse_run(config, log=log)
     generate_system(config, FUSED, log=log)
     results = json.loads(evaluate_run(config, systems=[FUSED], log=log).read_text())
     summary = {
         "name": name,
         "overrides": overrides,
         "realigned_experts": realign,
+        "fused_again": not runtime_only,  # False: the base run's fused model with a runtime dial
         FUSED: results["systems"][FUSED],
         "base_run": {"dir": str(base.run_path), "systems": json.loads(base_results.read_text())["systems"]},
         "judges": results["judges"],
