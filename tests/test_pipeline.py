@@ -175,7 +175,8 @@ def test_runtime_dial_ablation_reuses_the_fused_model(tmp_path, uninterrupted):
     """moe.expert_bias is read at load time: the ablation generates with the base run's fused model, no re-fusing."""
     path = uninterrupted[0]
     done = subprocess.run([sys.executable, "-m", "h3fusion.cli", "ablate", str(path), "--name", "bias",
-                           "--set", "moe.expert_bias.helpful=4.0", "--results-dir", str(tmp_path / "ablations")],
+                           "--set", "moe.expert_bias.helpful=4.0", "--results-dir", str(tmp_path / "ablations"),
+                           "--out", str(path.parent / "run")],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "[fuse]" not in done.stdout and "[build]" not in done.stdout

@@ -43,7 +43,7 @@ def ablate(config_path: Path, name: str, overrides: list[str], results_dir: Path
     base_results = base.run_path / "results.json"
     if not base_results.is_file():
         raise H3FusionError(f"no {base_results}: finish the base run first (`h3fusion run {config_path}`)")
-    keys = [o.split("=", 1)[0] for o in overrides]
+    keys = [o.split("=", 1)[0] for o in overrides if not o.startswith("run_dir=")]  # run_dir: --out
     realign = any(k.startswith(REALIGN_PREFIXES) for k in keys)
     runtime_only = bool(keys) and all(k.startswith(RUNTIME_PREFIXES) for k in keys)
     run_dir = base.run_path / "ablations" / name
