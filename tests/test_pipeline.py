@@ -167,6 +167,9 @@ def test_ablation_refuses_without_base_run_then_reuses_its_experts(tmp_path, uni
     summary = json.loads((tmp_path / "ablations" / "lambda-half.json").read_text())
     assert summary["overrides"] == ["fusion.gate_lambda=0.5"] and not summary["realigned_experts"]
     assert summary["h3fusion"]["hhh"] is not None and "h3fusion" in summary["base_run"]["systems"]
+    table = (tmp_path / "ablations" / "README.md").read_text()
+    assert "| lambda-half | `fusion.gate_lambda=0.5` (re-fused) |" in table
+    assert f"{summary['h3fusion']['hhh'] - summary['base_run']['systems']['h3fusion']['hhh']:+.3f} |" in table
     fused = path.parent / "run" / "ablations" / "lambda-half" / "fused"
     assert yaml.safe_load((fused / "config.yaml").read_text())["fusion"]["gate_lambda"] == 0.5
 

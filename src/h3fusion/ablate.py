@@ -20,7 +20,7 @@ from pathlib import Path
 
 from h3fusion.config import load_config
 from h3fusion.errors import H3FusionError
-from h3fusion.io import write_json
+from h3fusion.io import write_json, write_text
 
 REALIGN_PREFIXES = ("lora.", "train.", "data.", "experts", "seed", "model.")
 # read when a fused model is loaded for generation: the base run's fused model is reused as it is
@@ -78,7 +78,38 @@ def ablate(config_path: Path, name: str, overrides: list[str], results_dir: Path
     }
     out = Path(results_dir) / f"{name}.json"
     write_json(out, summary)
+    write_text(Path(results_dir) / "README.md", ablation_table(Path(results_dir)))
     ours, theirs = summary[FUSED].get("hhh"), summary["base_run"]["systems"].get(FUSED, {}).get("hhh")
     if ours is not None and theirs is not None:
         log(f"[ablate] {name}: h3fusion hhh {ours:.3f} (base run {theirs:.3f}, {ours - theirs:+.3f}) -> {out}")
     return out
+
+
+def ablation_table(results_dir: Path) -> str:
+    """Markdown table of every ablation summary in ``results_dir``, next to the base run's H3Fusion."""
+
+    def cells(metrics: dict) -> list[str]:
+        values = [metrics.get("helpful", {}).get("win_rate"), metrics.get("harmless", {}).get("flagged_rate"),
+                  metrics.get("honest", {}).get("truthful_informative"), metrics.get("hhh")]
+        return ["—" if v is None else f"{v:.3f}" for v in values]
+
+    rows, base_row = [], None
+    for path in sorted(results_dir.glob("*.json")):
+        summary = json.loads(path.read_text())
+        if FUSED not in summary or "base_run" not in summary:
+            continue
+        base = summary["base_run"]["systems"].get(FUSED, {})
+        if base_row is None:
+            base_row = f"| base run's h3fusion | — | {' | '.join(cells(base))} | |"
+        ours, theirs = summary[FUSED].get("hhh"), base.get("hhh")
+        diff = "" if ours is None or theirs is None else f"{ours - theirs:+.3f}"
+        settings = " ".join(f"`{o}`" for o in summary["overrides"] if not o.startswith("run_dir="))
+        how = "same fused model" if summary.get("fused_again") is False else (
+            "experts re-aligned" if summary.get("realigned_experts") else "re-fused")
+        rows.append(f"| {summary['name']} | {settings} ({how}) | {' | '.join(cells(summary[FUSED]))} | {diff} |")
+    header = ["# Ablations", "",
+              "One setting changed at a time on the CPU study's experts (`h3fusion ablate`); one JSON per row.", "",
+              "| ablation | setting | win rate ↑ | flagged ↓ | truthful·inf ↑ | hhh ↑ | Δ hhh |",
+              "|---|---|---:|---:|---:|---:|---:|"]
+    return "\n".join([*header, *([base_row] if base_row else []), *rows]) + "\n"
+
