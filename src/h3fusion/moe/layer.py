@@ -26,8 +26,10 @@ Compact has two compute paths with identical math, picked by the number of token
 ``T <= decode_threshold``: all experts on every token, masked by dense routing weights (0 outside the
 top-k), A factors of all experts stacked into one matmul and B applied with ``bmm`` (few ops: decode);
 otherwise a Mixtral-style loop over experts that touches only the tokens routed to each (prefill,
-training: it never materialises (N, T, I) tensors). The base gate and up run as two matmuls over all
-tokens (fusing them would need a concatenated copy of W_g and W_u, i.e. the base held twice).
+training: it never materialises (N, T, I) tensors; under autograd each expert's SwiGLU and down-rank
+activations go through ``routed_swiglu``, which keeps only g, u and the routing weights for backward).
+The base gate and up run as two matmuls over all tokens (fusing them would need a concatenated copy of
+W_g and W_u, i.e. the base held twice).
 At inference (no autograd through the factors) the activation-dtype casts and stacked forms of the
 factors are cached, keyed on each source parameter's identity, storage and version counter.
 
