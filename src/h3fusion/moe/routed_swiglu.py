@@ -58,21 +58,25 @@ class _RoutedSwiGLU(torch.autograd.Function):
                 dh.addmm_(grad_z[:, :keep], a[:keep])
             if n_fusion:
                 d_fusion = grad_z[:, keep:] @ a[keep:]
-                dh += d_fusion if keep_mask is None else d_fusion * keep_mask / (1.0 - p)
+                dh += _dropped(d_fusion, keep_mask, p)
             if ctx.needs_input_grad[3]:
                 h = hu * w.unsqueeze(-1)
                 grad_a = torch.empty_like(a)
                 if keep:
                     torch.mm(grad_z[:, :keep].t(), h, out=grad_a[:keep])
                 if n_fusion:
-                    hd = h if keep_mask is None else h * keep_mask / (1.0 - p)
-                    torch.mm(grad_z[:, keep:].t(), hd, out=grad_a[keep:])
+                    torch.mm(grad_z[:, keep:].t(), _dropped(h, keep_mask, p), out=grad_a[keep:])
         grad_w = (dh * hu).sum(dim=-1) if ctx.needs_input_grad[2] else None
         dhu = dh * w.unsqueeze(-1)
         grad_u = dhu * act if ctx.needs_input_grad[1] else None
         # d silu(g)/dg = sig * (1 + g * (1 - sig))
         grad_g = dhu * u * sig * (1 + g * (1 - sig)) if ctx.needs_input_grad[0] else None
         return grad_g, grad_u, grad_w, grad_a, None, None, None
+
+
+def _dropped(x: Tensor, keep_mask: Tensor | None, p: float) -> Tensor:
+    """Inverted dropout with a given mask (identity without one), as ``nn.Dropout`` scales it."""
+    return x if keep_mask is None else x * keep_mask / (1.0 - p)
 
 
 def _hidden(g: Tensor, u: Tensor, w: Tensor) -> Tensor:
@@ -85,8 +89,7 @@ def _rank_acts(h: Tensor, a: Tensor, n_fusion: int, keep_mask: Tensor | None, p:
     if keep:
         parts.append(h @ a[:keep].t())
     if n_fusion:
-        hd = h if keep_mask is None else h * keep_mask / (1.0 - p)
-        parts.append(hd @ a[keep:].t())
+        parts.append(_dropped(h, keep_mask, p) @ a[keep:].t())
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 
