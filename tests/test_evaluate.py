@@ -84,3 +84,23 @@ def test_judge_cli_scores_user_records(evaluated, tmp_path):
     mine.write_text('{"prompt": "Hi", "response": "Hello!"}\n{"prompt": \n')
     bad = subprocess.run(cmd, capture_output=True, text=True)
     assert bad.returncode == 2 and "mine.jsonl line 2" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_evaluating_one_system_keeps_the_others(evaluated):
+    _, config, results = evaluated
+    out = config.run_path / "results.json"
+    before = json.loads(out.read_text())
+    try:
+        # a rescored system replaces its own entry; the other system's entry stays, in the same order
+        rescored = evaluate_run(config, systems=["h3fusion"], log=lambda *_: None)
+        after = json.loads(rescored.read_text())
+        assert list(after["systems"]) == list(before["systems"]) == ["base", "h3fusion"]
+        assert after["systems"] == before["systems"]
+        # scored on other test subsets: the earlier entries are not comparable and are dropped
+        smaller = config.model_copy(update={"evaluate": config.evaluate.model_copy(update={"helpful_n": 2})})
+        messages: list[str] = []
+        after = json.loads(evaluate_run(smaller, systems=["h3fusion"], log=messages.append).read_text())
+        assert list(after["systems"]) == ["h3fusion"] and after["systems"]["h3fusion"]["helpful"]["n"] == 2
+        assert any("dropped" in m for m in messages)
+    finally:
+        out.write_text(json.dumps(before))

@@ -117,7 +117,12 @@ def run_provenance(config: RunConfig) -> dict:
 
 
 def evaluate_run(config: RunConfig, systems: Sequence[str] | None = None, log=print) -> Path:
-    """Score every system that has generations; write ``<run>/results.json`` (atomically)."""
+    """Score every system that has generations; write ``<run>/results.json`` (atomically).
+
+    With ``systems`` named, only those are (re)scored and merged into the existing results.json:
+    the other systems' entries are kept when they were scored on the same test subsets by the same
+    judges, and dropped (with a log line) otherwise, so the file never mixes incomparable numbers.
+    """
     from h3fusion.baselines.ensembles import RERANK
     from h3fusion.judges.base import Embedder
 
@@ -126,6 +131,7 @@ def evaluate_run(config: RunConfig, systems: Sequence[str] | None = None, log=pr
     experts = [f"expert-{axis}" for axis in config.experts]
     if "rerank" in config.baselines.ensembles and all(e in available for e in experts):
         available.append(RERANK)  # assembled from the experts' judged answers, after them
+    explicit = bool(systems)
     systems = list(systems or available)
     if not systems:
         raise H3FusionError(f"no generations under {gen_root}; run `h3fusion generate` first")
@@ -135,6 +141,9 @@ def evaluate_run(config: RunConfig, systems: Sequence[str] | None = None, log=pr
     # every system answers the same prompts: look their reference answers up once per axis
     test_records = {axis: evaluated_records(config, axis) for axis in axes}  # loaded once per axis
     references = {axis: _references(config, axis, records) for axis, records in test_records.items()}
+    out = config.run_path / "results.json"
+    judge_figures = {axis: _judge_figures(axis, judges[axis]) for axis in axes}
+    kept = _comparable_entries(out, config, judge_figures, log) if explicit else {}
     results: dict = {"systems": {}, "judges": {}, "run": run_provenance(config)}
     for system in systems:
         entry: dict = {}
@@ -154,10 +163,38 @@ def evaluate_run(config: RunConfig, systems: Sequence[str] | None = None, log=pr
         results["systems"][system] = entry
         log(f"[evaluate] {system}: " + ", ".join(_summary(axis, entry[axis]) for axis in axes)
             + (f", hhh {entry['hhh']:.3f}" if entry["hhh"] is not None else ""))
-    results["judges"] = {axis: _judge_figures(axis, judges[axis]) for axis in axes}
-    out = config.run_path / "results.json"
+    if kept:  # the earlier entries of the other systems, all in generation order
+        merged = {**kept, **results["systems"]}
+        order = [s for s in available if s in merged] + [s for s in merged if s not in available]
+        results["systems"] = {s: merged[s] for s in order}
+    results["judges"] = judge_figures
     write_json(out, results)
     return out
+
+
+def _headline(figures: dict) -> dict:
+    """A judge's name and headline figures: equal for the same fit, different after a refit."""
+    return {k: v for k, v in figures.items() if k != "validation"}
+
+
+def _comparable_entries(path: Path, config: RunConfig, judge_figures: dict, log) -> dict:
+    """Systems of an earlier results.json that a partial re-evaluation may keep (see ``evaluate_run``)."""
+    if not path.is_file():
+        return {}
+    try:
+        earlier = json.loads(path.read_text())
+        same_subsets = earlier["run"]["config"]["evaluate"] == config.evaluate.model_dump(mode="json")
+        same_judges = all(_headline(earlier["judges"][axis]) == _headline(figures)
+                          for axis, figures in judge_figures.items())
+        entries = dict(earlier["systems"])
+    except (OSError, ValueError, KeyError, TypeError):
+        log(f"[evaluate] {path} is unreadable: writing only the systems scored now")
+        return {}
+    if not (same_subsets and same_judges):
+        log(f"[evaluate] {path} was scored on other test subsets or by other judges: "
+            "its other systems are dropped (run `h3fusion evaluate` without --system to rescore them)")
+        return {}
+    return entries
 
 
 def _judged(config: RunConfig, system: str, axis: str, judge, expected: int) -> list[dict]:
