@@ -553,7 +553,7 @@ def test_training_path_keeps_two_intermediate_activations_per_routed_token(monke
     lean = _saved_activation_rows(layer, x)
     assert lean <= 2.0 + 1e-9
     monkeypatch.setattr("h3fusion.moe.layer.is_silu", lambda act: False)  # the plain autograd path
-    assert _saved_activation_rows(layer, x) >= 6.5
+    assert _saved_activation_rows(layer, x) >= 5.5  # g, silu(g), u, silu(g)*u, h, dropout(h)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
@@ -568,15 +568,13 @@ def test_training_path_equals_plain_autograd_path(monkeypatch, dropout):
     x = tokens(T_LARGE)
     results = []
     for plain in (False, True):
-        if plain:  # same draws from the global RNG: the bool mask and nn.Dropout's mask come from one bernoulli
+        if plain:  # both paths draw the same dropout masks (x's, then one [T, I] mask for the down inputs)
             monkeypatch.setattr("h3fusion.moe.layer.is_silu", lambda act: False)
         layer.zero_grad(set_to_none=True)
         torch.manual_seed(5)
         y = layer(x)
         (y.square().mean() - torch.log(layer.router_probs[:, 0].mean())).backward()
         results.append([y.detach(), *(prm.grad for prm in layer.parameters() if prm.requires_grad)])
-    if dropout:  # masks are drawn differently (bool vs float noise): outputs differ, gradients still flow
-        assert all(g is not None and g.abs().sum() > 0 for g in results[0][1:])
-        return
+    assert all(g is not None and g.abs().sum() > 0 for g in results[0][1:])
     for lean, plain in zip(*results, strict=True):
         torch.testing.assert_close(lean, plain, **F64)

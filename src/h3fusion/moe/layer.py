@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from h3fusion.moe.routed_swiglu import is_silu, routed_swiglu
+from h3fusion.moe.routed_swiglu import dropout_mask, dropped, is_silu, routed_swiglu
 
 PROJECTIONS: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
 _DRIFT_EPS = 1e-12
@@ -212,7 +212,7 @@ class MoEMLP(nn.Module):
         self.fusion_A = nn.ParameterDict()
         self.fusion_B = nn.ParameterDict()
         self.fusion_scale: float | None = None
-        self.fusion_dropout: nn.Module = nn.Identity()
+        self.fusion_dropout: float = 0.0  # drop probability of the fusion LoRA's inputs while training
         self._prep_cache: tuple[tuple, _Prepared] | None = None
 
     # ------------------------------------------------------------------ construction helpers
@@ -273,7 +273,7 @@ class MoEMLP(nn.Module):
                 torch.zeros(self.num_experts, out_f, r, device=device, dtype=self.param_dtype)
             )
         self.fusion_scale = float(alpha) / r
-        self.fusion_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.fusion_dropout = float(dropout)
 
     def drift_norms(self) -> Tensor:
         """R_k per expert: Σ_proj ||(alpha/r)·B'_k A'_k||_F, differentiable ([N]; zeros without fusion LoRA).
@@ -313,7 +313,7 @@ class MoEMLP(nn.Module):
         self.fusion_A = nn.ParameterDict()
         self.fusion_B = nn.ParameterDict()
         self.fusion_scale = None
-        self.fusion_dropout = nn.Identity()
+        self.fusion_dropout = 0.0
 
     # ------------------------------------------------------------------ inspection
     def _proj_shapes(self) -> dict[str, tuple[int, int]]:
@@ -354,8 +354,18 @@ class MoEMLP(nn.Module):
         )
 
     # ------------------------------------------------------------------ forward
-    def _dropout_active(self) -> bool:
-        return self.training and isinstance(self.fusion_dropout, nn.Dropout) and self.fusion_dropout.p > 0
+    def _dropout_p(self) -> float:
+        """The fusion LoRA's dropout probability now (0 outside training or without a fusion LoRA)."""
+        return self.fusion_dropout if self.training and self.fusion_A else 0.0
+
+    def _dropped(self, x: Tensor) -> Tensor | None:
+        """dropout(x) as the fusion ranks' input while training, else None.
+
+        One mask per call: where several low-rank inputs are the same tensor (gate and up both read x)
+        they share it, which draws and keeps one mask instead of one per projection (the RNG is a
+        sizeable share of a CPU training step); each fusion LoRA still sees standard dropout."""
+        p = self._dropout_p()
+        return dropped(x, dropout_mask(x, p), p) if p else None
 
     def _factors(self, proj: str, dtype: torch.dtype) -> _LowRank | None:
         """All low-rank factors of ``proj`` (None when R = 0)."""
@@ -400,13 +410,15 @@ class MoEMLP(nn.Module):
         self._prep_cache = (key, prep) if cacheable else None
         return prep
 
+    @staticmethod
     def _rank_acts(
-        self, x: Tensor, a: Tensor, n_fusion: int, op: Callable[[Tensor, Tensor], Tensor]
+        x: Tensor, a: Tensor, n_fusion: int, op: Callable[[Tensor, Tensor], Tensor], x_dropped: Tensor | None
     ) -> Tensor:
-        """``op(x, A)`` over the rank dim, with the fusion ranks fed dropout(x) while training."""
-        if n_fusion and self._dropout_active():
+        """``op(x, A)`` over the rank dim, with the last ``n_fusion`` (fusion) ranks fed ``x_dropped``
+        (dropout(x), while training) when given."""
+        if n_fusion and x_dropped is not None:
             keep = a.shape[-2] - n_fusion
-            parts = [op(self.fusion_dropout(x), a[..., keep:, :])]
+            parts = [op(x_dropped, a[..., keep:, :])]
             if keep:
                 parts.insert(0, op(x, a[..., :keep, :]))
             return torch.cat(parts, dim=-1)
@@ -455,9 +467,10 @@ class MoEMLP(nn.Module):
         def flat(inp: Tensor, a: Tensor) -> Tensor:
             return F.linear(inp, a.reshape(-1, a.shape[-1])).unflatten(-1, (n, -1))
 
-        if self._dropout_active():
-            ag = None if f.gate is None else self._rank_acts(x, f.gate.A, f.gate.n_fusion, flat)
-            au = None if f.up is None else self._rank_acts(x, f.up.A, f.up.n_fusion, flat)
+        if self._dropout_p():
+            xd = self._dropped(x)  # one mask for the gate and the up fusion ranks
+            ag = None if f.gate is None else self._rank_acts(x, f.gate.A, f.gate.n_fusion, flat, xd)
+            au = None if f.up is None else self._rank_acts(x, f.up.A, f.up.n_fusion, flat, xd)
             return ag, au
         if f.gate_up_A is None:
             return None, None
@@ -482,7 +495,8 @@ class MoEMLP(nn.Module):
         hp = self.act_fn(g) * u * w.t().unsqueeze(-1)  # [N, T, I], p_k h_k (0 outside top-k)
         y = self.down_proj(hp.sum(dim=0))
         if f.down is not None:
-            ad = self._rank_acts(hp, f.down.A, f.down.n_fusion, lambda h, a: torch.bmm(h, a.transpose(1, 2)))
+            ad = self._rank_acts(hp, f.down.A, f.down.n_fusion, lambda h, a: torch.bmm(h, a.transpose(1, 2)),
+                                 self._dropped(hp))
             y = y + ad.transpose(0, 1).reshape(t, -1) @ f.down_B_flat  # [T, N·Rd] @ [N·Rd, H]
         return y
 
@@ -496,7 +510,10 @@ class MoEMLP(nn.Module):
         mix = torch.zeros_like(g0)
         groups = self._groups(top_w, top_i)
         lean = torch.is_grad_enabled() and is_silu(self.act_fn)
-        drop = self.fusion_dropout.p if self._dropout_active() else 0.0
+        drop = self._dropout_p() if f.down is not None and f.down.n_fusion else 0.0
+        # one [T, I] mask, each expert reading its tokens' rows: a token's routed experts share its
+        # dropout pattern, and the RNG draws T·I values instead of top_k·T·I
+        down_mask = dropout_mask(g0, drop)
         z_parts: list[Tensor] = []
         for e, tok, wt in groups:
             g, u = g0[tok], u0[tok]
@@ -504,11 +521,13 @@ class MoEMLP(nn.Module):
                 g = g + ag[tok, e] @ f.gate.B[e].t()
             if au is not None:
                 u = u + au[tok, e] @ f.up.B[e].t()
+            mask = None if down_mask is None else down_mask[tok]
             if f.down is not None and lean:  # same math, a fraction of the activations kept for backward
-                h, z = routed_swiglu(g, u, wt, f.down.A[e], f.down.n_fusion, drop)
+                h, z = routed_swiglu(g, u, wt, f.down.A[e], f.down.n_fusion, drop, keep_mask=mask)
             else:
                 h = self.act_fn(g) * u * wt.unsqueeze(-1)
-                z = None if f.down is None else self._rank_acts(h, f.down.A[e], f.down.n_fusion, F.linear)
+                z = None if f.down is None else self._rank_acts(h, f.down.A[e], f.down.n_fusion, F.linear,
+                                                                None if mask is None else dropped(h, mask, drop))
             # index_put_(accumulate) keeps only the indices for backward; index_add_ would also keep h
             mix.index_put_((tok,), h, accumulate=True)
             if z is not None:  # [T_e, Rd]
@@ -531,7 +550,7 @@ class MoEMLP(nn.Module):
         def lin(inp: Tensor, p: str, e: int, f: _LowRank | None) -> Tensor:
             out = F.linear(inp, self.experts[p][e].to(inp.dtype))
             if f is not None:
-                out = out + self._rank_acts(inp, f.A[e], f.n_fusion, F.linear) @ f.B[e].t()
+                out = out + self._rank_acts(inp, f.A[e], f.n_fusion, F.linear, self._dropped(inp)) @ f.B[e].t()
             return out
 
         for e, tok, wt in self._groups(top_w, top_i):
