@@ -502,7 +502,8 @@ def _composite(g, u, w, a, n_fusion, keep_mask, p):
 
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_routed_swiglu_matches_autograd_composition(p):
-    from h3fusion.moe.routed_swiglu import dropout_mask, routed_swiglu
+    from h3fusion.moe.dropout import dropout_mask
+    from h3fusion.moe.routed_swiglu import routed_swiglu
 
     gen = torch.Generator().manual_seed(0)
     t, r_keep, r_fus = 7, 3, 2
@@ -578,3 +579,20 @@ def test_training_path_equals_plain_autograd_path(monkeypatch, dropout):
     assert all(g is not None and g.abs().sum() > 0 for g in results[0][1:])
     for lean, plain in zip(*results, strict=True):
         torch.testing.assert_close(lean, plain, **F64)
+
+
+def test_mask_dropout_is_inverted_dropout_keeping_only_a_bool_mask():
+    from h3fusion.moe.dropout import MaskDropout
+
+    drop = MaskDropout(0.25).train()
+    x = torch.ones(400, 500, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = drop(x)
+    kept = y != 0
+    assert abs(1 - kept.float().mean().item() - 0.25) < 0.01  # drop rate p
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / 0.75))  # survivors scaled by 1/(1-p)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, kept.float() / 0.75)
+    assert [t.dtype for t in saved if t.numel() == x.numel()] == [torch.bool]  # no float noise kept
+    assert drop.eval()(x) is x

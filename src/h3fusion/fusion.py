@@ -33,6 +33,7 @@ from transformers import Trainer
 from h3fusion.config import RunConfig, dump_config
 from h3fusion.errors import H3FusionError
 from h3fusion.io import write_json
+from h3fusion.moe.dropout import use_mask_dropout
 from h3fusion.moe.modeling import H3FusionForCausalLM, moe_layers
 from h3fusion.moe.routing import mean_router_probs, plot_routing, routing_stats
 from h3fusion.sft import SFTCollator, SFTDataset, last_checkpoint, training_arguments
@@ -161,6 +162,7 @@ def prepare_for_fusion(model: H3FusionForCausalLM, config: RunConfig) -> None:
                        target_modules=ATTENTION_PROJECTIONS, bias="none"),
             model,
         )
+        use_mask_dropout(model)  # bool masks: less memory and RNG time than nn.Dropout's float noise
     for layer in model.moe_layers():
         layer.add_fusion_lora(fusion.lora_r, fusion.lora_alpha, fusion.lora_dropout)
         layer.router.weight.requires_grad_(fusion.train_router and not config.compat.frozen_random_router)

@@ -49,7 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from h3fusion.moe.routed_swiglu import dropout_mask, dropped, is_silu, routed_swiglu
+from h3fusion.moe.dropout import dropout_mask, dropped
+from h3fusion.moe.routed_swiglu import is_silu, routed_swiglu
 
 PROJECTIONS: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
 _DRIFT_EPS = 1e-12

@@ -20,25 +20,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from h3fusion.moe.dropout import dropout_mask, dropped
+
 
 def is_silu(act_fn: nn.Module) -> bool:
     """True for ``nn.SiLU`` and transformers' ``SiLUActivation`` (the kernel hard-codes SiLU)."""
     return isinstance(act_fn, nn.SiLU) or type(act_fn).__name__ == "SiLUActivation"
-
-
-def dropout_mask(like: Tensor, p: float) -> Tensor | None:
-    """A bool keep-mask shaped like ``like``, each element kept with probability 1 - p (None when p == 0).
-
-    Drawn as ``rand < 1 - p``: on CPU that is ~1.4x faster than ``bernoulli_`` (which ``nn.Dropout``
-    uses) and the mask costs one byte per element, not four, when kept for backward."""
-    if p <= 0:
-        return None
-    return torch.rand(like.shape, device=like.device) < 1.0 - p
-
-
-def dropped(x: Tensor, keep_mask: Tensor | None, p: float) -> Tensor:
-    """Inverted dropout with a given mask (identity without one), scaled as ``nn.Dropout`` scales it."""
-    return x if keep_mask is None else x * keep_mask / (1.0 - p)
 
 
 class _RoutedSwiGLU(torch.autograd.Function):
