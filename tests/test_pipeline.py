@@ -169,7 +169,15 @@ def test_ablation_refuses_without_base_run_then_reuses_its_experts(tmp_path, uni
     assert summary["h3fusion"]["hhh"] is not None and "h3fusion" in summary["base_run"]["systems"]
     table = (tmp_path / "ablations" / "README.md").read_text()
     assert "| lambda-half | `fusion.gate_lambda=0.5` (re-fused) |" in table
-    assert f"{summary['h3fusion']['hhh'] - summary['base_run']['systems']['h3fusion']['hhh']:+.3f} |" in table
+    versus = summary["hhh_vs"]  # vs the base run's h3fusion and its best expert, with bootstrap intervals
+    systems = summary["base_run"]["systems"]
+    best_expert = max((s for s in systems if s.startswith("expert-")), key=lambda s: systems[s]["hhh"])
+    assert set(versus) == {"h3fusion", best_expert}
+    for name, entry in versus.items():
+        low, high = entry["interval"]
+        assert entry["diff"] == pytest.approx(summary["h3fusion"]["hhh"] - systems[name]["hhh"])
+        assert -1 <= low <= high <= 1
+        assert f"{entry['diff']:+.3f} [{low:+.3f}, {high:+.3f}]" in table
     fused = path.parent / "run" / "ablations" / "lambda-half" / "fused"
     assert yaml.safe_load((fused / "config.yaml").read_text())["fusion"]["gate_lambda"] == 0.5
 

@@ -66,13 +66,16 @@ def ablate(config_path: Path, name: str, overrides: list[str], results_dir: Path
         fuse_run(config, log=log)
     generate_system(config, FUSED, log=log)
     results = json.loads(evaluate_run(config, systems=[FUSED], log=log).read_text())
+    base_systems = json.loads(base_results.read_text())["systems"]
     summary = {
         "name": name,
         "overrides": overrides,
         "realigned_experts": realign,
         "fused_again": not runtime_only,  # False: the base run's fused model with a runtime dial
         FUSED: results["systems"][FUSED],
-        "base_run": {"dir": str(base.run_path), "systems": json.loads(base_results.read_text())["systems"]},
+        "base_run": {"dir": str(base.run_path), "systems": base_systems},
+        "hhh_vs": _hhh_differences(config.run_path, results["systems"][FUSED].get("hhh"), base.run_path,
+                                   base_systems, config.seed),
         "judges": results["judges"],
         "run": results["run"],
     }
@@ -82,6 +85,26 @@ def ablate(config_path: Path, name: str, overrides: list[str], results_dir: Path
     ours, theirs = summary[FUSED].get("hhh"), summary["base_run"]["systems"].get(FUSED, {}).get("hhh")
     if ours is not None and theirs is not None:
         log(f"[ablate] {name}: h3fusion hhh {ours:.3f} (base run {theirs:.3f}, {ours - theirs:+.3f}) -> {out}")
+    return out
+
+
+def _hhh_differences(run: Path, ours_hhh: float | None, base_run: Path, base_systems: dict, seed: int) -> dict:
+    """This ablation's hhh minus the base run's H3Fusion and best expert, with 95% paired-bootstrap
+    intervals over prompts (both answered the same prompts; same resampling as the report's)."""
+    from h3fusion.report import hhh_difference_interval, per_prompt_values
+
+    ours = per_prompt_values(run, FUSED)
+    if ours is None or ours_hhh is None:
+        return {}
+    experts = [s for s in base_systems if s.startswith("expert-") and base_systems[s].get("hhh") is not None]
+    others = [FUSED, *([max(experts, key=lambda s: base_systems[s]["hhh"])] if experts else [])]
+    out = {}
+    for system in others:
+        theirs = per_prompt_values(base_run, system)
+        if theirs is None or base_systems.get(system, {}).get("hhh") is None:
+            continue
+        low, high = hhh_difference_interval(ours, theirs, seed)
+        out[system] = {"diff": ours_hhh - base_systems[system]["hhh"], "interval": [low, high]}
     return out
 
 
@@ -100,16 +123,32 @@ def ablation_table(results_dir: Path) -> str:
             continue
         base = summary["base_run"]["systems"].get(FUSED, {})
         if base_row is None:
-            base_row = f"| base run's h3fusion | — | {' | '.join(cells(base))} | |"
-        ours, theirs = summary[FUSED].get("hhh"), base.get("hhh")
-        diff = "" if ours is None or theirs is None else f"{ours - theirs:+.3f}"
+            base_row = f"| base run's h3fusion | — | {' | '.join(cells(base))} | | |"
+        versus = summary.get("hhh_vs", {})
+        vs_fused = _with_interval(versus.get(FUSED))
+        if not vs_fused:  # summaries written before the intervals were
+            ours, theirs = summary[FUSED].get("hhh"), base.get("hhh")
+            vs_fused = "" if ours is None or theirs is None else f"{ours - theirs:+.3f}"
+        expert = next((s for s in versus if s != FUSED), None)
+        vs_expert = f"{_with_interval(versus[expert])} ({expert})" if expert else ""
         settings = " ".join(f"`{o}`" for o in summary["overrides"] if not o.startswith("run_dir="))
         how = "same fused model" if summary.get("fused_again") is False else (
             "experts re-aligned" if summary.get("realigned_experts") else "re-fused")
-        rows.append(f"| {summary['name']} | {settings} ({how}) | {' | '.join(cells(summary[FUSED]))} | {diff} |")
+        rows.append(f"| {summary['name']} | {settings} ({how}) | {' | '.join(cells(summary[FUSED]))} | {vs_fused} "
+                    f"| {vs_expert} |")
     header = ["# Ablations", "",
-              "One setting changed at a time on the CPU study's experts (`h3fusion ablate`); one JSON per row.", "",
-              "| ablation | setting | win rate ↑ | flagged ↓ | truthful·inf ↑ | hhh ↑ | Δ hhh |",
-              "|---|---|---:|---:|---:|---:|---:|"]
+              "One setting changed at a time on the CPU study's experts (`h3fusion ablate`); one JSON per row.",
+              "Δ hhh: this ablation's H3Fusion minus the base run's H3Fusion, and minus the base run's best expert, "
+              "with the 95% paired-bootstrap interval over prompts (as in the report).", "",
+              "| ablation | setting | win rate ↑ | flagged ↓ | truthful·inf ↑ | hhh ↑ | Δ hhh vs base run's h3fusion "
+              "| Δ hhh vs best expert |",
+              "|---|---|---:|---:|---:|---:|---:|---:|"]
     return "\n".join([*header, *([base_row] if base_row else []), *rows]) + "\n"
+
+
+def _with_interval(entry: dict | None) -> str:
+    if not entry:
+        return ""
+    low, high = entry["interval"]
+    return f"{entry['diff']:+.3f} [{low:+.3f}, {high:+.3f}]"
 
