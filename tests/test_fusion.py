@@ -23,7 +23,7 @@ from h3fusion.fusion import (
 )
 from h3fusion.models import load_model
 from h3fusion.moe.build import build_run
-from h3fusion.moe.dropout import MaskDropout
+from h3fusion.moe.dropout import MaskDropout, SharedInputDropout
 from h3fusion.moe.routing import mean_router_probs
 from h3fusion.sft import SFTCollator, SFTDataset, training_arguments
 from tests.conftest import run_and_kill_at, write_config
@@ -92,9 +92,10 @@ def test_router_and_fusion_lora_get_gradients_and_drift_grows(built, tmp_path):
     assert any("self_attn.q_proj.lora_A" in n for n in trainable)
     assert any(".mlp.fusion_B." in n for n in trainable)
     assert not any(n.endswith("mlp.up_proj.weight") or ".delta_" in n or "embed" in n for n in trainable)
-    q_proj = next(m for n, m in model.named_modules() if n.endswith("layers.0.self_attn.q_proj"))
-    q_dropout = q_proj.lora_dropout["default"]
-    assert type(q_dropout) is MaskDropout and q_dropout.p == config.fusion.lora_dropout  # bool-mask dropout
+    attention = next(m for n, m in model.named_modules() if n.endswith("layers.0.self_attn"))
+    q, k, v, o = (getattr(attention, p).lora_dropout["default"] for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    assert type(q) is SharedInputDropout and q is k is v and q.p == config.fusion.lora_dropout  # one mask for q,k,v
+    assert type(o) is MaskDropout and o.p == config.fusion.lora_dropout  # bool-mask dropout
     examples = load_train("helpful", config)[:2] + load_train("honest", config)[:2]
     dataset = SFTDataset(examples, tokenizer, 64, "alpaca", axis_labels(config))
     batch = SFTCollator(tokenizer.pad_token_id, keep_axis_label=True)(dataset.rows)

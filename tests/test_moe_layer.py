@@ -596,3 +596,19 @@ def test_mask_dropout_is_inverted_dropout_keeping_only_a_bool_mask():
     torch.testing.assert_close(x.grad, kept.float() / 0.75)
     assert [t.dtype for t in saved if t.numel() == x.numel()] == [torch.bool]  # no float noise kept
     assert drop.eval()(x) is x
+
+
+def test_shared_input_dropout_gives_siblings_one_mask_per_input():
+    from h3fusion.moe.dropout import SharedInputDropout
+
+    drop = SharedInputDropout(0.5).train()
+    x = torch.randn(64, 32)
+    first = drop(x)
+    assert drop(x) is first  # q, k and v reading the same tensor see the same dropped copy
+    other = drop(x.clone())
+    assert other is not first and not torch.equal(other, first)  # another tensor: a fresh mask
+    y = torch.randn(64, 32)
+    before = drop(y)
+    y.add_(1.0)  # modified in place: not the same input any more
+    assert drop(y) is not before
+    assert drop.eval()(x) is x
