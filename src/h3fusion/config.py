@@ -119,6 +119,8 @@ class FusionConfig(_Section):
     """Rank of the fusion-stage LoRA on attention (q,k,v,o) and on every expert's projections."""
     lora_alpha: float = Field(16.0, gt=0)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
+    """Dropout on the fusion LoRAs' inputs. One bool mask per input tensor: q/k/v share one (as with a
+    fused qkv projection), gate/up share one, and a token's routed experts share its down-input row."""
     attention_lora: bool = True
     """Train LoRA on attention q,k,v,o during fusion (paper: yes)."""
     train_router: bool = True
