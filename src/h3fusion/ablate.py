@@ -126,9 +126,6 @@ def ablation_table(results_dir: Path) -> str:
             base_row = f"| base run's h3fusion | — | {' | '.join(cells(base))} | | |"
         versus = summary.get("hhh_vs", {})
         vs_fused = _with_interval(versus.get(FUSED))
-        if not vs_fused:  # summaries written before the intervals were
-            ours, theirs = summary[FUSED].get("hhh"), base.get("hhh")
-            vs_fused = "" if ours is None or theirs is None else f"{ours - theirs:+.3f}"
         expert = next((s for s in versus if s != FUSED), None)
         vs_expert = f"{_with_interval(versus[expert])} ({expert})" if expert else ""
         settings = " ".join(f"`{o}`" for o in summary["overrides"] if not o.startswith("run_dir="))

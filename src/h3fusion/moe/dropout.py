@@ -28,6 +28,18 @@ def dropped(x: Tensor, keep_mask: Tensor | None, p: float) -> Tensor:
     return x if keep_mask is None else x * keep_mask / (1.0 - p)
 
 
+def rank_acts(x: Tensor, a: Tensor, n_fusion: int, op, x_dropped: Tensor | None) -> Tensor:
+    """``op(x, A)`` over the rank dim (A: [..., R, in]), with the last ``n_fusion`` (fusion LoRA) ranks
+    fed ``x_dropped`` (dropout(x), while training) when given."""
+    if n_fusion and x_dropped is not None:
+        keep = a.shape[-2] - n_fusion
+        parts = [op(x_dropped, a[..., keep:, :])]
+        if keep:
+            parts.insert(0, op(x, a[..., :keep, :]))
+        return torch.cat(parts, dim=-1)
+    return op(x, a)
+
+
 class MaskDropout(nn.Dropout):
     """``nn.Dropout`` (same ``p``, same train/eval behaviour) that draws and keeps a bool mask."""
 

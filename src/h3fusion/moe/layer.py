@@ -41,7 +41,7 @@ differentiable drift regulariser R_k, and ``merge_fusion_lora`` folds the pairs 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from h3fusion.moe.dropout import dropout_mask, dropped
+from h3fusion.moe.dropout import dropout_mask, dropped, rank_acts
 from h3fusion.moe.routed_swiglu import is_silu, routed_swiglu
 
 PROJECTIONS: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
@@ -411,20 +411,6 @@ class MoEMLP(nn.Module):
         self._prep_cache = (key, prep) if cacheable else None
         return prep
 
-    @staticmethod
-    def _rank_acts(
-        x: Tensor, a: Tensor, n_fusion: int, op: Callable[[Tensor, Tensor], Tensor], x_dropped: Tensor | None
-    ) -> Tensor:
-        """``op(x, A)`` over the rank dim, with the last ``n_fusion`` (fusion) ranks fed ``x_dropped``
-        (dropout(x), while training) when given."""
-        if n_fusion and x_dropped is not None:
-            keep = a.shape[-2] - n_fusion
-            parts = [op(x_dropped, a[..., keep:, :])]
-            if keep:
-                parts.insert(0, op(x, a[..., :keep, :]))
-            return torch.cat(parts, dim=-1)
-        return op(x, a)
-
     def _route(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Mixtral routing: softmax over all N (fp32+), top-k, renormalise. Returns (weights, indices) [T, k]."""
         acc = torch.promote_types(x.dtype, torch.float32)
@@ -470,8 +456,8 @@ class MoEMLP(nn.Module):
 
         if self._dropout_p():
             xd = self._dropped(x)  # one mask for the gate and the up fusion ranks
-            ag = None if f.gate is None else self._rank_acts(x, f.gate.A, f.gate.n_fusion, flat, xd)
-            au = None if f.up is None else self._rank_acts(x, f.up.A, f.up.n_fusion, flat, xd)
+            ag = None if f.gate is None else rank_acts(x, f.gate.A, f.gate.n_fusion, flat, xd)
+            au = None if f.up is None else rank_acts(x, f.up.A, f.up.n_fusion, flat, xd)
             return ag, au
         if f.gate_up_A is None:
             return None, None
@@ -496,7 +482,7 @@ class MoEMLP(nn.Module):
         hp = self.act_fn(g) * u * w.t().unsqueeze(-1)  # [N, T, I], p_k h_k (0 outside top-k)
         y = self.down_proj(hp.sum(dim=0))
         if f.down is not None:
-            ad = self._rank_acts(hp, f.down.A, f.down.n_fusion, lambda h, a: torch.bmm(h, a.transpose(1, 2)),
+            ad = rank_acts(hp, f.down.A, f.down.n_fusion, lambda h, a: torch.bmm(h, a.transpose(1, 2)),
                                  self._dropped(hp))
             y = y + ad.transpose(0, 1).reshape(t, -1) @ f.down_B_flat  # [T, N·Rd] @ [N·Rd, H]
         return y
@@ -527,7 +513,7 @@ class MoEMLP(nn.Module):
                 h, z = routed_swiglu(g, u, wt, f.down.A[e], f.down.n_fusion, drop, keep_mask=mask)
             else:
                 h = self.act_fn(g) * u * wt.unsqueeze(-1)
-                z = None if f.down is None else self._rank_acts(h, f.down.A[e], f.down.n_fusion, F.linear,
+                z = None if f.down is None else rank_acts(h, f.down.A[e], f.down.n_fusion, F.linear,
                                                                 None if mask is None else dropped(h, mask, drop))
             # index_put_(accumulate) keeps only the indices for backward; index_add_ would also keep h
             mix.index_put_((tok,), h, accumulate=True)
@@ -551,7 +537,7 @@ class MoEMLP(nn.Module):
         def lin(inp: Tensor, p: str, e: int, f: _LowRank | None) -> Tensor:
             out = F.linear(inp, self.experts[p][e].to(inp.dtype))
             if f is not None:
-                out = out + self._rank_acts(inp, f.A[e], f.n_fusion, F.linear, self._dropped(inp)) @ f.B[e].t()
+                out = out + rank_acts(inp, f.A[e], f.n_fusion, F.linear, self._dropped(inp)) @ f.B[e].t()
             return out
 
         for e, tok, wt in self._groups(top_w, top_i):

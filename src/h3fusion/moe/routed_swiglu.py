@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from h3fusion.moe.dropout import dropout_mask, dropped
+from h3fusion.moe.dropout import dropout_mask, dropped, rank_acts
 
 
 def is_silu(act_fn: nn.Module) -> bool:
@@ -33,7 +33,7 @@ class _RoutedSwiGLU(torch.autograd.Function):
     def forward(ctx, g: Tensor, u: Tensor, w: Tensor, a: Tensor, n_fusion: int, keep_mask: Tensor | None,
                 p: float):
         h = _hidden(g, u, w)
-        z = _rank_acts(h, a, n_fusion, keep_mask, p)
+        z = rank_acts(h, a, n_fusion, torch.nn.functional.linear, None if keep_mask is None else dropped(h, keep_mask, p))
         ctx.save_for_backward(g, u, w, a, keep_mask)
         ctx.n_fusion, ctx.p = n_fusion, p
         return h, z
@@ -71,16 +71,6 @@ class _RoutedSwiGLU(torch.autograd.Function):
 
 def _hidden(g: Tensor, u: Tensor, w: Tensor) -> Tensor:
     return torch.nn.functional.silu(g) * u * w.unsqueeze(-1)
-
-
-def _rank_acts(h: Tensor, a: Tensor, n_fusion: int, keep_mask: Tensor | None, p: float) -> Tensor:
-    keep = a.shape[0] - n_fusion
-    parts = []
-    if keep:
-        parts.append(h @ a[:keep].t())
-    if n_fusion:
-        parts.append(dropped(h, keep_mask, p) @ a[keep:].t())
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 
 def routed_swiglu(g: Tensor, u: Tensor, w: Tensor, a: Tensor, n_fusion: int = 0, dropout: float = 0.0,
