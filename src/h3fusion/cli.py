@@ -51,7 +51,7 @@ def run(
     set_: SetOpt = None,
     out: OutOpt = None,
 ) -> None:
-    """The whole pipeline (align, build, fuse, generate, evaluate), each stage skipped when complete."""
+    """The whole pipeline (align, build, fuse, baselines, generate, evaluate, report), each stage skipped when complete."""
     cfg = _config(config, set_, out)
     from h3fusion.pipeline import run as run_pipeline
 

@@ -100,7 +100,8 @@ class MoEConfig(_Section):
     prototype_prompts: int = Field(32, ge=1)
     """Training prompts per axis used by router_init=prototype or fitted."""
     expert_bias: dict[str, float] = {}
-    """Runtime alignment dial: router-logit bias per expert name, e.g. {harmless: 1.0}."""
+    """Alignment dial: router-logit bias per expert name, e.g. {harmless: 1.0}. Built into the MoE (so fusion
+    trains under it) and re-applied whenever a fused model is loaded for generation."""
     adapters: dict[str, str] = {}
     """Bring your own experts: axis -> PEFT adapter dir (default: <run_dir>/experts/<axis>)."""
 
@@ -132,7 +133,8 @@ class FusionConfig(_Section):
     examples_per_axis: int | None = Field(None, ge=1)
     """Seeded sample of each axis's training set for fusion (None: the whole expert training sets)."""
     heldout_prompts: int = Field(32, ge=1)
-    """Held-out test prompts per axis on which router accuracy is measured after training."""
+    """Prompts per axis no stage trained on (from the training pool, topped up from the test prompts),
+    on which router accuracy is measured after training; accuracy on test prompts is logged beside it."""
     train: TrainConfig = TrainConfig()
     """Optimisation of the fusion stage (same keys as the top-level train section)."""
 

@@ -8,9 +8,9 @@ Trainable: LoRA on attention (q,k,v,o), a fusion LoRA on every expert's projecti
 * L_gate: per sequence, the router probabilities averaged over its real tokens and all layers
   (p_bar, N values), then -log p_bar[axis]. ``gate_loss: authors_ce`` instead feeds p_bar to
   CrossEntropyLoss as if it were logits (the released code's softmax-twice form; compatibility only).
-* R_k: expert k's fusion-stage change, sum over its projections of ||B'A'||_F, averaged over layers.
+* R_k: expert k's fusion-stage change, sum over its projections of ||(alpha'/r')·B'A'||_F, averaged over layers.
 
-Built on transformers' Trainer (so ``accelerate launch`` gives DDP/DeepSpeed); checkpoints hold only
+Built on transformers' Trainer (so ``accelerate launch`` gives DDP; not FSDP / ZeRO-3, see docs/scale-out.md); checkpoints hold only
 the trainable tensors, so resuming a killed run costs megabytes, not a copy of the model. The result,
 ``<run>/fused/``, has the attention and expert LoRAs merged in and loads with
 ``AutoModelForCausalLM.from_pretrained`` after ``import h3fusion``.

@@ -1,8 +1,8 @@
 """Supervised fine-tuning pieces shared by every training stage: tokenised datasets and Trainer set-up.
 
 The loss is on response tokens only (prompt tokens get label -100), as in the paper. Training
-goes through transformers' ``Trainer`` so that ``accelerate launch`` scales it to DDP / FSDP /
-DeepSpeed without any code of ours.
+goes through transformers' ``Trainer`` so that ``accelerate launch`` scales it without any code of
+ours: DDP / FSDP / DeepSpeed for the experts, DDP for fusion (docs/scale-out.md says why).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Baselines the H3Fusion MoE is compared against: weight merges of the same expert adapters."""
+"""Baselines the H3Fusion MoE is compared against, all built from the same experts: weight merges
+(``merges``), ensembles (``ensembles``) and the trained multitask-sft / authors'-code systems (``trained``)."""
 
 from h3fusion.baselines.merges import METHODS, dare, linear, merge_experts, svd_lora, task_arithmetic, ties
 
