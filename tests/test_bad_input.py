@@ -207,6 +207,16 @@ def adapter_corrupt_safetensors(w: Inputs) -> Run:
     return w.build(honest=honest)
 
 
+def stage_other_settings(w: Inputs) -> Run:
+    """A finished build, then the same run with another top_k: refused, not silently reused."""
+    from h3fusion.config import load_config
+    from h3fusion.moe.build import build_run
+
+    run = w.build()
+    build_run(load_config(run.args[1]), log=lambda *_: None)
+    return Run([*run.args, "--set", "moe.top_k=1"])
+
+
 def model_corrupt_safetensors(w: Inputs) -> Run:
     model = Path(shutil.copytree(w.base, w.tmp / "model"))
     weights = model / "model.safetensors"
@@ -257,6 +267,8 @@ CASES = [
     pytest.param(adapter_missing_files, "honest/adapter_config.json is missing", id="adapter-missing-files"),
     pytest.param(adapter_corrupt_safetensors, "honest/adapter_model.safetensors is corrupt or truncated",
                  id="adapter-corrupt-safetensors"),
+    pytest.param(stage_other_settings, "run/moe was made with other settings (moe.top_k: 2 there, 1 now)",
+                 id="stage-other-settings"),
     pytest.param(model_corrupt_safetensors, "model/model.safetensors is corrupt or truncated",
                  id="model-corrupt-safetensors"),
     pytest.param(model_without_gated_mlp, "has no gated MLP (gate_proj, up_proj, down_proj missing)",

@@ -18,6 +18,9 @@ from h3fusion.io import read_jsonl
 from tests.conftest import EVALUATED, SMALL_JUDGES, run_and_kill_at, write_config
 
 STAGES = ["align", "build", "fuse", "baselines", "generate", "evaluate", "report"]
+# what a later call prints for a stage it finds complete (it must skip it, not redo it)
+SKIP_LINES = {"align": "[align] helpful: complete at", "build": "[build] complete at", "fuse": "[fuse] complete at",
+              "generate": "[generate] base: complete, skipping"}
 
 
 def pipeline_config(root, tiny_llama_dir, data_dir, judge_cache):
@@ -89,6 +92,11 @@ def assert_same_results(run, reference):
         assert value == (pytest.approx(theirs[key], rel=1e-9, abs=1e-12) if isinstance(value, float) else theirs[key]), key
 
 
+def finished_files(root, lines=4):
+    """mtime of every JSONL under ``root`` that holds all its ``lines`` (a resumed call must not touch them)."""
+    return {p: p.stat().st_mtime_ns for p in root.rglob("*.jsonl") if len(p.read_text().splitlines()) == lines}
+
+
 def answers(run):
     return {str(p.relative_to(run)): [r["response"] for r in read_jsonl(p)]
             for p in sorted((run / "generations").glob("*/*.jsonl"))}
@@ -112,8 +120,11 @@ def test_run_resumes_after_a_kill_at_each_stage_boundary(tmp_path, uninterrupted
         proc.wait()
         assert proc.returncode == -signal.SIGKILL, f"never reached the end of {stage}: {''.join(seen)[-2000:]}"
         assert not any(f"[run] {later} done" in "".join(seen) for later in STAGES[STAGES.index(stage) + 1:])
+        for earlier in STAGES[: STAGES.index(stage)]:  # picked up where the killed call stopped
+            assert SKIP_LINES.get(earlier, "") in "".join(seen), f"{earlier} redone before {stage}"
     final = subprocess.run(cmd, capture_output=True, text=True)
     assert final.returncode == 0, final.stderr[-3000:]
+    assert all(line in final.stdout for line in SKIP_LINES.values()), final.stdout
     run, reference = tmp_path / "run", uninterrupted[0].parent / "run"
     assert answers(run) == answers(reference)
     assert_same_results(run, reference)
@@ -135,8 +146,11 @@ def test_evaluate_resumes_after_a_kill(tmp_path, uninterrupted, tiny_llama_dir, 
     args = [sys.executable, "-m", "h3fusion.cli", "evaluate", str(path)]
     run_and_kill_at(args, tmp_path / "run" / "judgements" / "expert-harmless" / "helpful.jsonl")
     assert not (tmp_path / "run" / "results.json").exists()
+    judged = finished_files(tmp_path / "run" / "judgements")
+    assert judged  # the systems scored before the kill
     done = subprocess.run(args, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert {p: p.stat().st_mtime_ns for p in judged} == judged  # reused, not scored again
     assert_same_results(tmp_path / "run", reference)
 
 
@@ -149,21 +163,31 @@ def test_generate_resumes_after_a_kill(tmp_path, uninterrupted, tiny_llama_dir, 
     args = [sys.executable, "-m", "h3fusion.cli", "generate", str(path)]
     run_and_kill_at(args, tmp_path / "run" / "generations" / "expert-helpful" / "helpful.jsonl")
     assert not (tmp_path / "run" / "generations" / "ensemble-logits").exists()  # killed part-way
+    answered = finished_files(tmp_path / "run" / "generations")
+    assert answered  # the base model's answers, complete before the kill
     done = subprocess.run(args, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert {p: p.stat().st_mtime_ns for p in answered} == answered  # not generated again
     ours = answers(tmp_path / "run")
     assert ours == {k: v for k, v in answers(reference).items() if "ensemble-rerank" not in k}
 
 
 def test_ablation_refuses_without_base_run_then_reuses_its_experts(tmp_path, uninterrupted):
     path = uninterrupted[0]
-    base = [sys.executable, "-m", "h3fusion.cli", "ablate", str(path), "--name", "lambda-half",
+    # the config file has moved on since the base run (another gamma): the ablation must still change
+    # one setting only, against what the base run's H3Fusion was made with
+    edited = tmp_path / "edited.yaml"
+    raw = yaml.safe_load(path.read_text())
+    raw.setdefault("fusion", {})["gamma_default"] = 0.5
+    edited.write_text(yaml.safe_dump(raw))
+    base = [sys.executable, "-m", "h3fusion.cli", "ablate", str(edited), "--name", "lambda-half",
             "--set", "fusion.gate_lambda=0.5", "--results-dir", str(tmp_path / "ablations")]
     missing = subprocess.run([*base, "--out", str(tmp_path / "no-run")], capture_output=True, text=True)
     assert missing.returncode == 2 and "finish the base run first" in missing.stderr
-    done = subprocess.run(base, capture_output=True, text=True)
+    done = subprocess.run([*base, "--out", str(path.parent / "run")], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "[align]" not in done.stdout  # the base run's experts were reused, not retrained
+    assert "has since changed fusion.gamma_default: 0.1 there, 0.5 now: not applied" in done.stdout
     summary = json.loads((tmp_path / "ablations" / "lambda-half.json").read_text())
     assert summary["overrides"] == ["fusion.gate_lambda=0.5"] and not summary["realigned_experts"]
     assert summary["h3fusion"]["hhh"] is not None and "h3fusion" in summary["base_run"]["systems"]
@@ -179,7 +203,8 @@ def test_ablation_refuses_without_base_run_then_reuses_its_experts(tmp_path, uni
         assert -1 <= low <= high <= 1
         assert f"{entry['diff']:+.3f} [{low:+.3f}, {high:+.3f}]" in table
     fused = path.parent / "run" / "ablations" / "lambda-half" / "fused"
-    assert yaml.safe_load((fused / "config.yaml").read_text())["fusion"]["gate_lambda"] == 0.5
+    made_with = yaml.safe_load((fused / "config.yaml").read_text())["fusion"]
+    assert made_with["gate_lambda"] == 0.5 and made_with["gamma_default"] == 0.1  # the base run's gamma
 
 
 def test_runtime_dial_ablation_reuses_the_fused_model(tmp_path, uninterrupted):

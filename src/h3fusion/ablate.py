@@ -3,7 +3,9 @@
     h3fusion ablate configs/cpu-bench.yaml --name lambda-0.1 --set fusion.gate_lambda=0.1
 
 Builds, fuses, generates and evaluates only the ``h3fusion`` system under
-``<base run>/ablations/<name>/``, reusing the base run's experts (``moe.adapters``) and judges, and
+``<base run>/ablations/<name>/``, starting from the settings the base run's H3Fusion was made with
+(``<base run>/fused/config.yaml``: a config file edited since does not leak a second change in),
+reusing the base run's experts (``moe.adapters``) and judges, and
 writes ``results/ablations/<name>.json``: the overrides, the ablated H3Fusion's metrics and the base
 run's systems beside them, so one file answers "what did this setting change". Overrides that change
 the experts themselves (``lora.*``, ``train.*``, ``data.*``, ``experts``, ``seed``, ``model.*``)
@@ -18,7 +20,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from h3fusion.config import load_config
+from h3fusion.config import FUSE_SETTINGS, changed_settings, load_config
 from h3fusion.errors import H3FusionError
 from h3fusion.io import write_json, write_text
 
@@ -50,7 +52,16 @@ def ablate(config_path: Path, name: str, overrides: list[str], results_dir: Path
     extra = [f"run_dir={run_dir}"]
     if not realign:  # the base run's experts, by path: nothing of stage 1 is redone
         extra += [f"moe.adapters.{axis}={base.run_path / 'experts' / axis}" for axis in base.experts]
-    config = load_config(config_path, overrides=[*overrides, *extra])
+    # one setting changed against what the base run's H3Fusion was made with, even if the config file
+    # has moved on since (a new default, say): its recorded settings are the ablation's starting point
+    recorded = next((p for p in (base.run_path / "fused" / "config.yaml", base.run_path / "config.yaml")
+                     if p.is_file()), Path(config_path))
+    config = load_config(recorded, overrides=[*overrides, *extra])
+    drifted = changed_settings(recorded, load_config(config_path, overrides=extra), FUSE_SETTINGS,
+                               ignore=("moe.adapters",))
+    if recorded != Path(config_path) and drifted:
+        log(f"[ablate] starting from {recorded} (the base run's settings); {config_path} has since changed "
+            f"{'; '.join(drifted)}: not applied")
     log(f"[ablate] {name}: {' '.join(overrides) or '(no overrides)'} -> {run_dir}"
         + (" (re-aligning the experts)" if realign else "")
         + (" (runtime dial: the base run's fused model)" if runtime_only else ""))
@@ -69,7 +80,7 @@ def ablate(config_path: Path, name: str, overrides: list[str], results_dir: Path
     base_systems = json.loads(base_results.read_text())["systems"]
     summary = {
         "name": name,
-        "overrides": overrides,
+        "overrides": [o for o in overrides if not o.startswith("run_dir=")],  # run_dir: where, not what
         "realigned_experts": realign,
         "fused_again": not runtime_only,  # False: the base run's fused model with a runtime dial
         FUSED: results["systems"][FUSED],

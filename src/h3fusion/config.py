@@ -368,3 +368,59 @@ def dump_config(config: RunConfig, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------- finished stages
+
+# The settings that decide each trained stage's result (key prefixes). A stage's outputs record the
+# config they were made with (``dump_config``); a later call whose settings differ must not silently
+# reuse them. Bookkeeping keys (paths, logging, checkpoint cadence) are not settings of the result.
+ALIGN_SETTINGS: tuple[str, ...] = ("seed", "model.base", "model.dtype", "data.", "lora.", "train.")
+BUILD_SETTINGS: tuple[str, ...] = (*ALIGN_SETTINGS, "experts", "moe.", "compat.unscaled_shared_experts",
+                                   "compat.frozen_random_router")
+FUSE_SETTINGS: tuple[str, ...] = (*BUILD_SETTINGS, "fusion.", "compat.")
+TRAINED_EXPERTS_ONLY: tuple[str, ...] = ("lora.", "train.")
+"""Settings that only shape experts stage 1 trains: not compared when ``moe.adapters`` brings every expert."""
+BOOKKEEPING: tuple[str, ...] = ("data.dir", "train.logging_steps", "train.save_steps", "fusion.heldout_prompts",
+                                "fusion.train.logging_steps", "fusion.train.save_steps")
+
+
+def _lookup(tree: Any, key: str) -> tuple[bool, Any]:
+    for part in key.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return False, None
+        tree = tree[part]
+    return True, tree
+
+
+def changed_settings(stored: Path, config: RunConfig, settings: tuple[str, ...],
+                     ignore: tuple[str, ...] = ()) -> list[str]:
+    """Settings under ``settings`` that differ between the config a finished stage recorded (``stored``,
+    written by ``dump_config``) and ``config``, as 'key: old there, new now'; [] when nothing was recorded.
+    Keys the recorded config does not have (written by an older version) are not compared."""
+    if not stored.is_file():
+        return []
+    old = yaml.safe_load(stored.read_text()) or {}
+    new = config.model_dump(mode="json")
+    diffs = []
+    keys = _all_keys(RunConfig)
+    for key in (k for k in keys if not any(o.startswith(k + ".") for o in keys)):  # leaves only
+        if not key.startswith(settings) or key.startswith(BOOKKEEPING + tuple(ignore)):
+            continue
+        found, before = _lookup(old, key)
+        _, now = _lookup(new, key)
+        if found and before != now:
+            diffs.append(f"{key}: {before!r} there, {now!r} now")
+    return diffs
+
+
+def refuse_other_settings(out: Path, config: RunConfig, settings: tuple[str, ...], ignore: tuple[str, ...] = ()) -> None:
+    """Raise when the finished stage at ``out`` was made with other result-deciding settings than ``config``."""
+    if set(config.experts) <= set(config.moe.adapters):
+        ignore = (*ignore, *TRAINED_EXPERTS_ONLY)
+    diffs = changed_settings(out / "config.yaml", config, settings, ignore)
+    if diffs:
+        more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
+        raise H3FusionError(
+            f"{out} was made with other settings ({'; '.join(diffs[:3])}{more}); give this run a new "
+            f"directory (--out DIR) or move {out} away to redo it")

@@ -13,7 +13,7 @@ import shutil
 import time
 from pathlib import Path
 
-from h3fusion.config import RunConfig, dump_config
+from h3fusion.config import ALIGN_SETTINGS, AXES, RunConfig, dump_config, refuse_other_settings
 from h3fusion.data import load_heldout_train, load_train
 from h3fusion.errors import H3FusionError
 from h3fusion.io import write_json
@@ -22,6 +22,7 @@ from h3fusion.sft import SFTCollator, SFTDataset, last_checkpoint, loss_curve, t
 
 EXPERT_META = "h3fusion_expert.json"
 HELDOUT_EXAMPLES = 32  # fixed examples the expert never trains on: a noise-free "did it learn" check
+LOSS_WINDOW = 10  # logged steps averaged for the first / last training loss reported
 
 
 def expert_dir(config: RunConfig, axis: str) -> Path:
@@ -37,6 +38,8 @@ def align_expert(config: RunConfig, axis: str, log=print) -> Path:
     """Train (or resume, or skip) the LoRA expert of one axis; returns its directory."""
     out = expert_dir(config, axis)
     if expert_is_complete(out):
+        others = tuple(f"data.{a}_train_size" for a in AXES if a != axis)  # another expert's data size
+        refuse_other_settings(out, config, ALIGN_SETTINGS, ignore=others)
         log(f"[align] {axis}: complete at {out}, skipping")
         return out
     lora = config.lora
@@ -106,13 +109,18 @@ def train_lora_adapter(config: RunConfig, label: str, out: Path, *, examples, he
         "prompt_format": config.data.prompt_format,
     })
     dump_config(config, out / "config.yaml")
+    # a single step's loss says little (the last batch may hold one example): mean of the first / last steps
+    window = max(1, min(LOSS_WINDOW, len(curve) // 2))
+    first, last = (sum(r["loss"] for r in part) / len(part) if part else None
+                   for part in (curve[:window], curve[-window:]))
     write_json(out / "training_log.json", {  # written last: marks the adapter complete
         **meta,
         "examples": len(dataset),
         "steps": trainer.state.global_step,
         "train_seconds": round(time.time() - started, 1),
-        "first_loss": curve[0]["loss"] if curve else None,
-        "last_loss": curve[-1]["loss"] if curve else None,
+        "first_loss": first,  # mean over the first `loss_window` logged steps
+        "last_loss": last,  # ... and over the last ones
+        "loss_window": window,
         "heldout_examples": len(heldout),
         "heldout_loss_before": heldout_before,
         "heldout_loss_after": heldout_after,
@@ -120,7 +128,7 @@ def train_lora_adapter(config: RunConfig, label: str, out: Path, *, examples, he
     })
     shutil.rmtree(checkpoints, ignore_errors=True)  # the adapter is saved; optimizer state is no longer needed
     if curve:
-        log(f"{label}: training loss {curve[0]['loss']:.3f} -> {curve[-1]['loss']:.3f}")
+        log(f"{label}: training loss {first:.3f} -> {last:.3f} (mean of the first / last {window} steps)")
     if heldout_before is not None:
         log(f"{label}: held-out loss ({len(heldout)} examples) {heldout_before:.3f} -> {heldout_after:.3f}")
     log(f"{label}: adapter at {out}")

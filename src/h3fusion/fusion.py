@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import Trainer
 
-from h3fusion.config import RunConfig, dump_config
+from h3fusion.config import FUSE_SETTINGS, RunConfig, dump_config, refuse_other_settings
 from h3fusion.errors import H3FusionError
 from h3fusion.io import write_json
 from h3fusion.moe.dropout import use_mask_dropout
@@ -230,6 +230,7 @@ def fuse_run(config: RunConfig, log=print) -> Path:
 
     out = fused_dir(config)
     if (out / "fusion_log.json").is_file():
+        refuse_other_settings(out, config, FUSE_SETTINGS)
         log(f"[fuse] complete at {out}, skipping")
         return out
     source = moe_dir(config)

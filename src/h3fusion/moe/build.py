@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from h3fusion.config import BUILD_SETTINGS, dump_config, refuse_other_settings
 from h3fusion.errors import H3FusionError
 from h3fusion.models import base_fingerprint, decoder_layers, load_model
 from h3fusion.moe.layer import PROJECTIONS, LowRankDelta
@@ -301,6 +302,7 @@ def build_run(config, log=print) -> Path:
 
     out = moe_dir(config)
     if (out / "h3fusion_build.json").is_file():
+        refuse_other_settings(out, config, BUILD_SETTINGS)
         log(f"[build] complete at {out}, skipping")
         return out
     paths = adapter_paths(config)
@@ -333,6 +335,7 @@ def build_run(config, log=print) -> Path:
     )
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    dump_config(config, out / "config.yaml")  # what it was built with (a later call with other settings is refused)
     write_json(
         out / "h3fusion_build.json",
         {  # written last: marks the build complete
