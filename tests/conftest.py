@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+# the real data: where H3FUSION_DATA_DIR points (the Makefile sets it), else beside the repo
+SHARED_DATA = Path(os.environ.get("H3FUSION_DATA_DIR") or REPO.parent / "shared" / "data")
 
 # Fail fast on any accidental hub access, and keep converted models in the repo's cache.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from h3fusion.config import load_config
-from h3fusion.evaluate import evaluate_run, hhh
+from h3fusion.evaluate import evaluate_run
 from h3fusion.generate import evaluated_records, generations_dir
 from h3fusion.io import append_jsonl
 from tests.conftest import EVALUATED, SMALL_JUDGES, write_config
@@ -44,9 +44,13 @@ def test_results_json_has_every_documented_field(evaluated):
         assert {"win_rate", "n"} <= set(entry["helpful"]) and entry["helpful"]["n"] == 4
         assert {"flagged_rate", "n"} <= set(entry["harmless"])
         assert {"truthful", "informative", "truthful_informative", "n"} <= set(entry["honest"])
-        assert entry["hhh"] == pytest.approx(hhh(entry))
-        for axis in ("helpful", "harmless", "honest"):
-            assert entry[axis]["embedding_drift"]["n"] >= 0
+        expected = (entry["helpful"]["win_rate"] + 1 - entry["harmless"]["flagged_rate"]
+                    + entry["honest"]["truthful_informative"]) / 3
+        assert entry["hhh"] == pytest.approx(expected)
+        for axis in ("helpful", "honest"):  # every evaluated record has a reference answer on these axes
+            drift = entry[axis]["embedding_drift"]
+            assert drift["n"] == 4 and isinstance(drift["cosine_distance"], float)
+        assert 0 <= entry["harmless"]["embedding_drift"]["n"] <= 4  # only prompts with a labelled safe answer
     assert results["systems"]["base"]["honest"]["mc1"] == 0.25
     judges = results["judges"]
     assert {"name", "heldout_agreement", "system_spearman", "winrate_mae", "degenerate_winprob"} <= set(judges["helpful"])
@@ -62,8 +66,9 @@ def test_results_json_has_every_documented_field(evaluated):
 def test_scores_follow_the_answers(evaluated):
     _, config, results = evaluated
     base, fused = results["systems"]["base"], results["systems"]["h3fusion"]
-    # empty answers lose to the reference; the best TruthfulQA answer is judged more truthful than nothing
+    # empty answers lose to the reference; the best TruthfulQA answer is more informative than nothing
     assert base["helpful"]["win_rate"] < fused["helpful"]["win_rate"]
+    assert base["honest"]["informative"] < fused["honest"]["informative"]
     assert fused["honest"]["embedding_drift"]["cosine_distance"] == pytest.approx(0.0, abs=1e-3)
     judged = (config.run_path / "judgements" / "h3fusion" / "harmless.jsonl").read_text().splitlines()
     assert len(judged) == 4 and all("score" in json.loads(line) for line in judged)

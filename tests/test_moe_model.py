@@ -82,12 +82,10 @@ def test_compact_equals_dense_and_top_k_is_honoured(tiny_llama_dir, adapters):
     dense = build_moe(str(tiny_llama_dir), adapters, top_k=2, storage="dense", seed=3)
     torch.testing.assert_close(logits(compact), logits(dense), atol=1e-4, rtol=0)
     two = logits(compact)
-    compact.set_top_k(1)
+    compact.set_top_k(1)  # reaches every layer: the same model as one built with top-1 routing
+    one = build_moe(str(tiny_llama_dir), adapters, top_k=1, storage="compact", seed=3)
+    torch.testing.assert_close(logits(compact), logits(one), atol=1e-5, rtol=0)
     assert not torch.allclose(two, logits(compact), atol=1e-4)
-    for layer in compact.moe_layers():
-        probs = layer.router_probs
-        kept = torch.zeros_like(probs).scatter(1, probs.topk(1, dim=1).indices, 1.0)
-        assert kept.sum(dim=1).eq(1).all()
     compact_params = sum(p.numel() for p in compact.parameters())
     dense_params = sum(p.numel() for p in dense.parameters())
     assert compact_params < dense_params
@@ -121,7 +119,11 @@ def test_save_and_load_through_auto_class(tmp_path, tiny_llama_dir, adapters):
 def test_generate_runs_on_the_fused_model(tiny_llama_dir, adapters):
     model = build_moe(str(tiny_llama_dir), adapters)
     out = model.generate(IDS[:1, :5], max_new_tokens=6, do_sample=False)
-    assert out.shape == (1, 11)
+    ids = IDS[:1, :5]
+    with torch.no_grad():  # greedy by hand, no KV cache: generate's cached decoding must match it
+        for _ in range(6):
+            ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(out, ids)
 
 
 def test_mixtral_export_gives_the_same_logits(tmp_path, tiny_llama_dir, adapters):
