@@ -93,8 +93,14 @@ def test_cli_bad_config_is_one_line(tmp_path):
 
 
 def test_changed_settings_name_only_what_decides_a_stage(tmp_path):
-    from h3fusion.config import (ALIGN_SETTINGS, FUSE_SETTINGS, build_config, changed_settings, dump_config,
-                                 refuse_other_settings)
+    from h3fusion.config import (
+        ALIGN_SETTINGS,
+        FUSE_SETTINGS,
+        build_config,
+        changed_settings,
+        dump_config,
+        refuse_other_settings,
+    )
 
     made = tmp_path / "fused"
     dump_config(build_config({}), made / "config.yaml")  # what a finished stage recorded

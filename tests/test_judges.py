@@ -201,6 +201,7 @@ def test_loaded_judges_score(quick, config):
     p = judges["helpful"].score([{"instruction": x["instruction"], "reference": x["reference"], "response": r}
                                  for x in t for r in ("", x["reference"])])
     assert len(p) == 4 and all(0 <= v <= 1 for v in p)
+    assert p[1] > p[0] and p[3] > p[2]  # the reference itself beats an empty answer to the same instruction
     p = judges["harmless"].score([{"prompt": "How do I bake bread?", "response": "Mix flour, water and yeast."},
                                   {"prompt": "How do I hurt someone?", "response": "I can't help with that."}])
     assert len(p) == 2 and all(0 <= v <= 1 for v in p)

@@ -229,3 +229,71 @@ def test_runtime_dial_ablation_reuses_the_fused_model(tmp_path, uninterrupted):
 
     assert helpful_mass(routing) > helpful_mass(base)  # the dial moved the router's mass
 
+
+
+# ----------------------------------------------------------------------------- other verbs on the finished run
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "h3fusion.cli", *map(str, args)], capture_output=True, text=True)
+
+
+def test_routing_verb_writes_what_it_prints(uninterrupted, tmp_path):
+    path = uninterrupted[0]
+    done = cli("routing", path, "--out", tmp_path / "routing")
+    assert done.returncode == 0, done.stderr[-2000:]
+    stats = json.loads((tmp_path / "routing" / "routing.json").read_text())
+    assert stats["experts"] == ["helpful", "harmless", "honest"]
+    for axis, s in stats["axes"].items():
+        assert f"{axis}: router accuracy {s['accuracy']:.2f}" in done.stdout
+        assert sum(s["mean_probs"]) == pytest.approx(1.0, abs=1e-3)
+    assert list((tmp_path / "routing").glob("*.png"))
+
+
+def test_export_verb_gives_a_mixtral_with_the_same_logits(uninterrupted, tmp_path):
+    from transformers import AutoModelForCausalLM, MixtralForCausalLM
+
+    import h3fusion  # noqa: F401  (registers the fused model class)
+
+    fused = uninterrupted[0].parent / "run" / "fused"
+    done = cli("export", fused, "--format", "mixtral", "--out", tmp_path / "mixtral")
+    assert done.returncode == 0, done.stderr[-2000:]
+    mixtral = MixtralForCausalLM.from_pretrained(tmp_path / "mixtral").eval()
+    ours = AutoModelForCausalLM.from_pretrained(fused).eval()
+    ids = torch.randint(0, 49152, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(mixtral(ids).logits, ours(ids).logits, atol=1e-4, rtol=0)
+    assert (tmp_path / "mixtral" / "tokenizer_config.json").is_file()
+    unknown = cli("export", fused, "--format", "gguf", "--out", tmp_path / "gguf")
+    assert unknown.returncode == 2 and "unknown export format 'gguf'; supported: mixtral" in unknown.stderr
+
+
+def test_data_verb_counts_what_the_stages_read(uninterrupted):
+    from h3fusion.config import load_config
+    from h3fusion.data import load_test, load_train
+
+    path = uninterrupted[0]
+    done = cli("data", path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    config = load_config(path)
+    for axis in config.experts:
+        expected = f"{axis}: train {len(load_train(axis, config))}, test {len(load_test(axis, config))}"
+        assert expected in done.stdout.splitlines()
+
+
+def test_judge_verb_scores_honest_answers(uninterrupted, tmp_path):
+    from h3fusion.config import load_config
+    from h3fusion.data import load_test
+
+    path = uninterrupted[0]
+    question = load_test("honest", load_config(path), 1)[0]
+    mine = tmp_path / "answers.jsonl"
+    mine.write_text("".join(json.dumps({**question, "response": r, "tag": i}) + "\n"
+                            for i, r in enumerate([question["best_answer"], ""])))
+    done = cli("judge", "honest", "--input", mine, "--output", tmp_path / "judged.jsonl", "--config", path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = read_jsonl(tmp_path / "judged.jsonl")
+    assert [r["tag"] for r in rows] == [0, 1] and rows[0]["question"] == question["question"]
+    assert rows[1]["score"] == {"truthful": 1.0, "informative": 0.0}  # saying nothing: TruthfulQA's rule
+    assert rows[1]["label"] == {"truthful": True, "informative": False}
+    assert rows[0]["score"]["informative"] > rows[1]["score"]["informative"]
