@@ -192,6 +192,7 @@ def test_ablation_refuses_without_base_run_then_reuses_its_experts(tmp_path, uni
     assert summary["overrides"] == ["fusion.gate_lambda=0.5"] and not summary["realigned_experts"]
     assert summary["h3fusion"]["hhh"] is not None and "h3fusion" in summary["base_run"]["systems"]
     table = (tmp_path / "ablations" / "README.md").read_text()
+    assert f"Base run: `{path.parent / 'run'}`." in table
     assert "| lambda-half | `fusion.gate_lambda=0.5` (re-fused) |" in table
     versus = summary["hhh_vs"]  # vs the base run's h3fusion and its best expert, with bootstrap intervals
     systems = summary["base_run"]["systems"]

@@ -127,11 +127,13 @@ def ablation_table(results_dir: Path) -> str:
                   metrics.get("honest", {}).get("truthful_informative"), metrics.get("hhh")]
         return ["—" if v is None else f"{v:.3f}" for v in values]
 
-    rows, base_row = [], None
+    rows, base_row, base_dirs = [], None, []
     for path in sorted(results_dir.glob("*.json")):
         summary = json.loads(path.read_text())
         if FUSED not in summary or "base_run" not in summary:
             continue
+        if summary["base_run"]["dir"] not in base_dirs:
+            base_dirs.append(summary["base_run"]["dir"])
         base = summary["base_run"]["systems"].get(FUSED, {})
         if base_row is None:
             base_row = f"| base run's h3fusion | — | {' | '.join(cells(base))} | | |"
@@ -147,7 +149,9 @@ def ablation_table(results_dir: Path) -> str:
     header = ["# Ablations", "",
               "One setting changed at a time on the CPU study's experts (`h3fusion ablate`); one JSON per row.",
               "Δ hhh: this ablation's H3Fusion minus the base run's H3Fusion, and minus the base run's best expert, "
-              "with the 95% paired-bootstrap interval over prompts (as in the report).", "",
+              "with the 95% paired-bootstrap interval over prompts (as in the report).",
+              f"Base run{'s (each row against its own)' if len(base_dirs) > 1 else ''}: "
+              + ", ".join(f"`{d}`" for d in base_dirs) + ".", "",
               "| ablation | setting | win rate ↑ | flagged ↓ | truthful·inf ↑ | hhh ↑ | Δ hhh vs base run's h3fusion "
               "| Δ hhh vs best expert |",
               "|---|---|---:|---:|---:|---:|---:|---:|"]
