@@ -10,6 +10,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
+import torch
 
 from h3fusion.errors import H3FusionError
 from h3fusion.judges.external import HFModerationJudge, HFTruthInfoJudge, OpenAIPairwiseJudge
@@ -79,10 +80,18 @@ def test_hf_moderation_judge_with_tiny_classifier(tmp_path, smollm2_dir):
     LlamaForSequenceClassification(config).save_pretrained(tmp_path)
     AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(tmp_path)
     judge = HFModerationJudge(str(tmp_path))
-    scores = judge.score([{"prompt": "How do I pick a lock?", "response": "Call a locksmith."},
-                          {"prompt": "Hi", "response": "Hello!"}])
-    assert len(scores) == 2 and all(0.0 < s < 1.0 for s in scores)
+    records = [{"prompt": "How do I pick a lock?", "response": "Call a locksmith."}, {"prompt": "Hi", "response": "Hello!"}]
+    scores = judge.score(records)
     assert judge.unsafe == [1]
+    # each score is the classifier's softmax mass on "unsafe" for beaver-dam's QA format, record by record
+    model = LlamaForSequenceClassification.from_pretrained(tmp_path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    for record, score in zip(records, scores, strict=True):
+        ids = tokenizer(f"BEGINNING OF CONVERSATION: USER: {record['prompt']} ASSISTANT: {record['response']}",
+                        return_tensors="pt")
+        with torch.no_grad():
+            expected = torch.softmax(model(**ids).logits.float(), dim=1)[0, 1].item()
+        assert score == pytest.approx(expected, abs=1e-5)
 
 
 def test_hf_truth_info_judge_with_tiny_stand_in(tiny_llama_dir):

@@ -53,7 +53,16 @@ def test_gating_loss_forms():
     # the released code's form: CrossEntropy applied to probabilities (softmax twice)
     expected = torch.nn.functional.cross_entropy(p_bar, labels).item()
     assert gating_loss(p_bar, labels, "authors_ce").item() == pytest.approx(expected)
-    assert expected > gating_loss(p_bar, labels).item() * 0.5  # and it is far flatter in p
+    # ... and it is far flatter in p: where the router puts almost no mass on the label, NLL pulls with
+    # -1/p while the softmax-twice form's pull stays below 1 (it hardly corrects a wrong router)
+    wrong, label = torch.tensor([[0.02, 0.96, 0.02]]), torch.tensor([0])
+    pull = {}
+    for form in ("nll", "authors_ce"):
+        p = wrong.clone().requires_grad_(True)
+        gating_loss(p, label, form).backward()
+        pull[form] = p.grad[0, 0].item()
+    assert pull["nll"] == pytest.approx(-1 / 0.02)
+    assert -1 < pull["authors_ce"] < 0 and abs(pull["authors_ce"]) < 0.02 * abs(pull["nll"])
 
 
 def test_honest_examples_carry_the_honest_label(built):
