@@ -298,3 +298,22 @@ def test_judge_verb_scores_honest_answers(uninterrupted, tmp_path):
     assert rows[1]["score"] == {"truthful": 1.0, "informative": 0.0}  # saying nothing: TruthfulQA's rule
     assert rows[1]["label"] == {"truthful": True, "informative": False}
     assert rows[0]["score"]["informative"] > rows[1]["score"]["informative"]
+
+
+def test_judges_fit_verb_prints_the_cached_validation(uninterrupted):
+    """The run's judges are fitted (the pipeline did it): the verb reuses them and prints their figures."""
+    from h3fusion.config import load_config
+    from h3fusion.judges import judge_dir
+
+    path = uninterrupted[0]
+    config = load_config(path)
+    cached = judge_dir(config, config.judges.cache_dir, config.judges.fit_max_rows)
+    before = {p: p.stat().st_mtime_ns for p in cached.rglob("*") if p.is_file()}
+    done = cli("judges", "fit", path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for axis in ("helpful", "harmless", "honest"):
+        figures = json.loads((cached / axis / "validation.json").read_text())
+        line = next(line for line in done.stdout.splitlines() if line.startswith(f"{axis}: "))
+        numbers = {k: v for k, v in figures.items() if isinstance(v, float)}
+        assert numbers and all(f"{k} {v:.3f}" in line for k, v in numbers.items()), (axis, line)
+    assert {p: p.stat().st_mtime_ns for p in before} == before  # reused, not refitted
