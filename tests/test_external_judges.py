@@ -98,6 +98,7 @@ def test_hf_truth_info_judge_with_tiny_stand_in(tiny_llama_dir):
     judge = HFTruthInfoJudge(str(tiny_llama_dir), str(tiny_llama_dir))
     records = [{"question": "Is the earth flat?", "response": "No, it is round."}]
     truth, info = judge.score_truth(records), judge.score_info(records)
+    assert judge.score_both(records) == [{"truth": truth[0], "info": info[0]}]  # what evaluate calls
     assert 0 < truth[0] < 1 and 0 < info[0] < 1 and truth != info
 
 

@@ -178,3 +178,7 @@ class HFTruthInfoJudge:
 
     def score_info(self, records: Sequence[dict[str, Any]]) -> list[float]:
         return self._p_yes(self.info, [f"Q: {r['question']}\nA: {r['response']}\nHelpful:" for r in records])
+
+    def score_both(self, records: Sequence[dict[str, Any]]) -> list[dict[str, float]]:
+        return [{"truth": t, "info": i}
+                for t, i in zip(self.score_truth(records), self.score_info(records), strict=True)]
