@@ -57,8 +57,8 @@ def ablate(config_path: Path, name: str, overrides: list[str], results_dir: Path
     recorded = next((p for p in (base.run_path / "fused" / "config.yaml", base.run_path / "config.yaml")
                      if p.is_file()), Path(config_path))
     config = load_config(recorded, overrides=[*overrides, *extra])
-    drifted = changed_settings(recorded, load_config(config_path, overrides=extra), FUSE_SETTINGS,
-                               ignore=("moe.adapters",))
+    # ``base`` is the config file as given (run_dir is no setting; the adapters are the ablation's own)
+    drifted = changed_settings(recorded, base, FUSE_SETTINGS, ignore=("moe.adapters",))
     if recorded != Path(config_path) and drifted:
         log(f"[ablate] starting from {recorded} (the base run's settings); {config_path} has since changed "
             f"{'; '.join(drifted)}: not applied")
