@@ -96,6 +96,8 @@ def test_helpful_split_excludes_evaluated_instructions(config):
     assert not data.fit_instructions & val
     fit_gens = {r["generator"] for r in data.fit if not r["generator"].startswith("synthetic:")}
     assert not fit_gens & set(helpful.HELDOUT_GENERATORS)
+    assert helpful.STRONG_GENERATOR not in fit_gens  # its answers are the strong reference
+    assert all(norm(t["instruction"]) in data.strong for t in data.tests)  # every instruction has one
     assert {r["generator"] for r in data.val} == set(helpful.HELDOUT_GENERATORS) & {r["generator"] for r in data.val}
     assert len({r["generator"] for r in data.val}) >= 10
     # synthetic negatives are built only from fitting instructions (their off-topic answers too)
@@ -188,6 +190,33 @@ def test_artifacts_are_pickle_free(quick):
         else:
             data = load_file(str(path))
             assert "head.weight" in data and any(k.startswith("encoder.") for k in data)
+
+
+def test_helpful_judge_uses_a_strong_reference_where_there_is_one(quick, config):
+    """AlpacaEval instructions (looked up) and records carrying ``strong_reference`` go to the main head;
+    an instruction without one goes to the fallback head, with that head's own calibration."""
+    from h3fusion.judges import load_judges
+    from h3fusion.judges.helpful import _calibrate, features
+
+    judge = load_judges(config, log=lambda _: None, axes=["helpful"], max_rows=QUICK_ROWS)["helpful"]
+    t = load_test("helpful", config, 1)[0]
+    answer = "Here are three ideas: first, plan ahead; second, start small; third, ask for help."
+    known = {"instruction": t["instruction"], "reference": t["reference"], "response": answer}
+    own = {"instruction": "Write a short poem about my cat Felix.", "reference": t["reference"], "response": answer}
+    strong = judge.strong[norm(t["instruction"])]
+    supplied = {**own, "strong_reference": strong}
+    p = judge.score([known, own, supplied])
+
+    def main(record):
+        x = features([record], judge.embedder, [record.get("strong_reference") or strong])
+        return float(_calibrate(judge.booster.predict(x), judge.calibration)[0])
+
+    fallback = float(_calibrate(judge.fallback.predict(features([own], judge.embedder)),
+                                judge.calibration["without_strong_reference"])[0])
+    assert p == pytest.approx([main(known), fallback, main(supplied)])
+    assert features([own], judge.embedder).shape[1] < features([supplied], judge.embedder, [strong]).shape[1]
+    fallback_figures = judge.validation["without_strong_reference"]
+    assert {"agreement", "spearman_win_rates", "win_rate_mae", "targets_met"} <= set(fallback_figures)
 
 
 def test_loaded_judges_score(quick, config):

@@ -20,7 +20,7 @@ import numpy as np
 
 from h3fusion.errors import H3FusionError
 
-JUDGE_VERSION = "1"
+JUDGE_VERSION = "2"
 """Bump when features, data rules or heads change: it is part of the cache key."""
 
 MAX_TOKENS = 128

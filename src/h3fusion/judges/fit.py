@@ -43,7 +43,7 @@ MODULES = {"helpful": helpful, "harmless": harmless, "honest": honest}
 JUDGES: dict[str, type[Judge]] = {"helpful": helpful.HelpfulJudge, "harmless": harmless.HarmlessJudge,
                                   "honest": honest.HonestJudge}
 DATA_FILES = (
-    helpful.JUDGEMENTS_FILE, helpful_data.TEST_FILE,
+    helpful.JUDGEMENTS_FILE, helpful.STRONG_FILE, helpful_data.TEST_FILE,
     harmless_data.TEST_FILE, *harmless_data.LABELLED_FILES, harmless_data.SAFERLHF_FILE,
     harmless_data.REFUSALS_FILE, harmless.DNA_FILE,
     honest_data.GEN_FILE, honest_data.MC_FILE, honest.TRUTH_FILE, honest.INFO_FILE,
