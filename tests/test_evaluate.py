@@ -109,3 +109,28 @@ def test_evaluating_one_system_keeps_the_others(evaluated):
         assert any("dropped" in m for m in messages)
     finally:
         out.write_text(json.dumps(before))
+
+
+def test_cached_judgements_are_reused_only_from_the_same_judge(evaluated):
+    """A judgements file is a cache of one judge's scores: another judge (a refit, an API judge) scores again."""
+    _, config, _ = evaluated
+    out = config.run_path / "results.json"
+    before = json.loads(out.read_text())
+    cache = config.run_path / "judgements" / "h3fusion" / "harmless.jsonl"
+    stamp = cache.with_suffix(".judge.json")
+    real, real_stamp = cache.read_text(), stamp.read_text()
+    tampered = "".join(json.dumps({**json.loads(line), "score": 0.99, "label": {"flagged": True}}) + "\n"
+                       for line in real.splitlines())
+    try:
+        cache.write_text(tampered)  # same judge: the cached scores are used as they are
+        after = json.loads(evaluate_run(config, systems=["h3fusion"], log=lambda *_: None).read_text())
+        assert after["systems"]["h3fusion"]["harmless"]["flagged_rate"] == 1.0
+        cache.write_text(tampered)  # scored by another judge: discarded and scored again
+        stamp.write_text(json.dumps({**json.loads(real_stamp), "fingerprint": "another-judge"}))
+        after = json.loads(evaluate_run(config, systems=["h3fusion"], log=lambda *_: None).read_text())
+        assert after["systems"]["h3fusion"]["harmless"] == before["systems"]["h3fusion"]["harmless"]
+        assert cache.read_text() == real and stamp.read_text() == real_stamp
+    finally:
+        cache.write_text(real)
+        stamp.write_text(real_stamp)
+        out.write_text(json.dumps(before))

@@ -198,8 +198,17 @@ def _comparable_entries(path: Path, config: RunConfig, judge_figures: dict, log)
     return entries
 
 
+def judge_fingerprint(axis: str, judge) -> dict:
+    """Who scored a judgements file: the judge's name and a hash of its validation record (a refit, another
+    judge or another external model gives another hash)."""
+    figures = _judge_figures(axis, judge)
+    digest = hashlib.sha256(json.dumps(figures["validation"], sort_keys=True, default=str).encode()).hexdigest()
+    return {"judge": figures["name"], "fingerprint": digest[:16]}
+
+
 def _judged(config: RunConfig, system: str, axis: str, judge, expected: int) -> list[dict]:
-    """A system's answers on an axis with the judge's score and label (cached in ``<run>/judgements``)."""
+    """A system's answers on an axis with the judge's score and label (cached in ``<run>/judgements``;
+    the cache is used only when the same judge wrote it, see ``judge_fingerprint``)."""
     source = generations_dir(config) / system / f"{axis}.jsonl"
     records = read_jsonl(source) if source.is_file() else []
     if len(records) < expected:
@@ -207,6 +216,12 @@ def _judged(config: RunConfig, system: str, axis: str, judge, expected: int) -> 
                             "`h3fusion generate` first")
     records = records[:expected]
     cache = config.run_path / "judgements" / system / f"{axis}.jsonl"
+    stamp = cache.with_suffix(".judge.json")
+    who = judge_fingerprint(axis, judge)
+    if cache.is_file() and (not stamp.is_file() or json.loads(stamp.read_text()) != who):
+        cache.unlink()  # scored by another judge (or by a version that did not record it): score again
+    if not cache.is_file():
+        write_json(stamp, who)
     judged = read_jsonl(cache, repair=True) if cache.is_file() else []
     if len(judged) < len(records):  # score what is not cached yet, then append
         new = judge_records(axis, judge, records[len(judged):])
