@@ -121,3 +121,19 @@ def test_changed_settings_name_only_what_decides_a_stage(tmp_path):
         refuse_other_settings(made, brought, FUSE_SETTINGS)
     assert "train.lr" not in str(refused.value)
     assert changed_settings(tmp_path / "nothing-recorded.yaml", now, FUSE_SETTINGS) == []
+
+
+def test_changed_settings_compare_paths_as_places(tmp_path, monkeypatch):
+    """One run named by an absolute path when a stage finished and by a relative one now is the same run."""
+    from h3fusion.config import FUSE_SETTINGS, build_config, changed_settings, dump_config
+
+    for axis in AXES:
+        (tmp_path / "run" / "experts" / axis).mkdir(parents=True)
+        (tmp_path / "other" / axis).mkdir(parents=True)
+    absolute = {a: str(tmp_path / "run" / "experts" / a) for a in AXES}
+    dump_config(build_config({"moe": {"adapters": absolute}}), tmp_path / "config.yaml")
+    monkeypatch.chdir(tmp_path)
+    relative = build_config({"moe": {"adapters": {a: f"run/experts/{a}" for a in AXES}}})
+    assert changed_settings(tmp_path / "config.yaml", relative, FUSE_SETTINGS) == []
+    moved = build_config({"moe": {"adapters": {a: f"other/{a}" for a in AXES}}})
+    assert [d.split(":")[0] for d in changed_settings(tmp_path / "config.yaml", moved, FUSE_SETTINGS)] == ["moe.adapters"]

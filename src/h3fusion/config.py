@@ -409,9 +409,25 @@ def changed_settings(stored: Path, config: RunConfig, settings: tuple[str, ...],
             continue
         found, before = _lookup(old, key)
         _, now = _lookup(new, key)
+        if key.startswith(PATH_SETTINGS):
+            before, now = _as_places(before), _as_places(now)
         if found and before != now:
             diffs.append(f"{key}: {before!r} there, {now!r} now")
     return diffs
+
+
+PATH_SETTINGS: tuple[str, ...] = ("moe.adapters", "model.name")
+"""Settings that may hold paths: compared as the places they name, so one run given once by a relative and
+once by an absolute path (``--out runs/x`` vs ``--out /work/runs/x``) is the same run."""
+
+
+def _as_places(value: Any) -> Any:
+    """Existing paths resolved to absolute ones, in a value or a dict of values; anything else as it is."""
+    if isinstance(value, dict):
+        return {k: _as_places(v) for k, v in value.items()}
+    if isinstance(value, str) and value and Path(value).expanduser().exists():
+        return str(Path(value).expanduser().resolve())
+    return value
 
 
 def refuse_other_settings(out: Path, config: RunConfig, settings: tuple[str, ...], ignore: tuple[str, ...] = ()) -> None:
