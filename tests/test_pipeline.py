@@ -317,3 +317,32 @@ def test_judges_fit_verb_prints_the_cached_validation(uninterrupted):
         numbers = {k: v for k, v in figures.items() if isinstance(v, float)}
         assert numbers and all(f"{k} {v:.3f}" in line for k, v in numbers.items()), (axis, line)
     assert {p: p.stat().st_mtime_ns for p in before} == before  # reused, not refitted
+
+
+def test_generate_finishes_an_axis_killed_between_its_answers_and_its_routing(tmp_path, uninterrupted):
+    """Killed after the last answer but before the routing file and the stats: the next call writes them
+    without answering again."""
+    path = uninterrupted[0]
+    reference = path.parent / "run"
+    run = tmp_path / "run"
+    for part in ("experts", "fused", "generations/h3fusion"):
+        shutil.copytree(reference / part, run / part)
+    config = yaml.safe_load(path.read_text())
+    config["run_dir"] = str(run)
+    mine = tmp_path / "c.yaml"
+    mine.write_text(yaml.safe_dump(config))
+    out = run / "generations" / "h3fusion"
+    (out / "honest.routing.json").unlink()
+    stats = json.loads((out / "stats.json").read_text())
+    del stats["honest"], stats["cost"]
+    (out / "stats.json").write_text(json.dumps(stats))
+    answered = {p: p.stat().st_mtime_ns for p in out.glob("*.jsonl")}
+    done = subprocess.run([sys.executable, "-m", "h3fusion.cli", "generate", str(mine), "--system", "h3fusion"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert {p: p.stat().st_mtime_ns for p in answered} == answered  # nothing answered again
+    assert json.loads((out / "honest.routing.json").read_text()) == \
+        json.loads((reference / "generations" / "h3fusion" / "honest.routing.json").read_text())
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["honest"]["prompts"] == 0 and stats["honest"]["resumed_after"] == 4
+    assert stats["cost"]["total"] > 0 and stats["cost"]["peak_memory_bytes"] > 0

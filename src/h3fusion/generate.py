@@ -125,12 +125,14 @@ def generate_system(config, system: str, axes: Sequence[str] | None = None, log=
 
     out = generations_dir(config) / system
     axes = list(axes or config.experts)
-    todo = {axis: evaluated_records(config, axis) for axis in axes}
-    todo = {axis: records for axis, records in todo.items()
-            if not _complete(out / f"{axis}.jsonl", len(records))}
-    need_mc = "honest" in axes and not (out / "honest.mc.json").is_file()
     stats_path = out / "stats.json"
     stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
+    todo = {axis: evaluated_records(config, axis) for axis in axes}
+    # an axis is done once its stats are written, after its answers and routing: a kill in between (every
+    # answer on disk, no routing yet) leaves it to do, and resuming then answers nothing and writes the rest
+    todo = {axis: records for axis, records in todo.items()
+            if not (_complete(out / f"{axis}.jsonl", len(records)) and axis in stats)}
+    need_mc = "honest" in axes and not (out / "honest.mc.json").is_file()
     if not todo and not need_mc:
         log(f"[generate] {system}: complete, skipping")
         return stats
