@@ -346,3 +346,24 @@ def test_generate_finishes_an_axis_killed_between_its_answers_and_its_routing(tm
     stats = json.loads((out / "stats.json").read_text())
     assert stats["honest"]["prompts"] == 0 and stats["honest"]["resumed_after"] == 4
     assert stats["cost"]["total"] > 0 and stats["cost"]["peak_memory_bytes"] > 0
+
+
+def test_ablation_table_groups_rows_under_their_own_base_run(tmp_path):
+    """Ablations of two base runs: each group opens with its own base run's H3Fusion, the row it is compared with."""
+    from h3fusion.ablate import ablation_table
+
+    def summary(name, base_dir, base_hhh, hhh):
+        entry = {"helpful": {"win_rate": 0.1}, "harmless": {"flagged_rate": 0.2},
+                 "honest": {"truthful_informative": 0.3}}
+        return {"name": name, "overrides": ["fusion.gate_lambda=1.0"], "realigned_experts": False,
+                "fused_again": True, "h3fusion": {**entry, "hhh": hhh},
+                "base_run": {"dir": base_dir, "systems": {"h3fusion": {**entry, "hhh": base_hhh}}},
+                "hhh_vs": {"h3fusion": {"diff": hhh - base_hhh, "interval": [-0.01, 0.03]}}}
+
+    for name, base, base_hhh, hhh in (("a-old", "/runs/old", 0.401, 0.414), ("b-new", "/runs/new", 0.410, 0.418),
+                                      ("c-old", "/runs/old", 0.401, 0.397)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(summary(name, base, base_hhh, hhh)))
+    lines = [line for line in ablation_table(tmp_path).splitlines() if line.startswith("| ")][1:]
+    assert [line.split(" | ")[0].lstrip("| ") for line in lines] == [
+        "**base run `old`: h3fusion**", "a-old", "c-old", "**base run `new`: h3fusion**", "b-new"]
+    assert "0.401" in lines[0] and "0.410" in lines[3] and "+0.008 [-0.010, +0.030]" in lines[4]

@@ -120,23 +120,23 @@ def _hhh_differences(run: Path, ours_hhh: float | None, base_run: Path, base_sys
 
 
 def ablation_table(results_dir: Path) -> str:
-    """Markdown table of every ablation summary in ``results_dir``, next to the base run's H3Fusion."""
+    """Markdown table of every ablation summary in ``results_dir``, grouped by base run: each group opens with
+    its base run's H3Fusion, the row its ablations are compared with."""
 
     def cells(metrics: dict) -> list[str]:
         values = [metrics.get("helpful", {}).get("win_rate"), metrics.get("harmless", {}).get("flagged_rate"),
                   metrics.get("honest", {}).get("truthful_informative"), metrics.get("hhh")]
         return ["—" if v is None else f"{v:.3f}" for v in values]
 
-    rows, base_row, base_dirs = [], None, []
+    groups: dict[str, list[str]] = {}  # base run dir -> its rows, the base run's h3fusion first
     for path in sorted(results_dir.glob("*.json")):
         summary = json.loads(path.read_text())
         if FUSED not in summary or "base_run" not in summary:
             continue
-        if summary["base_run"]["dir"] not in base_dirs:
-            base_dirs.append(summary["base_run"]["dir"])
-        base = summary["base_run"]["systems"].get(FUSED, {})
-        if base_row is None:
-            base_row = f"| base run's h3fusion | — | {' | '.join(cells(base))} | | |"
+        base_dir = summary["base_run"]["dir"]
+        if base_dir not in groups:
+            base = summary["base_run"]["systems"].get(FUSED, {})
+            groups[base_dir] = [f"| **base run `{Path(base_dir).name}`: h3fusion** | — | {' | '.join(cells(base))} | | |"]
         versus = summary.get("hhh_vs", {})
         vs_fused = _with_interval(versus.get(FUSED))
         expert = next((s for s in versus if s != FUSED), None)
@@ -144,18 +144,18 @@ def ablation_table(results_dir: Path) -> str:
         settings = " ".join(f"`{o}`" for o in summary["overrides"] if not o.startswith("run_dir="))
         how = "same fused model" if summary.get("fused_again") is False else (
             "experts re-aligned" if summary.get("realigned_experts") else "re-fused")
-        rows.append(f"| {summary['name']} | {settings} ({how}) | {' | '.join(cells(summary[FUSED]))} | {vs_fused} "
-                    f"| {vs_expert} |")
+        groups[base_dir].append(f"| {summary['name']} | {settings} ({how}) | {' | '.join(cells(summary[FUSED]))} "
+                                f"| {vs_fused} | {vs_expert} |")
     header = ["# Ablations", "",
               "One setting changed at a time on the CPU study's experts (`h3fusion ablate`); one JSON per row.",
-              "Δ hhh: this ablation's H3Fusion minus the base run's H3Fusion, and minus the base run's best expert, "
+              "Δ hhh: this ablation's H3Fusion minus its base run's H3Fusion, and minus that run's best expert, "
               "with the 95% paired-bootstrap interval over prompts (as in the report).",
-              f"Base run{'s (each row against its own)' if len(base_dirs) > 1 else ''}: "
-              + ", ".join(f"`{d}`" for d in base_dirs) + ".", "",
+              f"Base run{'s (each group of rows against the one that opens it)' if len(groups) > 1 else ''}: "
+              + ", ".join(f"`{d}`" for d in groups) + ".", "",
               "| ablation | setting | win rate ↑ | flagged ↓ | truthful·inf ↑ | hhh ↑ | Δ hhh vs base run's h3fusion "
               "| Δ hhh vs best expert |",
               "|---|---|---:|---:|---:|---:|---:|---:|"]
-    return "\n".join([*header, *([base_row] if base_row else []), *rows]) + "\n"
+    return "\n".join([*header, *(row for rows in groups.values() for row in rows)]) + "\n"
 
 
 def _with_interval(entry: dict | None) -> str:
