@@ -195,15 +195,14 @@ def strong_references(records: Sequence[dict[str, Any]], table: dict[str, str]) 
 
 def features(records: Sequence[dict[str, Any]], embedder: Embedder, strong: Sequence[str] | None = None) -> np.ndarray:
     """The head's inputs; with ``strong`` (one strong reference per record) the strong-reference columns too."""
-    base = _base_features(records, embedder)
+    base, e_c, e_r = _base_features(records, embedder)
     if strong is None:
         return base
     cand = [str(r["response"]).strip() for r in records]
     ref = [str(r["reference"]).strip() for r in records]
     strong = [str(g).strip() for g in strong]
     e_g = embedder.encode(strong, "strong references")
-    cg = rowwise_cos(embedder.encode(cand, "answers"), e_g)
-    rg = rowwise_cos(embedder.encode(ref, "references"), e_g)
+    cg, rg = rowwise_cos(e_c, e_g), rowwise_cos(e_r, e_g)
     extra = []
     for k in range(len(records)):
         key_words = content(strong[k])  # how much of GPT-4 Turbo's content each answer covers
@@ -214,7 +213,8 @@ def features(records: Sequence[dict[str, Any]], embedder: Embedder, strong: Sequ
     return np.hstack([base, np.asarray(extra, dtype=np.float32)])
 
 
-def _base_features(records: Sequence[dict[str, Any]], embedder: Embedder) -> np.ndarray:
+def _base_features(records: Sequence[dict[str, Any]], embedder: Embedder) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Surface and relevance features, plus the candidates' and references' MiniLM vectors (reused above)."""
     ins = [str(r["instruction"]).strip() for r in records]
     ref = [str(r["reference"]).strip() for r in records]
     cand = [str(r["response"]).strip() for r in records]
@@ -243,7 +243,7 @@ def _base_features(records: Sequence[dict[str, Any]], embedder: Embedder) -> np.
             jaccard(wc, wr), containment(cr_, cc), containment(cc, cr_),
             float(bool(nc) and (nc in ni or ni in nc)), float(len(nc) < 0.5 * max(len(ni), 1)),
         ])
-    return np.asarray(rows, dtype=np.float32)
+    return np.asarray(rows, dtype=np.float32), e_c, e_r
 
 
 # ----------------------------------------------------------------------------- judge
