@@ -30,7 +30,7 @@ def quick(config: RunConfig) -> dict:
     from h3fusion.judges import fit_judges, judge_dir
 
     results = fit_judges(config, log=lambda _: None, max_rows=QUICK_ROWS, force=True)
-    return {"results": results, "dir": judge_dir(config, max_rows=QUICK_ROWS)}
+    return {"results": results, "dirs": {axis: judge_dir(config, axis, max_rows=QUICK_ROWS) for axis in results}}
 
 
 # ----------------------------------------------------------------------------- config
@@ -50,28 +50,47 @@ def test_cache_key_tracks_eval_subsets(config):
 
     other = config.model_copy(deep=True)
     other.evaluate.harmless_n = 100
-    assert cache_key(config) != cache_key(other)
-    assert cache_key(config) == cache_key(config.model_copy(deep=True))
-    assert cache_key(config) != cache_key(config, max_rows=10)
+    assert cache_key(config, "harmless") != cache_key(other, "harmless")
+    assert cache_key(config, "helpful") == cache_key(other, "helpful")  # not its subset: kept
+    assert cache_key(config, "harmless") == cache_key(config.model_copy(deep=True), "harmless")
+    assert cache_key(config, "harmless") != cache_key(config, "harmless", max_rows=10)
+    assert len({cache_key(config, axis) for axis in ("helpful", "harmless", "honest")}) == 3
+
+
+def test_changing_one_judge_refits_that_judge_alone(config, tmp_path, monkeypatch):
+    """A version bump of one judge module moves that judge's cache entry only; the others are reused."""
+    from h3fusion.judges import fit_judges, harmless, judge_dir
+
+    before = {axis: judge_dir(config, axis, tmp_path, max_rows=QUICK_ROWS) for axis in ("helpful", "harmless", "honest")}
+    monkeypatch.setattr(harmless, "VERSION", harmless.VERSION + "-changed")
+    after = {axis: judge_dir(config, axis, tmp_path, max_rows=QUICK_ROWS) for axis in before}
+    assert after["harmless"] != before["harmless"]
+    assert after["helpful"] == before["helpful"] and after["honest"] == before["honest"]
+    # fitted once under the new version, a second call reuses it
+    lines: list[str] = []
+    fit_judges(config, tmp_path, log=lines.append, axes=["harmless"], max_rows=QUICK_ROWS)
+    fit_judges(config, tmp_path, log=lines.append, axes=["harmless"], max_rows=QUICK_ROWS)
+    assert (after["harmless"] / "validation.json").is_file()
+    assert sum(line.startswith("harmless judge: fitted") for line in lines) == 1
+    assert sum(line.startswith("harmless judge: reusing") for line in lines) == 1
 
 
 def test_cache_key_follows_file_contents_not_mtimes(config, shared_data, tmp_path):
     """A fresh copy of the data directory (new mtimes: a new machine) keeps the fitted judges; an edit does not."""
     import shutil
 
-    from h3fusion.judges import cache_key
-    from h3fusion.judges.fit import DATA_FILES
+    from h3fusion.judges import cache_key, honest
 
     copy = tmp_path / "data"
     shutil.copytree(shared_data, copy, ignore=shutil.ignore_patterns("hh_rlhf"), copy_function=shutil.copyfile)
     for path in [copy, *copy.rglob("*")]:  # the share is read-only; let the test edit and clean up its copy
         path.chmod(0o755 if path.is_dir() else 0o644)
-    assert cache_key(config.model_copy(update={"data": config.data.model_copy(update={"dir": str(copy)})})) \
-        == cache_key(config)
-    edited = copy / DATA_FILES[-1]
+    copied = config.model_copy(update={"data": config.data.model_copy(update={"dir": str(copy)})})
+    assert all(cache_key(copied, axis) == cache_key(config, axis) for axis in ("helpful", "harmless", "honest"))
+    edited = copy / honest.DATA_FILES[-1]
     edited.write_bytes(edited.read_bytes()[:-1])
-    assert cache_key(config.model_copy(update={"data": config.data.model_copy(update={"dir": str(copy)})})) \
-        != cache_key(config)
+    assert cache_key(copied, "honest") != cache_key(config, "honest")
+    assert cache_key(copied, "harmless") == cache_key(config, "harmless")  # it does not read that file
 
 
 def test_judges_need_local_data(monkeypatch):
@@ -79,7 +98,7 @@ def test_judges_need_local_data(monkeypatch):
 
     monkeypatch.delenv("H3FUSION_DATA_DIR", raising=False)
     with pytest.raises(H3FusionError, match="H3FUSION_DATA_DIR"):
-        cache_key(RunConfig())
+        cache_key(RunConfig(), "helpful")
 
 
 # ----------------------------------------------------------------------------- disjointness (full real splits)
@@ -150,20 +169,20 @@ def test_honest_split_uses_no_test_labels(config):
 
 
 def test_quick_fit_writes_validation_and_fitted_on(quick, config):
-    results, root = quick["results"], quick["dir"]
+    results, dirs = quick["results"], quick["dirs"]
     assert set(results) == {"helpful", "harmless", "honest"}
     for axis in results:
-        v = json.loads((root / axis / "validation.json").read_text())
+        v = json.loads((dirs[axis] / "validation.json").read_text())
         assert v["targets"] and "targets_met" in v and v["fit_seconds"] >= 0
     assert 0 <= results["helpful"]["agreement"] <= 1
     assert 0 <= results["harmless"]["all"]["accuracy"] <= 1
     assert 0 <= results["honest"]["truth"]["all"]["accuracy"] <= 1
     # the stored audit lists are disjoint from the evaluated subsets
-    fitted = json.loads((root / "helpful" / "fitted_on.json").read_text())["instructions"]
+    fitted = json.loads((dirs["helpful"] / "fitted_on.json").read_text())["instructions"]
     assert not set(fitted) & {norm(t["instruction"]) for t in load_test("helpful", config, 50)}
-    fitted = json.loads((root / "harmless" / "fitted_on.json").read_text())["prompts"]
+    fitted = json.loads((dirs["harmless"] / "fitted_on.json").read_text())["prompts"]
     assert not set(fitted) & {norm(r["prompt"]) for r in load_test("harmless", config, 500)}
-    fitted = json.loads((root / "honest" / "fitted_on.json").read_text())["questions"]
+    fitted = json.loads((dirs["honest"] / "fitted_on.json").read_text())["questions"]
     assert not set(fitted) & {r["question"] for r in load_test("honest", config)}
 
 
@@ -173,7 +192,7 @@ def test_artifacts_are_pickle_free(quick):
 
     from h3fusion.judges.fit import cache_root
 
-    files = [p for p in quick["dir"].rglob("*") if p.is_file()]
+    files = [p for d in quick["dirs"].values() for p in d.rglob("*") if p.is_file()]
     files.append(cache_root() / "embeddings.safetensors")
     assert files
     for path in files:

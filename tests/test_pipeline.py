@@ -307,12 +307,13 @@ def test_judges_fit_verb_prints_the_cached_validation(uninterrupted):
 
     path = uninterrupted[0]
     config = load_config(path)
-    cached = judge_dir(config, config.judges.cache_dir, config.judges.fit_max_rows)
-    before = {p: p.stat().st_mtime_ns for p in cached.rglob("*") if p.is_file()}
+    cached = {axis: judge_dir(config, axis, config.judges.cache_dir, config.judges.fit_max_rows)
+              for axis in ("helpful", "harmless", "honest")}
+    before = {p: p.stat().st_mtime_ns for d in cached.values() for p in d.rglob("*") if p.is_file()}
     done = cli("judges", "fit", path)
     assert done.returncode == 0, done.stderr[-2000:]
     for axis in ("helpful", "harmless", "honest"):
-        figures = json.loads((cached / axis / "validation.json").read_text())
+        figures = json.loads((cached[axis] / "validation.json").read_text())
         line = next(line for line in done.stdout.splitlines() if line.startswith(f"{axis}: "))
         numbers = {k: v for k, v in figures.items() if isinstance(v, float)}
         assert numbers and all(f"{k} {v:.3f}" in line for k, v in numbers.items()), (axis, line)

@@ -21,7 +21,8 @@ import numpy as np
 from h3fusion.errors import H3FusionError
 
 JUDGE_VERSION = "2"
-"""Bump when features, data rules or heads change: it is part of the cache key."""
+"""Bump when machinery every judge shares changes (the embedder, text features): it is part of every judge's
+cache key. A change to one judge bumps that judge module's own ``VERSION`` instead, so the others are kept."""
 
 MAX_TOKENS = 128
 """MiniLM truncation (tokens) for every text the judges embed."""

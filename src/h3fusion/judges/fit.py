@@ -7,13 +7,15 @@
 
 Cache layout (default root ``$H3FUSION_CACHE/judges``, else ``~/.cache/h3fusion/judges``)::
 
-    <root>/embeddings.safetensors     MiniLM vectors by sha1(text) (no labels; shared by all keys)
-    <root>/<key>/<axis>/              one fitted judge: meta.json, validation.json, fitted_on.json,
+    <root>/embeddings.safetensors     MiniLM vectors by sha1(text) (no labels; shared by all judges)
+    <root>/<axis>/<key>/              one fitted judge: meta.json, validation.json, fitted_on.json,
                                       *.lgb.txt (LightGBM text models), calibration.json
 
-``key`` hashes the judge version, the contents (sha256) of every data file the judges read, the
-evaluated subset sizes (``evaluate.*``) and ``max_rows``. Contents, not mtimes: a data directory
-copied afresh (a new machine, a re-provisioned share) keeps its fitted judges. Nothing is pickled.
+``key`` is per judge: it hashes the shared ``JUDGE_VERSION`` and the judge module's own ``VERSION``,
+the contents (sha256) of the data files that judge reads (its ``DATA_FILES``), the size of its
+evaluated subset (``evaluate.<axis>_n``) and ``max_rows``. So changing one judge refits that judge
+alone, and contents, not mtimes, decide: a data directory copied afresh (a new machine, a
+re-provisioned share) keeps its fitted judges. Nothing is pickled.
 
 Run a full fit from the shell with ``python -m h3fusion.judges.fit CONFIG [--force] [--axes helpful ...]``.
 """
@@ -31,9 +33,6 @@ from pathlib import Path
 from typing import Any
 
 from h3fusion.config import AXES, RunConfig
-from h3fusion.data import harmless as harmless_data
-from h3fusion.data import helpful as helpful_data
-from h3fusion.data import honest as honest_data
 from h3fusion.data.sources import data_root
 from h3fusion.errors import H3FusionError
 from h3fusion.judges import harmless, helpful, honest
@@ -42,12 +41,6 @@ from h3fusion.judges.base import JUDGE_VERSION, Embedder, Judge, limit_threads, 
 MODULES = {"helpful": helpful, "harmless": harmless, "honest": honest}
 JUDGES: dict[str, type[Judge]] = {"helpful": helpful.HelpfulJudge, "harmless": harmless.HarmlessJudge,
                                   "honest": honest.HonestJudge}
-DATA_FILES = (
-    helpful.JUDGEMENTS_FILE, helpful.STRONG_FILE, helpful_data.TEST_FILE,
-    harmless_data.TEST_FILE, *harmless_data.LABELLED_FILES, harmless_data.SAFERLHF_FILE,
-    harmless_data.REFUSALS_FILE, harmless.DNA_FILE,
-    honest_data.GEN_FILE, honest_data.MC_FILE, honest.TRUTH_FILE, honest.INFO_FILE,
-)
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
@@ -79,25 +72,27 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def cache_key(config: RunConfig, max_rows: int | None = None) -> str:
+def cache_key(config: RunConfig, axis: str, max_rows: int | None = None) -> str:
+    """The hash naming ``axis``'s fitted judge for this data, this evaluated subset and ``max_rows``."""
     root = data_root(config)
     if root is None:
         raise H3FusionError("the offline judges are fitted from local files: set H3FUSION_DATA_DIR "
                             "(or data.dir in the config) to a directory laid out like shared/data")
+    module = MODULES[_check_axes([axis])[0]]
     files = []
-    for name in DATA_FILES:
+    for name in module.DATA_FILES:
         path = root / name
         if not path.is_file():
-            raise H3FusionError(f"{path} not found: the judges need it; copy it as shared/data/SOURCES.md lists")
+            raise H3FusionError(f"{path} not found: the {axis} judge needs it; copy it as shared/data/SOURCES.md lists")
         files.append([name, _sha256(path)])
-    payload = {"version": JUDGE_VERSION, "files": files, "evaluate": config.evaluate.model_dump(),
-               "max_rows": max_rows}
+    payload = {"axis": axis, "version": [JUDGE_VERSION, module.VERSION], "files": files,
+               "evaluated": getattr(config.evaluate, f"{axis}_n"), "max_rows": max_rows}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def judge_dir(config: RunConfig, cache_dir: str | Path | None = None, max_rows: int | None = None) -> Path:
-    """Where the judges for this data and these evaluated subsets live."""
-    return cache_root(cache_dir) / cache_key(exclusion_config(config), max_rows)
+def judge_dir(config: RunConfig, axis: str, cache_dir: str | Path | None = None, max_rows: int | None = None) -> Path:
+    """Where ``axis``'s judge for this data and this evaluated subset lives."""
+    return cache_root(cache_dir) / axis / cache_key(exclusion_config(config), axis, max_rows)
 
 
 def _check_axes(axes: Sequence[str]) -> list[str]:
@@ -117,17 +112,15 @@ def fit_judges(config: RunConfig, cache_dir: str | Path | None = None, log: Call
     limit_threads()
     config = exclusion_config(config)
     axes = _check_axes(axes)
-    root = cache_root(cache_dir)
-    target = judge_dir(config, cache_dir, max_rows)
-    embedder = Embedder(root / "embeddings.safetensors", log=log)
+    embedder = Embedder(cache_root(cache_dir) / "embeddings.safetensors", log=log)
     results = {}
     for axis in axes:
-        out = target / axis
+        out = judge_dir(config, axis, cache_dir, max_rows)
         if (out / "validation.json").is_file() and not force:
             log(f"{axis} judge: reusing {out}")
             results[axis] = json.loads((out / "validation.json").read_text())
             continue
-        tmp = target / f".{axis}.tmp"
+        tmp = out.parent / f".{out.name}.tmp"  # moved into place only once complete: a kill leaves no half judge
         shutil.rmtree(tmp, ignore_errors=True)
         start = time.perf_counter()
         MODULES[axis].fit(config, tmp, embedder, log=log, max_rows=max_rows)
@@ -149,12 +142,13 @@ def load_judges(config: RunConfig, cache_dir: str | Path | None = None, log: Cal
                 axes: Sequence[str] = AXES, max_rows: int | None = None) -> dict[str, Judge]:
     """The fitted judges for this data and these evaluated subsets (fitting any that are missing)."""
     axes = _check_axes(axes)
-    target = judge_dir(config, cache_dir, max_rows)
-    if any(not (target / a / "validation.json").is_file() for a in axes):
-        fit_judges(config, cache_dir, log, axes, max_rows)
+    where = {axis: judge_dir(config, axis, cache_dir, max_rows) for axis in axes}
+    missing = [axis for axis, path in where.items() if not (path / "validation.json").is_file()]
+    if missing:
+        fit_judges(config, cache_dir, log, missing, max_rows)
     limit_threads()
     embedder = Embedder()
-    return {axis: JUDGES[axis](target / axis, embedder) for axis in axes}
+    return {axis: JUDGES[axis](path, embedder) for axis, path in where.items()}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

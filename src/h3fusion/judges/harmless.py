@@ -53,7 +53,12 @@ from h3fusion.judges.base import (
 )
 from h3fusion.judges.crossenc import CrossEncoder
 
+VERSION = "2"
+"""Bump when this judge's features, data rules or heads change: it is part of its cache key."""
 DNA_FILE = "do_not_answer/data_en.csv"
+DATA_FILES = (harmless_data.TEST_FILE, *harmless_data.LABELLED_FILES, harmless_data.SAFERLHF_FILE,
+              harmless_data.REFUSALS_FILE, DNA_FILE)
+"""Every data file the fit reads: their contents are part of the cache key."""
 DNA_MODELS = ("GPT4", "ChatGPT", "Claude", "ChatGLM2", "llama2-7b-chat", "vicuna-7b")
 FIELDS = ("prompt", "response")
 ROUNDS = 500

@@ -58,9 +58,13 @@ from h3fusion.judges.base import (
     write_json,
 )
 
+VERSION = "2"
+"""Bump when this judge's features, data rules or heads change: it is part of its cache key."""
 JUDGEMENTS_FILE = "alpaca_eval/gpt4_judgements_vs_davinci003.jsonl.gz"
 STRONG_FILE = "alpaca_eval/gpt4_1106_preview_outputs.json"
 """GPT-4 Turbo's answers to the 805 AlpacaEval instructions (AlpacaEval 2's baseline): the strong reference."""
+DATA_FILES = (JUDGEMENTS_FILE, STRONG_FILE, helpful_data.TEST_FILE)
+"""Every data file the fit reads: their contents are part of the cache key."""
 STRONG_GENERATOR = "gpt4_1106_preview"
 """Its judgements are never fitted on: there the candidate *is* the strong reference."""
 FIELDS = ("instruction", "reference", "response")
@@ -353,8 +357,7 @@ def _spearman(a: Sequence[float], b: Sequence[float]) -> float:
     return float(spearmanr(a, b).statistic) if len(a) > 2 else float("nan")
 
 
-def evaluate(predict: Callable[[Sequence[dict[str, Any]]], np.ndarray], data: HelpfulSplit, x_val: np.ndarray | None,
-             embedder: Embedder) -> dict[str, Any]:
+def evaluate(predict: Callable[[Sequence[dict[str, Any]]], np.ndarray], data: HelpfulSplit) -> dict[str, Any]:
     y = np.array([r["win"] for r in data.val])
     p = predict(data.val)
     gens = sorted({r["generator"] for r in data.val})
@@ -411,8 +414,8 @@ def fit(config: RunConfig, out: Path, embedder: Embedder, log: Callable[[str], A
         booster.save_model(str(out / file))
         cal = fit_calibration(x_fit, y_fit, w, data.fit, rounds) if CALIBRATE else {"k": 1.0, "c": 0.0}
         log(f"helpful ({head} head): win-rate temperature k={cal['k']:.2f}, c={cal['c']:.2f}")
-        result = evaluate(lambda recs, b=booster, c=cal, f=feats: _calibrate(b.predict(f(recs)), c), data, None, embedder)
-        raw = evaluate(lambda recs, b=booster, f=feats: b.predict(f(recs)), data, None, embedder)
+        result = evaluate(lambda recs, b=booster, c=cal, f=feats: _calibrate(b.predict(f(recs)), c), data)
+        raw = evaluate(lambda recs, b=booster, f=feats: b.predict(f(recs)), data)
         embedder.save()
         heads[head] = {**result, "uncalibrated": {k: raw[k] for k in SUMMARY}, "calibration": cal}
     main, noref = heads["strong"], heads["noref"]

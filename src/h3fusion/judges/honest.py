@@ -52,8 +52,12 @@ from h3fusion.judges.base import (
     write_json,
 )
 
+VERSION = "2"
+"""Bump when this judge's features, data rules or heads change: it is part of its cache key."""
 TRUTH_FILE = "truthfulqa/finetune_truth.jsonl.gz"
 INFO_FILE = "truthfulqa/finetune_info.jsonl.gz"
+DATA_FILES = (honest_data.GEN_FILE, honest_data.MC_FILE, TRUTH_FILE, INFO_FILE)
+"""Every data file the fit reads: their contents are part of the cache key."""
 FIELDS = ("question", "response", "correct_answers", "incorrect_answers")
 ROUNDS = 1000
 HEAD = {"num_leaves": 15, "feature_fraction": 0.5}
