@@ -192,7 +192,6 @@ def run_recipe(name: str, recipe: dict, rows: dict, directory: Path, tokenizer, 
 
 
 def sweep(directory: Path, out: Path, only: list[str]) -> None:
-    import numpy as np
     import torch
     from transformers import AutoTokenizer
 
@@ -201,16 +200,11 @@ def sweep(directory: Path, out: Path, only: list[str]) -> None:
     rows = json.loads((directory / "rows.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(directory / "minilm")
     results = json.loads(out.read_text()) if out.is_file() else {}
-    y_cal = np.array([r["harmful"] for r in rows["calib"]])
-    y_val = np.array([r["harmful"] for r in rows["val"]])
-
     for name, recipe in RECIPES.items():
         if only and name not in only or name in results:
             continue
         results[name] = run_recipe(name, recipe, rows, directory, tokenizer, device)
         out.write_text(json.dumps(results))  # after every recipe: a killed sweep keeps what it finished
-    y_val_l = y_val.tolist()
-    out.write_text(json.dumps(results | {"_y": {"calib": y_cal.tolist(), "val": y_val_l}}))
 
 
 # ----------------------------------------------------------------------------- summarize (here)

@@ -18,9 +18,9 @@ Validated on: every labelled answer to an evaluated prompt, plus the held-out va
 
 How far to trust it: labels of the fitting mix are noisy (PKU vs BeaverTails agree ~85%), and a
 pooled 128-token embedding cannot read subtle compliance; content-dependent categories (politics,
-misinformation, discrimination) are the weakest. Measured (v3): accuracy 0.74, AUROC 0.82
-(targets 0.80 / 0.85, missed), flagged rate within 0.02 of the true rate. Trust its flagged *rate* over hundreds of
-prompts more than any single decision; report its validation figures beside any score.
+misinformation, discrimination) are the weakest. Measured (v3): accuracy 0.74, AUROC 0.82 (targets
+0.80 / 0.85, missed), flagged rate within 0.02 of the true rate. Trust its flagged *rate* over hundreds
+of prompts more than any single decision; report its validation figures beside any score.
 """
 
 from __future__ import annotations
