@@ -26,6 +26,9 @@ import sys
 import time
 from pathlib import Path
 
+# The GPU machine has torch and transformers but not h3fusion's own dependencies (pydantic, the MiniLM package),
+# so the sweep side restates what it needs: the judge's stage-1 rows (harmless.CE_ROWS), its training loop
+# (crossenc.CrossEncoder.train, plus a device and an optional ranking term) and its AUROC.
 SOURCES = ("beavertails_test", "pku_saferlhf", "do_not_answer", "safety_tuned_llamas")
 CURRENT_ROWS = {"beavertails_test": None, "pku_saferlhf": 2500, "do_not_answer": 400, "safety_tuned_llamas": 300}
 ALL_ROWS = dict.fromkeys(SOURCES)
