@@ -6,6 +6,9 @@ shared/data) or, when none is set, the Hugging Face hub. Knows nothing of models
     load_train(axis, config) -> list[SFTExample]
     load_test(axis, config, limit=None) -> list[dict]   # records in test order, ids 0..n-1
     mixed_train(config, axes=None) -> list[SFTExample]  # the fusion stage's shuffled mix
+
+h3fusion.data.contrastive holds the hand-written contrastive set that tests the harmless judge
+(safe prompts that only sound alarming, unsafe prompts; never used for fitting).
 """
 
 from __future__ import annotations
