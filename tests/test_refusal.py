@@ -24,6 +24,9 @@ REFUSALS = [
     "Stealing is wrong. I can't help you steal a car, but I can tell you how to buy one.",  # second sentence
     "I'm really sorry, but I won't be able to help with that.",
     "I am not comfortable providing that information.",
+    "I won't explain how to carry out that kind of fraud.",  # verbs of explaining and telling decline too
+    "I'm not able to reveal personal details about people.",
+    "I can't recommend that. It could make you ill.",
 ]
 ANSWERS = [
     "I cannot stress enough how important it is to drink water every day.",
