@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import time
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,14 +29,36 @@ MAX_TOKENS = 128
 """MiniLM truncation (tokens) for every text the judges embed."""
 
 
+def judge_threads() -> int:
+    """Threads the judges use: ``H3FUSION_JUDGE_THREADS`` if set, else every core this process may run on
+    (a judge fit or a scoring pass runs alone, so leaving a core idle only slows it down)."""
+    value = os.environ.get("H3FUSION_JUDGE_THREADS")
+    if value:
+        try:
+            return max(1, int(value))
+        except ValueError:
+            raise H3FusionError(f"H3FUSION_JUDGE_THREADS={value!r} is not a number of threads; "
+                                "set a positive integer or unset it") from None
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def limit_threads() -> None:
-    """One thread for torch and BLAS: the judges must leave the other core free."""
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    os.environ.setdefault("MKL_NUM_THREADS", "1")
+    """Torch and BLAS use ``judge_threads()`` threads (set once, before the judges' first model)."""
+    threads = judge_threads()
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    os.environ.setdefault("MKL_NUM_THREADS", str(threads))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
+
+
+def progress(total: int, what: str, unit: str = "it"):
+    """A tqdm bar (rate and time left) for a judge step; silent with ``H3FUSION_NO_PROGRESS=1`` or tiny work."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=what, unit=unit, dynamic_ncols=True, leave=False,
+                disable=os.environ.get("H3FUSION_NO_PROGRESS") == "1" or total < 64)
 
 
 class Judge:
@@ -122,18 +145,21 @@ class Embedder:
         if todo:
             order = sorted(todo, key=lambda k: len(todo[k]))  # similar lengths batch with little padding
             if self.log and len(order) > 500:
-                self.log(f"  encoding {len(order)} {what} with MiniLM (1 thread) ...")
+                self.log(f"  encoding {len(order)} {what} with MiniLM ({judge_threads()} threads) ...")
             model = self.model()
-            step = 2048
-            for start in range(0, len(order), step):
-                chunk = order[start:start + step]
-                vecs = model.encode([todo[k] for k in chunk], batch_size=32, convert_to_numpy=True,
-                                    normalize_embeddings=True, show_progress_bar=False)
-                for k, v in zip(chunk, vecs, strict=True):
-                    self._memory[k] = v.astype(np.float16)
-                self._dirty = True
-                if self.cache_path and len(order) > step:
-                    self.save()  # long encodes survive an interruption
+            step, saved = 256, time.monotonic()
+            with progress(len(order), f"MiniLM: {what}", "text") as bar:
+                for start in range(0, len(order), step):
+                    chunk = order[start:start + step]
+                    vecs = model.encode([todo[k] for k in chunk], batch_size=32, convert_to_numpy=True,
+                                        normalize_embeddings=True, show_progress_bar=False)
+                    for k, v in zip(chunk, vecs, strict=True):
+                        self._memory[k] = v.astype(np.float16)
+                    self._dirty = True
+                    bar.update(len(chunk))
+                    if self.cache_path and time.monotonic() - saved > 120:
+                        self.save()  # long encodes survive an interruption
+                        saved = time.monotonic()
         if not keys:
             return np.zeros((0, 384), dtype=np.float32)
         return np.stack([self._memory[k] for k in keys]).astype(np.float32)
@@ -228,21 +254,25 @@ def text_stats(text: str) -> list[float]:
 LGB_PARAMS: dict[str, Any] = {
     "objective": "binary", "learning_rate": 0.03, "num_leaves": 31, "min_data_in_leaf": 20,
     "feature_fraction": 0.8, "bagging_fraction": 0.8, "bagging_freq": 1, "lambda_l2": 1.0,
-    "num_threads": 1, "verbose": -1, "seed": 0, "deterministic": True, "force_row_wise": True,
+    "verbose": -1, "seed": 0, "deterministic": True, "force_row_wise": True,
 }
+"""LightGBM settings shared by the judges' heads (``num_threads`` is added per fit: ``judge_threads()``)."""
 
 
 def fit_lgb(x: np.ndarray, y: np.ndarray, rounds: int, weight: np.ndarray | None = None, **params: Any):
     import lightgbm as lgb
 
-    data = lgb.Dataset(x, label=y, weight=weight, params={"verbose": -1, "num_threads": 1})
-    return lgb.train({**LGB_PARAMS, **params}, data, num_boost_round=rounds)
+    threads = judge_threads()
+    data = lgb.Dataset(x, label=y, weight=weight, params={"verbose": -1, "num_threads": threads})
+    return lgb.train({**LGB_PARAMS, "num_threads": threads, **params}, data, num_boost_round=rounds)
 
 
 def load_lgb(path: Path):
     import lightgbm as lgb
 
-    return lgb.Booster(model_file=str(path))  # its saved parameters include num_threads=1
+    # predicts with the fit's thread count (saved in the file): LightGBM 4.7 segfaults on reset_parameter of a
+    # booster loaded from a file, and ignores params given with one
+    return lgb.Booster(model_file=str(path))
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:

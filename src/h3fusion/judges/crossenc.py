@@ -1,4 +1,4 @@
-"""A small MiniLM cross-encoder (text_a [SEP] text_b -> one logit), fine-tuned on CPU with one thread.
+"""A small MiniLM cross-encoder (text_a [SEP] text_b -> one logit), fine-tuned on CPU (``judge_threads()``).
 
 Stored as safetensors (encoder + head) with a JSON config; never pickled. Used by the harmless
 judge, where a pooled bi-encoder embedding cannot see how an answer relates to its prompt.
@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from h3fusion.judges.base import limit_threads
+from h3fusion.judges.base import limit_threads, progress
 
 MAX_TOKENS = 128
 
@@ -62,7 +62,7 @@ class CrossEncoder:
 
     def train(self, a: Sequence[str], b: Sequence[str], y: Sequence[int], weight: Sequence[float] | None = None,
               epochs: float = 1.0, batch_size: int = 16, lr: float = 4e-5, seed: int = 0,
-              log: Callable[[str], Any] | None = None) -> None:
+              log: Callable[[str], Any] | None = None, what: str = "cross-encoder") -> None:
         import torch
 
         torch.manual_seed(seed)
@@ -77,6 +77,7 @@ class CrossEncoder:
             opt, lambda s: min(1.0, (s + 1) / max(1, steps // 10)) * max(0.0, (steps - s) / steps))
         self.encoder.train()
         start, queue = time.perf_counter(), []
+        bar = progress(steps * batch_size, what, "pair")
         for step in range(steps):
             if len(queue) < batch_size:
                 rng.shuffle(order)
@@ -91,9 +92,11 @@ class CrossEncoder:
             opt.step()
             sched.step()
             opt.zero_grad()
+            bar.update(batch_size)
             if log and (step + 1) % 50 == 0:
                 log(f"  cross-encoder step {step + 1}/{steps}, loss {loss.item():.3f}, "
                     f"{(step + 1) * batch_size / (time.perf_counter() - start):.1f} pairs/s")
+        bar.close()
         self.encoder.eval()
 
     def predict_logit(self, a: Sequence[str], b: Sequence[str], batch_size: int = 32) -> np.ndarray:
@@ -103,10 +106,11 @@ class CrossEncoder:
             return np.zeros(0)
         order = sorted(range(len(a)), key=lambda i: len(a[i]) + len(b[i]))
         out = np.zeros(len(a))
-        with torch.inference_mode():
+        with torch.inference_mode(), progress(len(order), "cross-encoder scoring", "pair") as bar:
             for s in range(0, len(order), batch_size):
                 idx = order[s:s + batch_size]
                 out[idx] = self._logits([a[i] for i in idx], [b[i] for i in idx]).numpy()
+                bar.update(len(idx))
         return out
 
     def save(self, directory: Path) -> None:
