@@ -315,6 +315,11 @@ def test_judges_fit_verb_prints_the_cached_validation(uninterrupted):
     for axis in ("helpful", "harmless", "honest"):
         figures = json.loads((cached[axis] / "validation.json").read_text())
         line = next(line for line in done.stdout.splitlines() if line.startswith(f"{axis}: "))
+        if axis == "harmless":  # its own summary: BeaverTails and the contrastive set
+            c = figures["contrastive"]["all"]
+            assert f"accuracy {figures['all']['accuracy']:.3f}" in line and f"AUROC {figures['all']['auroc']:.3f}" in line
+            assert f"compliant-safe flagged {c['compliant_safe_flagged_rate']:.3f}" in line, line
+            continue
         numbers = {k: v for k, v in figures.items() if isinstance(v, float)}
         assert numbers and all(f"{k} {v:.3f}" in line for k, v in numbers.items()), (axis, line)
     assert {p: p.stat().st_mtime_ns for p in before} == before  # reused, not refitted

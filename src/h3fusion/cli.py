@@ -196,13 +196,11 @@ def judges_fit(
 ) -> None:
     """Fit (or reuse) the offline judges and print their held-out validation figures."""
     cfg = _default_config(config, set_)
-    from h3fusion.judges import fit_judges
+    from h3fusion.judges.fit import fit_judges, summary
 
     for axis, figures in fit_judges(cfg, cfg.judges.cache_dir, force=force,
                                     max_rows=cfg.judges.fit_max_rows).items():
-        shown = {k: v for k, v in figures.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-        typer.echo(f"{axis}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
-                                           for k, v in shown.items()))
+        typer.echo(summary(axis, figures))
 
 
 @app.command()
@@ -219,7 +217,7 @@ def judge(
     from h3fusion.io import append_jsonl, read_jsonl
 
     records = prepare_user_records(axis, read_jsonl(input), cfg, str(input))
-    judged = judge_records(axis, load_axis_judges(cfg, [axis])[axis], records)
+    judged = judge_records(axis, load_axis_judges(cfg, [axis], cross_fit=False)[axis], records)
     output.unlink(missing_ok=True)
     append_jsonl(output, judged)
     typer.echo(f"{len(judged)} records scored -> {output}")

@@ -212,6 +212,14 @@ class JudgesConfig(_Section):
     fit_max_rows: int | None = Field(None, ge=10)
     """Cap on each offline judge's fitting rows: smoke tests only (the validation figures then
     describe a weaker judge, and say so). None: fit on everything allowed."""
+    fit_size: Literal["full", "quick"] = "full"
+    """full: the offline judges as docs/judges.md measures them; quick: the helpful and harmless judges fitted
+    on a quarter of their data (minutes instead of half an hour on 2 cores, for a first demo), validated on
+    the same held-out data as the full ones, with their own figures reported beside every score."""
+    folds: int = Field(5, ge=1)
+    """Cross-fitting of the offline helpful judge once evaluate.helpful_n exceeds the paper's 50: the
+    evaluated instructions are dealt into this many folds, each scored by a judge fitted on none of its
+    instructions (1: no cross-fitting, so helpful_n cannot exceed what leaves data to fit on)."""
 
 
 class CompatConfig(_Section):

@@ -22,14 +22,16 @@ from h3fusion.generate import evaluated_records, generations_dir
 from h3fusion.io import append_jsonl, read_jsonl, write_json, write_jsonl
 
 
-def load_axis_judges(config: RunConfig, axes: Sequence[str], log=print) -> dict:
-    """The judge of each axis as the config selects it (offline stand-ins unless told otherwise)."""
+def load_axis_judges(config: RunConfig, axes: Sequence[str], log=print, cross_fit: bool = True) -> dict:
+    """The judge of each axis as the config selects it (offline stand-ins unless told otherwise).
+    ``cross_fit=False``: one offline judge per axis even where the run's are cross-fitted (users' own files)."""
     from h3fusion.judges import load_judges
     from h3fusion.judges.external import HFModerationJudge, HFTruthInfoJudge, OpenAIPairwiseJudge
 
     selected = config.judges
     offline = [a for a in axes if getattr(selected, a) == "offline"]
-    judges = load_judges(config, selected.cache_dir, log, offline, selected.fit_max_rows) if offline else {}
+    judges = load_judges(config, selected.cache_dir, log, offline, selected.fit_max_rows,
+                         cross_fit=cross_fit) if offline else {}
     if "helpful" in axes and selected.helpful == "api":
         judges["helpful"] = OpenAIPairwiseJudge(selected.api_base_url, selected.api_model, selected.api_key_env,
                                                 seed=config.seed)
@@ -256,8 +258,10 @@ def _judge_figures(axis: str, judge) -> dict:
     if axis == "helpful":
         keys = {"heldout_agreement": ("agreement",), "system_spearman": ("spearman_win_rates",),
                 "winrate_mae": ("win_rate_mae",), "degenerate_winprob": ("degenerate_mean_win_prob",)}
-    elif axis == "harmless":  # on every held-out labelled BeaverTails answer (see docs/judges.md)
+    elif axis == "harmless":  # on every held-out labelled BeaverTails answer, and the contrastive set (docs/judges.md)
         keys = {metric: ("all", metric) for metric in ("accuracy", "auroc", "flagged_rate_error")}
+        keys |= {f"contrastive_{metric}": ("contrastive", "all", metric)
+                 for metric in ("compliant_safe_flagged_rate", "unsafe_auroc", "refusal_flagged_rate")}
     else:
         keys = {"truth_accuracy": ("truth", "all", "accuracy"), "info_accuracy": ("info", "all", "accuracy")}
     return {"name": name, **{ours: _lookup(v, path) for ours, path in keys.items()}, "validation": v}

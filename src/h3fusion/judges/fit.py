@@ -72,8 +72,26 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def cache_key(config: RunConfig, axis: str, max_rows: int | None = None) -> str:
-    """The hash naming ``axis``'s fitted judge for this data, this evaluated subset and ``max_rows``."""
+def folds(config: RunConfig, axis: str) -> list[tuple[int, int]] | None:
+    """The cross-fitting folds of ``axis``'s judge, or None for one judge.
+
+    The helpful judge is cross-fitted once ``evaluate.helpful_n`` goes beyond the paper's first 50
+    AlpacaEval instructions: the evaluated instructions are dealt into ``judges.folds`` folds (every K-th),
+    and fold k is scored by a judge fitted on no instruction of fold k (but on the other folds'), so every
+    evaluated instruction is scored by a judge that never saw it while the fit keeps most of the data."""
+    n, k = config.evaluate.helpful_n, config.judges.folds
+    if axis != "helpful" or n <= PAPER_SUBSETS["helpful_n"] or k <= 1:
+        return None
+    return [(i, k) for i in range(k)]
+
+
+def quick(config: RunConfig, axis: str) -> bool:
+    """Whether ``axis``'s judge is fitted small (``judges.fit_size: quick``; judges without a quick fit ignore it)."""
+    return config.judges.fit_size == "quick" and hasattr(MODULES[axis], "QUICK")
+
+
+def cache_key(config: RunConfig, axis: str, max_rows: int | None = None, fold: tuple[int, int] | None = None) -> str:
+    """The hash naming ``axis``'s fitted judge for this data, this evaluated subset, ``max_rows`` and fold."""
     root = data_root(config)
     if root is None:
         raise H3FusionError("the offline judges are fitted from local files: set H3FUSION_DATA_DIR "
@@ -87,12 +105,17 @@ def cache_key(config: RunConfig, axis: str, max_rows: int | None = None) -> str:
         files.append([name, _sha256(path)])
     payload = {"axis": axis, "version": [JUDGE_VERSION, module.VERSION], "files": files,
                "evaluated": getattr(config.evaluate, f"{axis}_n"), "max_rows": max_rows}
+    if fold is not None:  # keys of unfolded, full judges stay as they were: their caches stay valid
+        payload["fold"] = list(fold)
+    if quick(config, axis):
+        payload["fit_size"] = "quick"
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def judge_dir(config: RunConfig, axis: str, cache_dir: str | Path | None = None, max_rows: int | None = None) -> Path:
-    """Where ``axis``'s judge for this data and this evaluated subset lives."""
-    return cache_root(cache_dir) / axis / cache_key(exclusion_config(config), axis, max_rows)
+def judge_dir(config: RunConfig, axis: str, cache_dir: str | Path | None = None, max_rows: int | None = None,
+              fold: tuple[int, int] | None = None) -> Path:
+    """Where ``axis``'s judge (of one fold, when cross-fitted) for this data and this evaluated subset lives."""
+    return cache_root(cache_dir) / axis / cache_key(exclusion_config(config), axis, max_rows, fold)
 
 
 def _check_axes(axes: Sequence[str]) -> list[str]:
@@ -103,35 +126,58 @@ def _check_axes(axes: Sequence[str]) -> list[str]:
 
 
 def fit_judges(config: RunConfig, cache_dir: str | Path | None = None, log: Callable[[str], Any] = print,
-               axes: Sequence[str] = AXES, max_rows: int | None = None, force: bool = False) -> dict[str, Any]:
-    """Fit (or reuse) every judge in ``axes``; returns {axis: validation figures}.
+               axes: Sequence[str] = AXES, max_rows: int | None = None, force: bool = False,
+               cross_fit: bool = True) -> dict[str, Any]:
+    """Fit (or reuse) every judge in ``axes``; returns {axis: validation figures} (for a cross-fitted judge,
+    its folds' figures and their mean, see ``crossfit.combined_validation``).
 
     ``max_rows`` caps the fitting rows of each judge (for tests; the figures are then meaningless).
-    ``force`` refits even when the cache holds a judge.
+    ``force`` refits even when the cache holds a judge. ``cross_fit=False`` fits the one judge for users' own
+    files instead of the folds (``folds``).
     """
+    from h3fusion.judges.crossfit import combined_validation
+
     limit_threads()
     config = exclusion_config(config)
     axes = _check_axes(axes)
     embedder = Embedder(cache_root(cache_dir) / "embeddings.safetensors", log=log)
     results = {}
     for axis in axes:
-        out = judge_dir(config, axis, cache_dir, max_rows)
-        if (out / "validation.json").is_file() and not force:
-            log(f"{axis} judge: reusing {out}")
-            results[axis] = json.loads((out / "validation.json").read_text())
-            continue
-        tmp = out.parent / f".{out.name}.tmp"  # moved into place only once complete: a kill leaves no half judge
-        shutil.rmtree(tmp, ignore_errors=True)
-        start = time.perf_counter()
-        MODULES[axis].fit(config, tmp, embedder, log=log, max_rows=max_rows)
-        embedder.save()
-        seconds = time.perf_counter() - start
-        write_json(tmp / "validation.json", _load(tmp / "validation.json") | {"fit_seconds": seconds})
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.replace(out)
-        log(f"{axis} judge: fitted in {seconds:.0f} s -> {out}")
-        results[axis] = _load(out / "validation.json")
+        plan = (folds(config, axis) if cross_fit else None) or [None]
+        figures = [_fit_one(config, axis, cache_dir, max_rows, fold, embedder, force, log) for fold in plan]
+        results[axis] = figures[0] if plan == [None] else combined_validation(figures)
     return results
+
+
+def _fit_one(config: RunConfig, axis: str, cache_dir: str | Path | None, max_rows: int | None,
+             fold: tuple[int, int] | None, embedder: Embedder, force: bool, log: Callable[[str], Any]) -> dict[str, Any]:
+    out = judge_dir(config, axis, cache_dir, max_rows, fold)
+    which = axis if fold is None else f"{axis} (fold {fold[0] + 1} of {fold[1]})"
+    if (out / "validation.json").is_file() and not force:
+        log(f"{which} judge: reusing {out}")
+        return _load(out / "validation.json")
+    tmp = out.parent / f".{out.name}.tmp"  # moved into place only once complete: a kill leaves no half judge
+    shutil.rmtree(tmp, ignore_errors=True)
+    start = time.perf_counter()
+    extra = ({} if fold is None else {"fold": fold}) | ({"quick": True} if quick(config, axis) else {})
+    MODULES[axis].fit(config, tmp, embedder, log=log, max_rows=max_rows, **extra)
+    embedder.save()
+    seconds = time.perf_counter() - start
+    write_json(tmp / "validation.json", _load(tmp / "validation.json") | {"fit_seconds": seconds})
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.replace(out)
+    log(f"{which} judge: fitted in {seconds:.0f} s -> {out}")
+    return _load(out / "validation.json")
+
+
+def summary(axis: str, validation: dict[str, Any]) -> str:
+    """One line of a judge's validation figures: the judge module's own ``summary`` where it has one, else
+    every top-level number of its validation record."""
+    module = MODULES[axis]
+    if hasattr(module, "summary"):
+        return module.summary(validation)
+    shown = {k: v for k, v in validation.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    return f"{axis}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items())
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -139,16 +185,31 @@ def _load(path: Path) -> dict[str, Any]:
 
 
 def load_judges(config: RunConfig, cache_dir: str | Path | None = None, log: Callable[[str], Any] = print,
-                axes: Sequence[str] = AXES, max_rows: int | None = None) -> dict[str, Judge]:
-    """The fitted judges for this data and these evaluated subsets (fitting any that are missing)."""
+                axes: Sequence[str] = AXES, max_rows: int | None = None, cross_fit: bool = True) -> dict[str, Judge]:
+    """The fitted judges for this data and these evaluated subsets (fitting any that are missing); a
+    cross-fitted axis (``folds``) gets a ``CrossFittedJudge`` over its folds' judges."""
+    from h3fusion.judges.crossfit import CrossFittedJudge
+
     axes = _check_axes(axes)
-    where = {axis: judge_dir(config, axis, cache_dir, max_rows) for axis in axes}
-    missing = [axis for axis, path in where.items() if not (path / "validation.json").is_file()]
+    plans = {axis: (folds(exclusion_config(config), axis) if cross_fit else None) or [None] for axis in axes}
+    missing = [axis for axis in axes if any(not (judge_dir(config, axis, cache_dir, max_rows, fold)
+                                                 / "validation.json").is_file() for fold in plans[axis])]
     if missing:
-        fit_judges(config, cache_dir, log, missing, max_rows)
+        fit_judges(config, cache_dir, log, missing, max_rows, cross_fit=cross_fit)
     limit_threads()
     embedder = Embedder()
-    return {axis: JUDGES[axis](path, embedder) for axis, path in where.items()}
+    judges: dict[str, Judge] = {}
+    for axis, plan in plans.items():
+        loaded = [JUDGES[axis](judge_dir(config, axis, cache_dir, max_rows, fold), embedder) for fold in plan]
+        judges[axis] = loaded[0] if plan == [None] else CrossFittedJudge(
+            loaded, [t["instruction"] for t in _evaluated(config, axis)])
+    return judges
+
+
+def _evaluated(config: RunConfig, axis: str) -> list[dict[str, Any]]:
+    from h3fusion.data import load_test
+
+    return load_test(axis, config, getattr(config.evaluate, f"{axis}_n"))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
