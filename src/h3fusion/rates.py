@@ -155,8 +155,12 @@ class TruthInfoRates(AxisRates):
                 "truthful_informative": means[..., 0]}
 
     def corrected(self, means, error):
-        true = joint_correction(means, *error)
-        return {key: np.clip(value, 0.0, 1.0) for key, value in self.raw(true).items()}
+        raw = self.raw(means)
+        # each label's own share needs its own head only (the joint inversion's marginal, also when the other head
+        # carries no information); the conjunction needs both
+        return {"truthful": rogan_gladen(raw["truthful"], *error[0]),
+                "informative": rogan_gladen(raw["informative"], *error[1]),
+                "truthful_informative": np.clip(joint_correction(means, *error)[..., 0], 0.0, 1.0)}
 
     def point_error(self):
         truth, info = self.error

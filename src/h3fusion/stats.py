@@ -46,13 +46,23 @@ def bootstrap_weights(rng: np.random.Generator, n: int, samples: int = BOOTSTRAP
     return np.bincount(drawn.ravel(), minlength=samples * n).reshape(samples, n) / n
 
 
-def percentile_interval(values: np.ndarray, level: float = LEVEL) -> tuple[float, float] | None:
-    """The central ``level`` interval of bootstrap replicates (replicates that are NaN are left out)."""
+def percentile_interval(values: np.ndarray, level: float = LEVEL,
+                        bounds: tuple[float, float] = (0.0, 1.0)) -> tuple[float, float] | None:
+    """The central ``level`` interval of bootstrap replicates (None if there are none).
+
+    A NaN replicate is one whose resampled judge carries no information (sensitivity + specificity <= 1):
+    it could be anything, so it counts at both ends; beyond a tail's share of them the interval is ``bounds``.
+    """
     values = np.asarray(values, dtype=float)
-    if not np.isfinite(values).any():
+    if values.size == 0 or not np.isfinite(values).any():
         return None
-    tail = (1 - level) / 2 * 100
-    return float(np.nanpercentile(values, tail)), float(np.nanpercentile(values, 100 - tail))
+    tail = (1 - level) / 2
+    unknown = float(np.isnan(values).mean())
+    if unknown >= tail:
+        return bounds
+    # the NaN replicates sit at both ends: the finite ones' quantiles move inwards to leave room for them
+    inner = (tail - unknown) / (1 - unknown) * 100
+    return float(np.nanpercentile(values, inner)), float(np.nanpercentile(values, 100 - inner))
 
 
 # ----------------------------------------------------------------------------- binary labels
