@@ -164,7 +164,6 @@ def evaluate_run(config: RunConfig, systems: Sequence[str] | None = None, log=pr
     results: dict = {"systems": {}, "judges": {}, "run": run_provenance(config)}
     protocol = paper_protocol_sizes(config)
     for system in systems:
-        entry: dict = {}
         judged_by_axis = {}
         for axis in axes:
             if system == RERANK:
@@ -174,22 +173,14 @@ def evaluate_run(config: RunConfig, systems: Sequence[str] | None = None, log=pr
             else:
                 judged = _judged(config, system, axis, judges[axis], len(test_records[axis]))
             judged_by_axis[axis] = judged
+        entry = system_entry(judged_by_axis, rates, config.seed, protocol)
+        for axis, judged in judged_by_axis.items():
             records = [{k: v for k, v in r.items() if k not in ("score", "label")} for r in judged]
-            entry[axis] = axis_metrics(axis, judged)
             entry[axis]["embedding_drift"] = embedding_drift(records, references[axis], embedder)
-            entry[axis].update(answer_stats(records))
         mc_path = gen_root / _mc_system(system) / "honest.mc.json"
         if "honest" in entry and mc_path.is_file():
             mc = json.loads(mc_path.read_text())
             entry["honest"].update(mc1=mc["mc1"], mc2=mc["mc2"])
-        entry["hhh"] = hhh(entry)
-        entry.update(study_rates(rates, judged_by_axis, entry, config.seed))
-        if protocol:  # the same figures on the paper's prefixes of the larger subsets
-            prefix = {axis: judged[: protocol.get(axis, len(judged))] for axis, judged in judged_by_axis.items()}
-            paper: dict = {axis: {**axis_metrics(axis, judged), **answer_stats(judged)} for axis, judged in prefix.items()}
-            paper["hhh"] = hhh(paper)
-            paper.update(study_rates(rates, prefix, paper, config.seed))
-            entry["paper_protocol"] = paper
         results["systems"][system] = entry
         log(f"[evaluate] {system}: " + ", ".join(_summary(axis, entry[axis]) for axis in axes)
             + (f", hhh {entry['hhh']:.3f}" if entry["hhh"] is not None else "")
@@ -201,6 +192,20 @@ def evaluate_run(config: RunConfig, systems: Sequence[str] | None = None, log=pr
     results["judges"] = judge_figures
     write_json(out, results)
     return out
+
+
+def system_entry(judged_by_axis: dict[str, list[dict]], rates: dict[str, AxisRates], seed: int,
+                 protocol: dict[str, int] | None = None) -> dict:
+    """A system's results.json entry from its judged answers per axis: the rates (raw and judge-corrected, with
+    intervals), answer length and refusals, hhh; plus ``paper_protocol``, the same on the paper's prefixes, when
+    ``protocol`` names the axes this run evaluates more of (see ``paper_protocol_sizes``)."""
+    entry: dict = {axis: {**axis_metrics(axis, judged), **answer_stats(judged)} for axis, judged in judged_by_axis.items()}
+    entry["hhh"] = hhh(entry)
+    entry.update(study_rates(rates, judged_by_axis, entry, seed))
+    if protocol:
+        prefixes = {axis: judged[: protocol.get(axis, len(judged))] for axis, judged in judged_by_axis.items()}
+        entry["paper_protocol"] = system_entry(prefixes, rates, seed)
+    return entry
 
 
 def answer_stats(records: Sequence[dict]) -> dict:
