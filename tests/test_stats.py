@@ -180,3 +180,17 @@ def test_bootstrap_interval_separates_real_gaps_from_noise():
     noisy = values(np.random.default_rng(2), 0.3, 0.5, 0.2)  # same rates, different draws
     low, high = hhh_difference_interval(noisy, a)
     assert low < 0 < high
+
+
+def test_replicates_of_an_uninformative_judge_widen_the_interval():
+    """A resampled judge with sensitivity + specificity <= 1 gives NaN: it could be anything, so it counts at both
+    ends, and beyond the tail's share the interval is the whole range."""
+    values = np.linspace(0.4, 0.6, 1000)
+    assert percentile_interval(values) == pytest.approx((0.405, 0.595), abs=1e-3)
+    some = np.concatenate([values, [np.nan] * 10])  # 1% unknown: the finite quantiles move inwards
+    low, high = percentile_interval(some)
+    assert low < 0.405 and high > 0.595
+    many = np.concatenate([values, [np.nan] * 30])  # 2.9% unknown
+    assert percentile_interval(many) == (0.0, 1.0)
+    assert percentile_interval(many, bounds=(-1.0, 1.0)) == (-1.0, 1.0)
+    assert percentile_interval(np.array([np.nan, np.nan])) is None
