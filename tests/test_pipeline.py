@@ -170,7 +170,7 @@ def test_generate_resumes_after_a_kill(tmp_path, uninterrupted, tiny_llama_dir, 
     assert {p: p.stat().st_mtime_ns for p in answered} == answered  # not generated again
     ours = answers(tmp_path / "run")
     assert ours == {k: v for k, v in answers(reference).items()
-                    if not k.startswith(("ensemble-rerank", "oracle-routed"))}  # assembled by evaluate
+                    if "ensemble-rerank" not in k and "oracle-routed" not in k}  # assembled by evaluate
 
 
 def test_ablation_refuses_without_base_run_then_reuses_its_experts(tmp_path, uninterrupted):
