@@ -194,3 +194,16 @@ def test_replicates_of_an_uninformative_judge_widen_the_interval():
     assert percentile_interval(many) == (0.0, 1.0)
     assert percentile_interval(many, bounds=(-1.0, 1.0)) == (-1.0, 1.0)
     assert percentile_interval(np.array([np.nan, np.nan])) is None
+
+
+def test_a_cross_fitted_judge_is_corrected_with_its_folds_pooled():
+    """Validation records of fold judges (under ``folds``): confusion counts added, reliability bins added up."""
+    a, b = Confusion(10, 5, 3, 12), Confusion(7, 8, 4, 11)
+    rates = FlaggedRate({"folds": [{"all": {"confusion": a.as_dict()}}, {"all": {"confusion": b.as_dict()}}]})
+    assert rates.error == a + b == Confusion(17, 13, 7, 23) and "pooled over 2 folds" in rates.error_source
+    first = Reliability((0.01, 0.3), (10, 20), (1, 6))  # bins [0, .02) and [.3, .4)
+    second = Reliability((0.015, 0.03, 0.35), (30, 5, 10), (3, 1, 5))  # [0, .02), [.02, .05), [.3, .4)
+    pooled = WinRate({"folds": [{"reliability": first.as_dict()}, {"reliability": second.as_dict()}]}).error
+    assert pooled.n == (40, 5, 30) and pooled.wins == (4, 1, 11)
+    assert pooled.mean_probability == pytest.approx(((0.01 * 10 + 0.015 * 30) / 40, 0.03, (0.3 * 20 + 0.35 * 10) / 30))
+    assert FlaggedRate({"folds": [{"all": {"confusion": a.as_dict()}}, {"all": {}}]}).error is None  # one fold unknown

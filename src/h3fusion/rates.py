@@ -15,7 +15,11 @@ the seed, the axis and the number of prompts, so two systems' replicates compute
               truthful_informative                  jointly (Kronecker inversion)
 
 A judge whose validation record holds no error measurement (an API or HF judge, or an offline
-judge fitted before its validation recorded it) gives ``None`` for every corrected rate.
+judge fitted before its validation recorded it) gives ``None`` for every corrected rate. A
+cross-fitted judge (its validation lists each fold judge's record under ``folds``) is corrected with
+its folds' measurements pooled: confusion counts added, reliability bins added up. The folds'
+validation sets share held-out items, so the pooled set somewhat overstates how many independent
+judgements measured the error (the judge-aware interval is then a little narrow).
 """
 
 from __future__ import annotations
@@ -85,6 +89,27 @@ def _reconstructed(n: int, positive_rate: float, predicted_positive: float, accu
     return Confusion(tp, positives - tp, fp, negatives - fp)
 
 
+def _fold_records(validation: dict) -> list[dict]:
+    """The validation records of the judges that scored: each fold's for a cross-fitted judge, else the one."""
+    folds = validation.get("folds")
+    return [f for f in folds if isinstance(f, dict)] if isinstance(folds, list) and folds else [validation]
+
+
+def _pooled_confusion(records: list[dict], read) -> tuple[Confusion | None, str | None]:
+    """Each record's confusion counts (``read`` -> (Confusion, source) or (None, None)), added up."""
+    found = [read(r) for r in records]
+    if not found or any(c is None for c, _ in found):
+        return None, None
+    sources = {source for _, source in found}
+    source = sources.pop() if len(sources) == 1 else "mixed"
+    if len(found) > 1:
+        source += f" (pooled over {len(found)} folds)"
+    total = found[0][0]
+    for confusion, _ in found[1:]:
+        total = total + confusion
+    return total, source
+
+
 def _binary_summary(confusion: Confusion, source: str) -> dict:
     return {"sensitivity": confusion.sensitivity, "specificity": confusion.specificity,
             "counts": confusion.as_dict(), "source": source}
@@ -96,6 +121,10 @@ class FlaggedRate(AxisRates):
     higher_is_better = {"flagged_rate": False}
 
     def read_error(self, validation):
+        return _pooled_confusion(_fold_records(validation), self._read_one)
+
+    @staticmethod
+    def _read_one(validation):
         record = validation.get("all") or {}
         if isinstance(record.get("confusion"), dict):
             return Confusion(**record["confusion"]), "validation confusion counts"
@@ -133,18 +162,22 @@ class TruthInfoRates(AxisRates):
     CELLS = ((True, True), (True, False), (False, True), (False, False))
 
     def read_error(self, validation):
-        heads = []
-        for head in ("truth", "info"):
-            record = (validation.get(head) or {}).get("all") or {}
-            if isinstance(record.get("confusion"), dict):
-                heads.append((Confusion(**record["confusion"]), "validation confusion counts"))
-                continue
-            try:
-                heads.append((_reconstructed(record["n"], record["positive_rate"], record["predicted_rate"],
-                                             accuracy=record["accuracy"]), "reconstructed from rounded rates"))
-            except (KeyError, TypeError):
-                return None, None
+        heads = [_pooled_confusion(_fold_records(validation), lambda v, h=head: self._read_head(v, h))
+                 for head in ("truth", "info")]
+        if any(confusion is None for confusion, _ in heads):
+            return None, None
         return (heads[0][0], heads[1][0]), heads[0][1] if heads[0][1] == heads[1][1] else "mixed"
+
+    @staticmethod
+    def _read_head(validation, head):
+        record = (validation.get(head) or {}).get("all") or {}
+        if isinstance(record.get("confusion"), dict):
+            return Confusion(**record["confusion"]), "validation confusion counts"
+        try:
+            return (_reconstructed(record["n"], record["positive_rate"], record["predicted_rate"],
+                                   accuracy=record["accuracy"]), "reconstructed from rounded rates")
+        except (KeyError, TypeError):
+            return None, None
 
     def observe(self, judged):
         return np.array([[float((r["label"]["truthful"], r["label"]["informative"]) == cell) for cell in self.CELLS]
@@ -184,10 +217,13 @@ class WinRate(AxisRates):
     higher_is_better = {"win_rate": True}
 
     def read_error(self, validation):
-        table = validation.get("reliability")
-        if isinstance(table, dict) and table.get("n"):
-            return Reliability.from_dict(table), "validation reliability table"
-        return None, None
+        tables = [r.get("reliability") for r in _fold_records(validation)]
+        if not tables or not all(isinstance(t, dict) and t.get("n") for t in tables):
+            return None, None
+        if len(tables) == 1:
+            return Reliability.from_dict(tables[0]), "validation reliability table"
+        return (Reliability.pooled([Reliability.from_dict(t) for t in tables]),
+                f"validation reliability table (pooled over {len(tables)} folds)")
 
     def observe(self, judged):
         p = np.array([float(r["score"]) for r in judged])

@@ -119,6 +119,9 @@ class Confusion:
     def as_dict(self) -> dict[str, int]:
         return {"tp": self.tp, "fn": self.fn, "fp": self.fp, "tn": self.tn}
 
+    def __add__(self, other: Confusion) -> Confusion:
+        return Confusion(self.tp + other.tp, self.fn + other.fn, self.fp + other.fp, self.tn + other.tn)
+
 
 def rogan_gladen(observed, sensitivity, specificity):
     """True rate from an observed rate of a judge with this sensitivity / specificity, clipped to [0, 1]
@@ -173,6 +176,21 @@ class Reliability:
     @classmethod
     def from_dict(cls, table: dict) -> Reliability:
         return cls(tuple(table["mean_probability"]), tuple(table["n"]), tuple(table["wins"]))
+
+    @classmethod
+    def pooled(cls, tables: Sequence[Reliability], edges: Sequence[float] = RELIABILITY_EDGES) -> Reliability:
+        """One table from several judges' (e.g. cross-fitted folds'): the items of each bin added up (a bin's
+        mean probability lies inside it, which places every row)."""
+        bins: dict[int, list[float]] = {}
+        for table in tables:
+            for mean, n, wins in zip(table.mean_probability, table.n, table.wins, strict=True):
+                b = int(np.clip(np.searchsorted(edges, mean, side="right") - 1, 0, len(edges) - 2))
+                total = bins.setdefault(b, [0.0, 0, 0])
+                total[0] += mean * n
+                total[1] += n
+                total[2] += wins
+        rows = [(total[0] / total[1], total[1], total[2]) for _, total in sorted(bins.items()) if total[1]]
+        return cls(*(tuple(column) for column in zip(*rows, strict=True))) if rows else cls((), (), ())
 
     def as_dict(self) -> dict:
         return {"mean_probability": list(self.mean_probability), "n": list(self.n), "wins": list(self.wins)}
