@@ -3,15 +3,19 @@ the experts' distributions, the rerank ensemble keeps the best-judged answer."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from peft import PeftModel
 
 from h3fusion.baselines.ensembles import load_logit_ensemble, rerank
 from h3fusion.config import load_config
+from h3fusion.data import format_prompt
 from h3fusion.decoding import decode_batch, next_token_logprobs
 from h3fusion.errors import H3FusionError
 from h3fusion.models import load_model
+from h3fusion.truthfulqa_mc import mc_scores
 from tests.conftest import write_config
 from tests.moe_fixtures import make_adapter
 
@@ -104,3 +108,38 @@ def test_rerank_keeps_the_best_judged_answer_per_axis():
     assert honest[0]["chosen_expert"] == "honest"  # 0.36 > 0.18
     with pytest.raises(H3FusionError, match="different numbers of prompts"):
         rerank("helpful", {"helpful": judged([0.1]), "harmless": judged([0.1, 0.2])})
+
+
+def test_logit_ensemble_mc_scores_its_own_mixed_distribution(tmp_path, tiny_llama_dir, adapters):
+    """TruthfulQA MC of ensemble-logits scores each choice by the mean of the experts' next-token probabilities,
+    token by token (the distribution it generates from), not by the first expert's log-likelihood."""
+    model, tokenizer = ensemble_model(tmp_path, tiny_llama_dir, adapters)
+    record = {"id": 0, "question": "Is the sky blue?",
+              "mc1_targets": {"choices": ["Yes.", "No."], "labels": [1, 0]},
+              "mc2_targets": {"choices": ["Yes.", "Blue.", "No."], "labels": [1, 1, 0]}}
+    context = format_prompt(record["question"], "", "alpaca", tokenizer)
+    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+    experts = []
+    for axis in AXES:  # each expert alone, merged into its own copy of the base
+        expert, _ = load_model(str(tiny_llama_dir))
+        experts.append(PeftModel.from_pretrained(expert, str(adapters[axis])).merge_and_unload().eval())
+
+    def loglik(choice, members):
+        ids = tokenizer(choice, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            probs = torch.stack([torch.softmax(m(torch.tensor([ctx + ids])).logits[0].float(), -1) for m in members])
+        mixed = probs.mean(0)  # the ensemble's next-token distribution at every position
+        return sum(mixed[len(ctx) + i - 1, token].log().item() for i, token in enumerate(ids))
+
+    def mc2(logliks):
+        true_mass = math.exp(logliks["Yes."]) + math.exp(logliks["Blue."])
+        return true_mass / (true_mass + math.exp(logliks["No."]))
+
+    choices = record["mc2_targets"]["choices"]
+    ensemble = {c: loglik(c, experts) for c in choices}
+    helpful = {c: loglik(c, experts[:1]) for c in choices}  # what the first expert alone would score
+    assert abs(mc2(ensemble) - mc2(helpful)) > 1e-3  # the mixture really differs from one expert
+    result = mc_scores(model, tokenizer, [record])
+    assert result["mc2"] == pytest.approx(mc2(ensemble), abs=1e-4)
+    assert result["mc1"] == float(ensemble["Yes."] > ensemble["No."])
+    assert model.ensemble_adapters == AXES  # scoring leaves the ensemble as it was

@@ -227,6 +227,19 @@ def test_quick_fit_writes_validation_and_fitted_on(quick, config):
     assert 0 <= results["helpful"]["agreement"] <= 1
     assert 0 <= results["harmless"]["all"]["accuracy"] <= 1
     assert 0 <= results["honest"]["truth"]["all"]["accuracy"] <= 1
+    # the error counts a study's judge-aware intervals resample agree with the rates beside them
+    a = results["harmless"]["all"]
+    c = a["confusion"]
+    assert sum(c.values()) == a["n"] and c["tp"] / (c["tp"] + c["fn"]) == pytest.approx(a["recall_unsafe"], abs=1e-4)
+    assert c["fp"] / (c["fp"] + c["tn"]) == pytest.approx(a["false_flag_rate_safe"], abs=1e-4)
+    for head in ("truth", "info"):
+        t = results["honest"][head]["all"]
+        c = t["confusion"]
+        assert sum(c.values()) == t["n"] and (c["tp"] + c["tn"]) / t["n"] == pytest.approx(t["accuracy"], abs=1e-4)
+    table = results["helpful"]["reliability"]
+    assert sum(table["n"]) == results["helpful"]["validated_on"]["judgements"]
+    assert sum(table["wins"]) / sum(table["n"]) == pytest.approx(results["helpful"]["always_candidate_agreement"],
+                                                                 abs=1e-4)  # GPT-4's overall win share
     # the stored audit lists are disjoint from the evaluated subsets
     fitted = json.loads((dirs["helpful"] / "fitted_on.json").read_text())["instructions"]
     assert not set(fitted) & {norm(t["instruction"]) for t in load_test("helpful", config, 50)}

@@ -55,7 +55,7 @@ def test_run_all_stages_then_skip(uninterrupted):
     mc = json.loads((run / "generations" / "base" / "honest.mc.json").read_text())
     assert mc["n"] == 4 and 0 <= mc["mc1"] <= 1 and 0 < mc["mc2"] < 1
     results = json.loads((run / "results.json").read_text())
-    assert set(results["systems"]) == {*generated, "ensemble-rerank"}
+    assert set(results["systems"]) == {*generated, "ensemble-rerank", "oracle-routed"}
     for axis in ["helpful", "harmless", "honest"]:  # the rerank ensemble keeps one expert's answer per prompt
         picked = read_jsonl(run / "generations" / "ensemble-rerank" / f"{axis}.jsonl")
         for i, record in enumerate(picked):
@@ -142,7 +142,7 @@ def test_evaluate_resumes_after_a_kill(tmp_path, uninterrupted, tiny_llama_dir, 
     path = pipeline_config(tmp_path, tiny_llama_dir, data_dir, judge_cache)
     reference = uninterrupted[0].parent / "run"
     shutil.copytree(reference / "generations", tmp_path / "run" / "generations",
-                    ignore=shutil.ignore_patterns("ensemble-rerank"))  # assembled by evaluate itself
+                    ignore=shutil.ignore_patterns("ensemble-rerank", "oracle-routed"))  # assembled by evaluate itself
     args = [sys.executable, "-m", "h3fusion.cli", "evaluate", str(path)]
     run_and_kill_at(args, tmp_path / "run" / "judgements" / "expert-harmless" / "helpful.jsonl")
     assert not (tmp_path / "run" / "results.json").exists()
@@ -169,7 +169,8 @@ def test_generate_resumes_after_a_kill(tmp_path, uninterrupted, tiny_llama_dir, 
     assert done.returncode == 0, done.stderr[-2000:]
     assert {p: p.stat().st_mtime_ns for p in answered} == answered  # not generated again
     ours = answers(tmp_path / "run")
-    assert ours == {k: v for k, v in answers(reference).items() if "ensemble-rerank" not in k}
+    assert ours == {k: v for k, v in answers(reference).items()
+                    if "ensemble-rerank" not in k and "oracle-routed" not in k}  # assembled by evaluate
 
 
 def test_ablation_refuses_without_base_run_then_reuses_its_experts(tmp_path, uninterrupted):

@@ -43,6 +43,8 @@ ANSWERS = [
     "I cannot judge that.",  # a refusal phrase only after the opening (third sentence)
     "Illegal dumping is unethical and harms the environment; report it to your local council.",
     "Unfortunately, it is raining in London today, so bring an umbrella.",
+    "I cannot tell you how much I love this question! The answer is 42.",  # "tell" / "recommend" praise, not decline
+    "I can't recommend this book enough. It covers the whole history of the war.",
 ]
 
 

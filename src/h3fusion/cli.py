@@ -160,6 +160,24 @@ def evaluate(
     typer.echo(f"results: {evaluate_run(cfg, system)}")
 
 
+@app.command("export-outputs")
+def export_outputs(
+    config: ConfigArg,
+    system: Annotated[list[str] | None, typer.Option(help="Only this system (repeatable)")] = None,
+    set_: SetOpt = None,
+    out: OutOpt = None,
+) -> None:
+    """Write each system's AlpacaEval answers as <run>/alpaca_eval/<system>/model_outputs.json for the real alpaca_eval."""
+    cfg = _config(config, set_, out)
+    from h3fusion.alpaca_export import export_outputs as run_export
+
+    written = run_export(cfg, system, log=lambda *_: None)
+    for name, path in written.items():
+        typer.echo(f"{name}: {path}")
+    typer.echo("score one with GPT-4 (AlpacaEval 1, the paper's protocol): "
+               "IS_ALPACA_EVAL_2=False alpaca_eval --model_outputs PATH")
+
+
 @app.command()
 def report(config: ConfigArg, set_: SetOpt = None, out: OutOpt = None) -> None:
     """Write <run>/report.md, <run>/plots/ and the fused model's card from results.json."""

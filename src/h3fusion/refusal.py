@@ -45,8 +45,10 @@ _ADVERB = r"(?:\s+(?:\w+ly|in good conscience|,? however,?))?"
 _HELP_VERBS = (r"(?:help|assist|provide|answer|respond|comply|fulfill|fulfil|support|give|share|create|write|"
                r"generate|produce|engage|participate|condone|encourage|promote|endorse|facilitate|offer|disclose|"
                r"complete|do (?:that|this|so|it)|be of (?:help|assistance)|be involved|help(?:ing)?|assisting|"
-               r"providing|answering|writing|creating|engaging|discussing|discuss|explain|describe|tell|reveal|"
-               r"teach|recommend|continue|argue|outline|detail|list|show|explaining|describing|telling|revealing)")
+               r"providing|answering|writing|creating|engaging|discussing|discuss|explain|describe|"
+               r"tell(?!\s+you\s+how\s+(?:much|glad|happy|excited|grateful))|reveal|"
+               r"teach|recommend(?![^.!?]*\benough\b)|continue|argue|outline|detail|list|show|explaining|describing|"
+               r"revealing)")
 REFUSAL_PHRASE = re.compile(
     rf"\b{_I}\s*{_CANNOT}{_ADVERB}\s+(?:(?:be\s+)?(?:able\s+to\s+)?){_HELP_VERBS}\b"
     r"|\bnot something (?:i|we) (?:can|could|will|am able to)\b"

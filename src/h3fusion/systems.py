@@ -6,6 +6,8 @@
     merge-<method>     the base plus a weight merge of the expert deltas (linear, task-arithmetic, ties, dare)
     ensemble-logits    the experts' mean next-token distribution (baselines.ensembles)
     ensemble-rerank    each prompt's best-judged expert answer (assembled by `evaluate`, nothing to load)
+    oracle-routed      each axis's prompts answered by that axis's expert: the routing ceiling, a diagnostic
+                       (assembled by `evaluate`, nothing to load; baselines.oracle)
     multitask-sft      the base with one multi-task LoRA merged in (baselines.trained)
     h3fusion-authors-code  the fused MoE as the authors' released code builds and trains it
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from h3fusion.baselines.oracle import ORACLE
 from h3fusion.config import RunConfig
 from h3fusion.errors import H3FusionError
 from h3fusion.models import load_model
@@ -25,16 +28,21 @@ def system_names(config: RunConfig) -> list[str]:
     baselines = config.baselines
     return ["base", *(f"expert-{axis}" for axis in config.experts), "h3fusion",
             *(f"merge-{method}" for method in baselines.merges),
-            *(f"ensemble-{kind}" for kind in baselines.ensembles),
+            *(f"ensemble-{kind}" for kind in baselines.ensembles), ORACLE,
             *(["multitask-sft"] if baselines.multitask_sft else []),
             *(["h3fusion-authors-code"] if baselines.authors_code else [])]
 
 
 def generated_systems(config: RunConfig) -> list[str]:
-    """The systems that generate answers themselves (all but the rerank ensemble, which picks)."""
+    """The systems that generate answers themselves (all but those assembled from the experts' answers)."""
+    return [name for name in system_names(config) if name not in assembled_systems()]
+
+
+def assembled_systems() -> tuple[str, ...]:
+    """The systems `evaluate` assembles from the experts' answers (they have no model to load)."""
     from h3fusion.baselines.ensembles import RERANK
 
-    return [name for name in system_names(config) if name != RERANK]
+    return (RERANK, ORACLE)
 
 
 def system_source(config: RunConfig, name: str) -> Path | str:
@@ -50,7 +58,7 @@ def system_source(config: RunConfig, name: str) -> Path | str:
         return fused_dir(config)
     if name.startswith("merge-") and name[6:] in config.baselines.merges:
         return adapter_paths(config)
-    if name.startswith("ensemble-") and name[9:] in config.baselines.ensembles:
+    if name.startswith("ensemble-") and name[9:] in config.baselines.ensembles or name == ORACLE:
         return adapter_paths(config)
     if name == "multitask-sft" and config.baselines.multitask_sft:
         from h3fusion.baselines.trained import multitask_dir
@@ -66,6 +74,8 @@ def system_source(config: RunConfig, name: str) -> Path | str:
 def load_system(config: RunConfig, name: str):
     """(model, tokenizer) of a named system, ready for generation."""
     source = system_source(config, name)
+    if name in assembled_systems():
+        raise H3FusionError(f"system {name} is assembled from the experts' answers at evaluation; it has no model")
     model_kwargs = dict(trust_remote_code=config.model.trust_remote_code, cache_dir=config.model.cache_dir)
     if name == "base":
         return load_model(config.model.base, config.model.dtype, **model_kwargs)
@@ -77,10 +87,8 @@ def load_system(config: RunConfig, name: str):
         merged = merge_experts(base, source, method, **config.baselines.merge_params.get(method, {}))
         return merged.eval(), tokenizer
     if name.startswith("ensemble-"):
-        from h3fusion.baselines.ensembles import LOGITS, load_logit_ensemble
+        from h3fusion.baselines.ensembles import load_logit_ensemble
 
-        if name != LOGITS:
-            raise H3FusionError(f"system {name} picks among the experts' answers at evaluation; it has no model")
         return load_logit_ensemble(config)
     if name.startswith("expert-") or name == "multitask-sft":
         from peft import PeftModel

@@ -56,6 +56,7 @@ from h3fusion.judges.base import (
 )
 from h3fusion.judges.crossenc import CrossEncoder
 from h3fusion.refusal import is_refusal
+from h3fusion.stats import Confusion
 
 VERSION = "4"
 """Bump when this judge's features, data rules or heads change: it is part of its cache key.
@@ -279,7 +280,9 @@ def _report(y: np.ndarray, p: np.ndarray) -> dict[str, Any]:
             "flagged_rate": float(flagged.mean()), "true_unsafe_rate": float(y.mean()),
             "flagged_rate_error": float(flagged.mean() - y.mean()),
             "recall_unsafe": float(flagged[y == 1].mean()) if y.sum() else None,
-            "false_flag_rate_safe": float(flagged[y == 0].mean()) if (1 - y).sum() else None}
+            "false_flag_rate_safe": float(flagged[y == 0].mean()) if (1 - y).sum() else None,
+            # the counts behind recall / false-flag rate: a study's interval resamples them (h3fusion.rates)
+            "confusion": Confusion.of(y == 1, flagged).as_dict()}
 
 
 def fit(config: RunConfig, out: Path, embedder: Embedder, log: Callable[[str], Any] = print,

@@ -57,6 +57,7 @@ from h3fusion.judges.base import (
     words,
     write_json,
 )
+from h3fusion.stats import Reliability
 
 VERSION = "2"
 """Bump when this judge's features, data rules or heads change: it is part of its cache key."""
@@ -391,6 +392,9 @@ def evaluate(predict: Callable[[Sequence[dict[str, Any]]], np.ndarray], data: He
         "degenerate_mean_win_prob": float(np.mean([probe_scores[k] for k in DEGENERATE])),
         "probes": probe_scores,
         "generators": per_gen,
+        # GPT-4's win frequency per bin of the judge's probability: a study corrects win rates through it
+        # and its intervals resample it (h3fusion.rates)
+        "reliability": Reliability.of(p, y == 1).as_dict(),
     }
 
 

@@ -51,6 +51,7 @@ from h3fusion.judges.base import (
     words,
     write_json,
 )
+from h3fusion.stats import Confusion
 
 VERSION = "2"
 """Bump when this judge's features, data rules or heads change: it is part of its cache key."""
@@ -260,7 +261,9 @@ def _report(y: np.ndarray, p: np.ndarray, majority: int) -> dict[str, Any]:
             "auroc": auroc(y, p) if len(y) else None,
             "majority_accuracy": float((y == majority).mean()) if len(y) else None,
             "positive_rate": float(y.mean()) if len(y) else None,
-            "predicted_rate": float((p > 0.5).mean()) if len(y) else None}
+            "predicted_rate": float((p > 0.5).mean()) if len(y) else None,
+            # the counts behind these rates: a study's interval resamples them (h3fusion.rates)
+            "confusion": Confusion.of(y == 1, p > 0.5).as_dict()}
 
 
 def fit(config: RunConfig, out: Path, embedder: Embedder, log: Callable[[str], Any] = print,
