@@ -360,6 +360,14 @@ def main() -> None:
         sys.exit(2)
     except (KeyboardInterrupt, abort):
         code = 130
+    except Exception as error:  # a refused write no stage named (export, judge --output ...): one line too
+        from h3fusion.io import write_failure
+
+        message = write_failure(error)
+        if message is None or os.environ.get("H3FUSION_DEBUG") == "1":
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
     if code == 130:  # typer returns 130 for Ctrl-C when not standalone
         print("interrupted", file=sys.stderr)
     if isinstance(code, int) and code:

@@ -365,10 +365,9 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
 
 def dump_config(config: RunConfig, path: Path) -> None:
     """Write the resolved config next to a stage's outputs (what was actually used)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-    tmp.replace(path)
+    from h3fusion.io import write_text
+
+    write_text(path, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
 
 
 # ----------------------------------------------------------------------------- finished stages
