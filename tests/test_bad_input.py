@@ -318,6 +318,14 @@ def disk_full_judge_cache(w: Inputs) -> Run:
                fault=f"{cache}/embeddings.tmp:1", redo=redo)
 
 
+def run_in_use(w: Inputs) -> Run:
+    """Another h3fusion process (this test's, which is alive) holds the run directory."""
+    from h3fusion.runlock import RunLock
+
+    RunLock(w.tmp / "run", "run").acquire()  # never released: the directory is the test's own
+    return Run(["build", str(w.config())])
+
+
 CASES = [
     pytest.param(malformed_yaml, "run.yaml: malformed YAML at line 3", id="malformed-yaml"),
     pytest.param(unknown_key, "unknown key 'train.lrr'; did you mean 'train.lr'?", id="unknown-key"),
@@ -358,6 +366,7 @@ CASES = [
     pytest.param(disk_full_generation, "generations/base/helpful.jsonl: no space left on device (",
                  id="disk-full-generation"),
     pytest.param(disk_full_judge_cache, "judges/honest: no space left on device (", id="disk-full-judge-cache"),
+    pytest.param(run_in_use, "run is in use by another h3fusion process: pid", id="run-in-use"),
 ]
 
 
