@@ -29,6 +29,7 @@ import pytest
 from h3fusion.io import read_jsonl
 from tests.conftest import REPO, SHARED_DATA, save_tiny_model, write_config
 from tests.data_fixtures import write_data_dir, write_jsonl
+from tests.judge_stub import JudgeStub
 
 SECRET = "sk-h3fusion-test-not-a-real-key-7f3a"  # must never be printed
 
@@ -98,6 +99,7 @@ class Inputs:
 
     def __init__(self, tmp: Path, shared: Shared):
         self.tmp, self.shared, self.base = tmp, shared, shared.base
+        self.cleanups: list[Callable[[], None]] = []  # run after the case (stub servers)
 
     def data(self) -> Path:
         return write_data_dir(self.tmp / "data")
@@ -123,14 +125,14 @@ class Inputs:
         paths = {axis: adapters.get(axis) or self.copy(path, axis) for axis, path in self.shared.adapters.items()}
         return Run(["build", str(self.config(moe={"adapters": {k: str(v) for k, v in paths.items()}}))])
 
-    def judge(self, key: str | None) -> Run:
-        """`h3fusion judge helpful` through the API judge at a local port nobody listens on."""
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
+    def judge(self, key: str | None, url: str | None = None, **judges) -> Run:
+        """`h3fusion judge helpful` through the API judge at ``url`` (default: a local port nobody listens on)."""
+        if url is None:
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
         self.data()
-        config = self.config(judges={"helpful": "api", "api_base_url": f"http://127.0.0.1:{port}/v1",
-                                     "api_key_env": "H3_TEST_KEY"})
+        config = self.config(judges={"helpful": "api", "api_base_url": url, "api_key_env": "H3_TEST_KEY", **judges})
         answers = self.tmp / "answers.jsonl"
         write_jsonl(answers, [{"instruction": "Name a fruit.", "reference": "Apple.", "response": "A banana."}])
         judged = self.tmp / "judged.jsonl"
@@ -326,6 +328,13 @@ def run_in_use(w: Inputs) -> Run:
     return Run(["build", str(w.config())])
 
 
+def judge_endpoint_failing(w: Inputs) -> Run:
+    """The API judge's endpoint answers HTTP 503 to every try."""
+    stub = JudgeStub(then="503")
+    w.cleanups.append(stub.stop)
+    return w.judge(key=SECRET, url=stub.url, api_retries=2, api_backoff_s=0.01)  # resuming: tests/test_faults.py
+
+
 CASES = [
     pytest.param(malformed_yaml, "run.yaml: malformed YAML at line 3", id="malformed-yaml"),
     pytest.param(unknown_key, "unknown key 'train.lrr'; did you mean 'train.lr'?", id="unknown-key"),
@@ -367,6 +376,7 @@ CASES = [
                  id="disk-full-generation"),
     pytest.param(disk_full_judge_cache, "judges/honest: no space left on device (", id="disk-full-judge-cache"),
     pytest.param(run_in_use, "run is in use by another h3fusion process: pid", id="run-in-use"),
+    pytest.param(judge_endpoint_failing, "failed after 3 tries (last: HTTP 503)", id="judge-endpoint-failing"),
 ]
 
 
@@ -386,7 +396,12 @@ def snapshot(*roots: Path) -> dict[Path, str]:
 
 @pytest.mark.parametrize(("make", "fragment"), CASES)
 def test_bad_input_is_one_clear_line(make, fragment, tmp_path, shared):
-    check_case(make(Inputs(tmp_path, shared)), fragment, tmp_path, shared)
+    inputs = Inputs(tmp_path, shared)
+    try:
+        check_case(make(inputs), fragment, tmp_path, shared)
+    finally:
+        for cleanup in inputs.cleanups:
+            cleanup()
 
 
 def check_case(run: Run, fragment: str, tmp_path: Path, shared: Shared) -> None:

@@ -23,10 +23,12 @@ import torch
 from safetensors import SafetensorError
 
 from h3fusion.errors import H3FusionError
-from h3fusion.io import write_errno, write_failure
+from h3fusion.io import read_jsonl, write_errno, write_failure
+from h3fusion.judges.external import OpenAIPairwiseJudge
 from h3fusion.runlock import LOCK_NAME, RunLock
 from tests.conftest import write_config
-from tests.data_fixtures import write_data_dir
+from tests.data_fixtures import write_data_dir, write_jsonl
+from tests.judge_stub import JudgeStub
 
 FULL = Path("/dev/full")  # every write to it fails with ENOSPC: a real full disk for one file
 
@@ -158,3 +160,66 @@ def test_which_locks_are_stale(tmp_path):
         lock.release()
         assert not (tmp_path / LOCK_NAME).exists()
     zombie.wait()
+
+
+# ----------------------------------------------------------------------------- a failing judge endpoint
+
+RECORDS = [{"instruction": f"Name fruit number {i}.", "reference": "Apple.", "response": f"A banana, {i}."}
+           for i in range(3)]
+
+
+def pairwise(url, **kwargs) -> OpenAIPairwiseJudge:
+    return OpenAIPairwiseJudge(url, "judge-model", api_key_env="H3_TEST_KEY",
+                               **{"retries": 2, "backoff": 0.01, "timeout": 0.5, **kwargs})
+
+
+@pytest.mark.parametrize("fault", ["timeout", "429", "500", "503", "malformed"])
+def test_judge_retries_each_transient_fault(fault, monkeypatch):
+    monkeypatch.setenv("H3_TEST_KEY", "sk-test-secret")
+    with JudgeStub(faults=[fault, fault]) as stub:
+        assert pairwise(stub.url).score(RECORDS) == [1.0] * 3  # the candidate mentions banana
+    assert stub.answered(fault) == 2 and stub.answered("ok") == 3
+
+
+def test_judge_waits_as_retry_after_asks(monkeypatch):
+    monkeypatch.setenv("H3_TEST_KEY", "sk-test-secret")
+    with JudgeStub(faults=["429"], retry_after="1") as stub:
+        started = time.monotonic()
+        assert pairwise(stub.url).score(RECORDS[:1]) == [1.0]
+    assert 1.0 <= time.monotonic() - started < 5  # the server's 1 s, not the 0.01 s backoff
+
+
+def test_judge_gives_up_after_its_retries_with_one_line(monkeypatch):
+    monkeypatch.setenv("H3_TEST_KEY", "sk-test-secret")
+    with JudgeStub(then="503") as stub, pytest.raises(H3FusionError) as failed:
+        pairwise(stub.url).score(RECORDS)
+    assert str(failed.value).startswith(f"judge endpoint {stub.url} failed after 3 tries (last: HTTP 503); ")
+    assert stub.answered("503") == 3 and "sk-test-secret" not in str(failed.value)
+    with JudgeStub(then="malformed") as stub, pytest.raises(H3FusionError, match="last: a reply that is not a chat"):
+        pairwise(stub.url, retries=0).score(RECORDS)
+
+
+def test_evaluate_keeps_what_was_judged_when_the_endpoint_fails(tmp_path):
+    """The endpoint fails after two judgements: evaluating stops with the endpoint's line, the two are kept,
+    and the rerun asks the endpoint only for the third."""
+    from h3fusion.config import load_config
+    from h3fusion.evaluate import evaluate_run
+    from h3fusion.generate import evaluated_records
+
+    data = write_data_dir(tmp_path / "data")
+    with JudgeStub(faults=["ok", "ok"], then="503") as stub:
+        config = load_config(write_config(
+            tmp_path / "c.yaml", data={"dir": str(data)}, experts=["helpful"], moe={"top_k": 1},
+            evaluate={"helpful_n": 3}, judges={"helpful": "api", "api_base_url": stub.url, "api_key_env": None,
+                                               "api_retries": 1, "api_backoff_s": 0.01}))
+        answers = [{**r, "response": f"A banana answer to {r['instruction'][:20]}"}
+                   for r in evaluated_records(config, "helpful")]
+        write_jsonl(tmp_path / "run" / "generations" / "base" / "helpful.jsonl", answers)
+        with pytest.raises(H3FusionError, match=f"judge endpoint {stub.url} failed after 2 tries"):
+            evaluate_run(config, log=lambda _: None)
+        judged = read_jsonl(tmp_path / "run" / "judgements" / "base" / "helpful.jsonl")
+        assert [r["score"] for r in judged] == [1.0, 1.0]
+        stub.then = "ok"
+        results = json.loads(evaluate_run(config, log=lambda _: None).read_text())
+    assert stub.answered("ok") == 3  # only the third answer was sent again
+    assert results["systems"]["base"]["helpful"]["win_rate"] == 1.0
