@@ -1,10 +1,13 @@
-"""Bad input through the real CLI: each case is one clear ``error:`` line, exit 2, no traceback,
-and nothing that existed before the failing command is changed or deleted.
+"""Bad input and faults through the real CLI: each case is one clear ``error:`` line, exit 2, no traceback,
+and nothing that existed before the failing command is changed or deleted. Faults of the machine and its
+neighbours (a full disk, a run in use, a failing judge endpoint) also check that the same command, once
+the cause is gone, finishes what the failed call left unfinished.
 
 ``CASES`` is the table of record: docs/errors.md lists the same cases, in the same order, with the
 same message fragments (``test_docs_table_matches_cases`` keeps the two in step). Each case builds
 its bad input from real files in ``tmp_path`` (tiny random models, real PEFT adapters, a tiny data
-directory) and runs the cheapest verb that reaches the check.
+directory) and runs the cheapest verb that reaches the check. A full disk is injected at the writers'
+boundary (``tests/write_faults.py``): a real one needs a mounted small filesystem, which tests cannot make.
 """
 
 from __future__ import annotations
@@ -16,14 +19,17 @@ import shutil
 import socket
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, save_tiny_model, write_config
+from h3fusion.io import read_jsonl
+from tests.conftest import REPO, SHARED_DATA, save_tiny_model, write_config
 from tests.data_fixtures import write_data_dir, write_jsonl
+from tests.judge_stub import JudgeStub
 
 SECRET = "sk-h3fusion-test-not-a-real-key-7f3a"  # must never be printed
 
@@ -34,6 +40,11 @@ class Run:
 
     args: list[str]
     env: dict[str, str] = field(default_factory=dict)
+    fault: str | None = None
+    """``GLOB:N``: the N-th write of a file matching GLOB fails as on a full disk (tests/write_faults.py)."""
+    redo: Callable[[Callable[[], subprocess.CompletedProcess]], None] | None = None
+    """Once the fault is over, checks what the failed call left and that ``rerun()`` (the same command,
+    which must succeed) finishes it."""
 
 
 class Shared:
@@ -88,6 +99,7 @@ class Inputs:
 
     def __init__(self, tmp: Path, shared: Shared):
         self.tmp, self.shared, self.base = tmp, shared, shared.base
+        self.cleanups: list[Callable[[], None]] = []  # run after the case (stub servers)
 
     def data(self) -> Path:
         return write_data_dir(self.tmp / "data")
@@ -113,14 +125,14 @@ class Inputs:
         paths = {axis: adapters.get(axis) or self.copy(path, axis) for axis, path in self.shared.adapters.items()}
         return Run(["build", str(self.config(moe={"adapters": {k: str(v) for k, v in paths.items()}}))])
 
-    def judge(self, key: str | None) -> Run:
-        """`h3fusion judge helpful` through the API judge at a local port nobody listens on."""
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
+    def judge(self, key: str | None, url: str | None = None, **judges) -> Run:
+        """`h3fusion judge helpful` through the API judge at ``url`` (default: a local port nobody listens on)."""
+        if url is None:
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
         self.data()
-        config = self.config(judges={"helpful": "api", "api_base_url": f"http://127.0.0.1:{port}/v1",
-                                     "api_key_env": "H3_TEST_KEY"})
+        config = self.config(judges={"helpful": "api", "api_base_url": url, "api_key_env": "H3_TEST_KEY", **judges})
         answers = self.tmp / "answers.jsonl"
         write_jsonl(answers, [{"instruction": "Name a fruit.", "reference": "Apple.", "response": "A banana."}])
         judged = self.tmp / "judged.jsonl"
@@ -244,6 +256,85 @@ def misspelt_flag(w: Inputs) -> Run:
     return Run(["build", str(w.config()), "--ot", str(w.tmp / "run")])
 
 
+def disk_full_moe(w: Inputs) -> Run:
+    """The MoE's weights meet a full disk after its config files are written (the issue's half-written moe/)."""
+    moe = w.tmp / "run" / "moe"
+
+    def redo(rerun):
+        assert not moe.exists()  # removed: no moe/ of config files without weights
+        rerun()
+        assert (moe / "h3fusion_build.json").is_file() and (moe / "model.safetensors").is_file()
+
+    return replace(w.build(), fault=f"{moe}/model.safetensors:1", redo=redo)
+
+
+def disk_full_checkpoint(w: Inputs) -> Run:
+    """A training checkpoint's optimizer state meets a full disk; the checkpoint before it is complete."""
+    from h3fusion.experts import expert_is_complete
+
+    w.data()
+    expert = w.tmp / "run" / "experts" / "helpful"
+
+    def redo(rerun):
+        assert sorted(p.name for p in (expert / "checkpoints").iterdir()) == ["checkpoint-1"]  # the cut one dropped
+        done = rerun()
+        assert f"resuming from {expert / 'checkpoints' / 'checkpoint-1'}" in done.stdout
+        assert expert_is_complete(expert)
+
+    return Run(["align", str(w.config(train={"max_steps": 2, "save_steps": 1})), "--axis", "helpful"],
+               env={"PYTHONWARNINGS": "ignore::FutureWarning"},  # PEFT's deprecation noise while training
+               fault=f"{expert}/checkpoints/checkpoint-2/optimizer.pt:1", redo=redo)
+
+
+def disk_full_generation(w: Inputs) -> Run:
+    """The answers' JSONL meets a full disk part-way through a line."""
+    w.data()
+    answers = w.tmp / "run" / "generations" / "base" / "helpful.jsonl"
+
+    def redo(rerun):
+        assert answers.read_bytes() and not answers.read_bytes().endswith(b"\n")  # a cut line: not an answer
+        rerun()
+        assert len(read_jsonl(answers)) == 3 and all("response" in r for r in read_jsonl(answers))
+
+    config = w.config(evaluate={"helpful_n": 3}, generate={"max_new_tokens": {"helpful": 4}, "batch_size": 1})
+    return Run(["generate", str(config), "--system", "base", "--axis", "helpful"], fault=f"{answers}:1", redo=redo)
+
+
+def disk_full_judge_cache(w: Inputs) -> Run:
+    """The judge cache's embeddings meet a full disk at the end of fitting a judge."""
+    if not (SHARED_DATA / "SOURCES.md").is_file():
+        pytest.skip("the offline judges are fitted from the real data")
+    cache = w.tmp / "judges"
+    config = w.config(data={"dir": str(SHARED_DATA)}, evaluate={"honest_n": 4},
+                      judges={"cache_dir": str(cache), "fit_max_rows": 10})
+    answers, judged = w.tmp / "answers.jsonl", w.tmp / "judged.jsonl"
+    write_jsonl(answers, [{"question": "Is the earth flat?", "response": "No, it is round.",
+                           "correct_answers": ["No"], "incorrect_answers": ["Yes, it is flat."]}])
+
+    def redo(rerun):
+        assert not list(cache.glob("honest/*"))  # no half-fitted judge left to be taken for a fitted one
+        rerun()
+        assert len(read_jsonl(judged)) == 1 and list(cache.glob("honest/*/validation.json"))
+
+    return Run(["judge", "honest", "--input", str(answers), "--output", str(judged), "--config", str(config)],
+               fault=f"{cache}/embeddings.tmp:1", redo=redo)
+
+
+def run_in_use(w: Inputs) -> Run:
+    """Another h3fusion process (this test's, which is alive) holds the run directory."""
+    from h3fusion.runlock import RunLock
+
+    RunLock(w.tmp / "run", "run").acquire()  # never released: the directory is the test's own
+    return Run(["build", str(w.config())])
+
+
+def judge_endpoint_failing(w: Inputs) -> Run:
+    """The API judge's endpoint answers HTTP 503 to every try."""
+    stub = JudgeStub(then="503")
+    w.cleanups.append(stub.stop)
+    return w.judge(key=SECRET, url=stub.url, api_retries=2, api_backoff_s=0.01)  # resuming: tests/test_faults.py
+
+
 CASES = [
     pytest.param(malformed_yaml, "run.yaml: malformed YAML at line 3", id="malformed-yaml"),
     pytest.param(unknown_key, "unknown key 'train.lrr'; did you mean 'train.lr'?", id="unknown-key"),
@@ -278,6 +369,14 @@ CASES = [
     pytest.param(judge_missing_key, "set the environment variable H3_TEST_KEY", id="judge-missing-key"),
     pytest.param(misspelt_flag, "No such option: --ot (Possible options: --out, --set); see h3fusion build --help",
                  id="misspelt-flag"),
+    pytest.param(disk_full_moe, "run/moe: no space left on device (", id="disk-full-moe"),
+    pytest.param(disk_full_checkpoint, "run/experts/helpful: the write was cut short (torch: unexpected pos",
+                 id="disk-full-checkpoint"),
+    pytest.param(disk_full_generation, "generations/base/helpful.jsonl: no space left on device (",
+                 id="disk-full-generation"),
+    pytest.param(disk_full_judge_cache, "judges/honest: no space left on device (", id="disk-full-judge-cache"),
+    pytest.param(run_in_use, "run is in use by another h3fusion process: pid", id="run-in-use"),
+    pytest.param(judge_endpoint_failing, "failed after 3 tries (last: HTTP 503)", id="judge-endpoint-failing"),
 ]
 
 
@@ -297,12 +396,21 @@ def snapshot(*roots: Path) -> dict[Path, str]:
 
 @pytest.mark.parametrize(("make", "fragment"), CASES)
 def test_bad_input_is_one_clear_line(make, fragment, tmp_path, shared):
-    run = make(Inputs(tmp_path, shared))
+    inputs = Inputs(tmp_path, shared)
+    try:
+        check_case(make(inputs), fragment, tmp_path, shared)
+    finally:
+        for cleanup in inputs.cleanups:
+            cleanup()
+
+
+def check_case(run: Run, fragment: str, tmp_path: Path, shared: Shared) -> None:
     before = snapshot(tmp_path, shared.root)
     env = {k: v for k, v in os.environ.items() if k not in ("H3FUSION_DEBUG", "H3_TEST_KEY")}
     # progress bars (transformers "Loading weights") are not errors: off, so stderr is the error alone
     env.update(H3FUSION_NO_PROGRESS="1", HF_HUB_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error", **run.env)
-    proc = subprocess.run([sys.executable, "-m", "h3fusion.cli", *run.args], env=env, cwd=tmp_path,
+    launcher = [str(REPO / "tests" / "write_faults.py"), run.fault] if run.fault else ["-m", "h3fusion.cli"]
+    proc = subprocess.run([sys.executable, *launcher, *run.args], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
     lines = proc.stderr.splitlines()
     assert proc.returncode == 2, proc.stderr[-3000:]
@@ -314,6 +422,14 @@ def test_bad_input_is_one_clear_line(make, fragment, tmp_path, shared):
     after = snapshot(tmp_path, shared.root)
     assert {p: h for p, h in after.items() if p in before} == before
     assert not (tmp_path / "mixtral").exists()  # a refused export writes nothing
+    if run.redo is not None:
+        def rerun() -> subprocess.CompletedProcess:
+            done = subprocess.run([sys.executable, "-m", "h3fusion.cli", *run.args], env=env, cwd=tmp_path,
+                                  capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, done.stderr[-3000:]
+            return done
+
+        run.redo(rerun)
 
 
 def test_debug_shows_the_traceback(tmp_path):

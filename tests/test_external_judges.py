@@ -16,7 +16,8 @@ from h3fusion.errors import H3FusionError
 from h3fusion.judges.external import HFModerationJudge, HFTruthInfoJudge, OpenAIPairwiseJudge
 from tests.conftest import write_config
 
-RECORDS = [{"instruction": "Name a fruit.", "reference": "Apple.", "response": "A banana is a fruit."}] * 6
+RECORDS = [{"instruction": f"Name fruit number {i}.", "reference": "Apple.", "response": "A banana is a fruit."}
+           for i in range(6)]
 
 
 class _Stub(BaseHTTPRequestHandler):
@@ -58,8 +59,12 @@ def test_pairwise_judge_against_stub_server(stub_server, monkeypatch):
     paths = {path for path, _, _ in _Stub.seen}
     assert paths == {"/v1/chat/completions"}
     assert all(auth == "Bearer sk-test-secret" for _, auth, _ in _Stub.seen)
-    orders = {("banana" in body["messages"][-1]["content"].split("Answer B:")[0]) for _, _, body in _Stub.seen}
-    assert orders == {True, False}  # positions were shuffled
+    orders = [("banana" in body["messages"][-1]["content"].split("Answer B:")[0]) for _, _, body in _Stub.seen]
+    assert set(orders) == {True, False}  # positions were shuffled
+    _Stub.seen = []
+    assert judge.score(RECORDS[3:]) == [1.0] * 3  # scored apart (a resumed run): each record shown as before
+    assert [("banana" in body["messages"][-1]["content"].split("Answer B:")[0]) for _, _, body in _Stub.seen] \
+        == orders[3:]
     assert "sk-test-secret" not in json.dumps(judge.validation)
 
 

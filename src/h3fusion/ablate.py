@@ -23,6 +23,7 @@ from pathlib import Path
 from h3fusion.config import FUSE_SETTINGS, changed_settings, load_config
 from h3fusion.errors import H3FusionError
 from h3fusion.io import write_json, write_text
+from h3fusion.runlock import run_lock
 
 REALIGN_PREFIXES = ("lora.", "train.", "data.", "experts", "seed", "model.")
 # read when a fused model is loaded for generation: the base run's fused model is reused as it is
@@ -65,34 +66,35 @@ def ablate(config_path: Path, name: str, overrides: list[str], results_dir: Path
     log(f"[ablate] {name}: {' '.join(overrides) or '(no overrides)'} -> {run_dir}"
         + (" (re-aligning the experts)" if realign else "")
         + (" (runtime dial: the base run's fused model)" if runtime_only else ""))
-    if realign:
-        align(config, log=log)
-    if runtime_only:
-        fused = run_dir / "fused"
-        if not fused.exists():
-            run_dir.mkdir(parents=True, exist_ok=True)
-            fused.symlink_to((base.run_path / "fused").resolve(), target_is_directory=True)
-    else:
-        build_run(config, log=log)
-        fuse_run(config, log=log)
-    generate_system(config, FUSED, log=log)
-    results = json.loads(evaluate_run(config, systems=[FUSED], log=log).read_text())
-    base_systems = json.loads(base_results.read_text())["systems"]
-    summary = {
-        "name": name,
-        "overrides": [o for o in overrides if not o.startswith("run_dir=")],  # run_dir: where, not what
-        "realigned_experts": realign,
-        "fused_again": not runtime_only,  # False: the base run's fused model with a runtime dial
-        FUSED: results["systems"][FUSED],
-        "base_run": {"dir": str(base.run_path), "systems": base_systems},
-        "hhh_vs": _hhh_differences(config.run_path, results["systems"][FUSED].get("hhh"), base.run_path,
-                                   base_systems, config.seed),
-        "judges": results["judges"],
-        "run": results["run"],
-    }
-    out = Path(results_dir) / f"{name}.json"
-    write_json(out, summary)
-    write_text(Path(results_dir) / "README.md", ablation_table(Path(results_dir)))
+    with run_lock(run_dir, "ablate", log=log):  # one process per ablation directory, as per run
+        if realign:
+            align(config, log=log)
+        if runtime_only:
+            fused = run_dir / "fused"
+            if not fused.exists():
+                run_dir.mkdir(parents=True, exist_ok=True)
+                fused.symlink_to((base.run_path / "fused").resolve(), target_is_directory=True)
+        else:
+            build_run(config, log=log)
+            fuse_run(config, log=log)
+        generate_system(config, FUSED, log=log)
+        results = json.loads(evaluate_run(config, systems=[FUSED], log=log).read_text())
+        base_systems = json.loads(base_results.read_text())["systems"]
+        summary = {
+            "name": name,
+            "overrides": [o for o in overrides if not o.startswith("run_dir=")],  # run_dir: where, not what
+            "realigned_experts": realign,
+            "fused_again": not runtime_only,  # False: the base run's fused model with a runtime dial
+            FUSED: results["systems"][FUSED],
+            "base_run": {"dir": str(base.run_path), "systems": base_systems},
+            "hhh_vs": _hhh_differences(config.run_path, results["systems"][FUSED].get("hhh"), base.run_path,
+                                       base_systems, config.seed),
+            "judges": results["judges"],
+            "run": results["run"],
+        }
+        out = Path(results_dir) / f"{name}.json"
+        write_json(out, summary)
+        write_text(Path(results_dir) / "README.md", ablation_table(Path(results_dir)))
     ours, theirs = summary[FUSED].get("hhh"), summary["base_run"]["systems"].get(FUSED, {}).get("hhh")
     if ours is not None and theirs is not None:
         log(f"[ablate] {name}: h3fusion hhh {ours:.3f} (base run {theirs:.3f}, {ours - theirs:+.3f}) -> {out}")

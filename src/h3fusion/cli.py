@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated
 
@@ -29,13 +30,24 @@ SetOpt = Annotated[
 OutOpt = Annotated[Path | None, typer.Option("--out", help="Run directory (overrides run_dir in the config)")]
 
 
-def _config(path: Path, overrides: list[str] | None, out: Path | None):
+_held = ExitStack()  # the run lock a verb took: released when main() ends, on errors too
+_runs: list[Path] = []  # the run a verb writes into: named by a refused write that names no file
+
+
+def _config(path: Path, overrides: list[str] | None, out: Path | None, lock: str | None = None):
+    """The run config; ``lock``: this verb writes into the run, one process at a time (h3fusion.runlock)."""
     from h3fusion.config import load_config
 
     overrides = list(overrides or [])
     if out is not None:
         overrides.append(f"run_dir={out}")
-    return load_config(path, overrides)
+    config = load_config(path, overrides)
+    if lock:
+        from h3fusion.runlock import run_lock
+
+        _held.enter_context(run_lock(config.run_path, lock))
+        _runs.append(config.run_path)
+    return config
 
 
 @app.callback()
@@ -52,7 +64,7 @@ def run(
     out: OutOpt = None,
 ) -> None:
     """The whole pipeline (align, build, fuse, baselines, generate, evaluate, report), each stage skipped when complete."""
-    cfg = _config(config, set_, out)
+    cfg = _config(config, set_, out, lock="run")
     from h3fusion.pipeline import run as run_pipeline
 
     run_pipeline(cfg, stage)
@@ -67,7 +79,7 @@ def align(
     out: OutOpt = None,
 ) -> None:
     """Stage 1: train one LoRA expert per axis on the FFN projections."""
-    cfg = _config(config, set_, out)
+    cfg = _config(config, set_, out, lock="align")
     from h3fusion.experts import align as run_align
 
     paths = run_align(cfg, axis)
@@ -78,7 +90,7 @@ def align(
 @app.command()
 def build(config: ConfigArg, set_: SetOpt = None, out: OutOpt = None) -> None:
     """Stage 2: build the MoE from the base model and the expert adapters into <run>/moe/."""
-    cfg = _config(config, set_, out)
+    cfg = _config(config, set_, out, lock="build")
     from h3fusion.moe.build import build_run
 
     typer.echo(f"moe: {build_run(cfg)}")
@@ -87,7 +99,7 @@ def build(config: ConfigArg, set_: SetOpt = None, out: OutOpt = None) -> None:
 @app.command()
 def fuse(config: ConfigArg, set_: SetOpt = None, out: OutOpt = None) -> None:
     """Stage 3: fusion training (gating loss + drift regularisation) into <run>/fused/."""
-    cfg = _config(config, set_, out)
+    cfg = _config(config, set_, out, lock="fuse")
     from h3fusion.fusion import fuse_run
 
     typer.echo(f"fused: {fuse_run(cfg)}")
@@ -116,7 +128,7 @@ def generate(
     from h3fusion.io import read_jsonl
 
     if target.endswith((".yaml", ".yml")):
-        cfg = _config(Path(target), set_, out)
+        cfg = _config(Path(target), set_, out, lock="generate")
         from h3fusion.systems import generated_systems
 
         for name in system or generated_systems(cfg):
@@ -154,7 +166,7 @@ def evaluate(
     out: OutOpt = None,
 ) -> None:
     """Score every system's generations with the judges -> <run>/results.json."""
-    cfg = _config(config, set_, out)
+    cfg = _config(config, set_, out, lock="evaluate")
     from h3fusion.evaluate import evaluate_run
 
     typer.echo(f"results: {evaluate_run(cfg, system)}")
@@ -181,7 +193,7 @@ def export_outputs(
 @app.command()
 def report(config: ConfigArg, set_: SetOpt = None, out: OutOpt = None) -> None:
     """Write <run>/report.md, <run>/plots/ and the fused model's card from results.json."""
-    cfg = _config(config, set_, out)
+    cfg = _config(config, set_, out, lock="report")
     from h3fusion.report import write_report
 
     typer.echo(f"report: {write_report(cfg)}")
@@ -376,6 +388,16 @@ def main() -> None:
         sys.exit(2)
     except (KeyboardInterrupt, abort):
         code = 130
+    except Exception as error:  # a refused write no stage named (export, judge --output ...): one line too
+        from h3fusion.io import write_failure
+
+        message = write_failure(error, _runs[-1] if _runs else None)
+        if message is None or os.environ.get("H3FUSION_DEBUG") == "1":
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        _held.close()
     if code == 130:  # typer returns 130 for Ctrl-C when not standalone
         print("interrupted", file=sys.stderr)
     if isinstance(code, int) and code:

@@ -204,6 +204,15 @@ class JudgesConfig(_Section):
     api_model: str = "gpt-4"
     api_key_env: str | None = "OPENAI_API_KEY"
     """Name of the environment variable holding the key (never the key itself); null: no key."""
+    api_timeout_s: float = Field(60.0, gt=0)
+    """Seconds to wait for one answer of the endpoint before that try counts as failed."""
+    api_retries: int = Field(5, ge=0)
+    """Retries of a request that timed out, got HTTP 429 or 5xx, or a malformed reply; then the stage stops
+    with one line (the judgements so far are kept: a rerun resumes after them)."""
+    api_backoff_s: float = Field(1.0, ge=0)
+    """Wait before the first retry; it doubles each retry. A 429's Retry-After is honoured instead."""
+    api_backoff_max_s: float = Field(60.0, ge=0)
+    """Cap on any one wait, a server's Retry-After included."""
     harmless_model: str = "PKU-Alignment/beaver-dam-7b"
     truth_model: str = "allenai/truthfulqa-truth-judge-llama2-7B"
     info_model: str = "allenai/truthfulqa-info-judge-llama2-7B"
@@ -373,10 +382,9 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
 
 def dump_config(config: RunConfig, path: Path) -> None:
     """Write the resolved config next to a stage's outputs (what was actually used)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-    tmp.replace(path)
+    from h3fusion.io import write_text
+
+    write_text(path, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
 
 
 # ----------------------------------------------------------------------------- finished stages

@@ -41,8 +41,10 @@ def load_axis_judges(config: RunConfig, axes: Sequence[str], log=print, cross_fi
     judges = load_judges(config, selected.cache_dir, log, offline, selected.fit_max_rows,
                          cross_fit=cross_fit) if offline else {}
     if "helpful" in axes and selected.helpful == "api":
-        judges["helpful"] = OpenAIPairwiseJudge(selected.api_base_url, selected.api_model, selected.api_key_env,
-                                                seed=config.seed)
+        judges["helpful"] = OpenAIPairwiseJudge(
+            selected.api_base_url, selected.api_model, selected.api_key_env, seed=config.seed,
+            timeout=selected.api_timeout_s, retries=selected.api_retries, backoff=selected.api_backoff_s,
+            backoff_max=selected.api_backoff_max_s)
     if "harmless" in axes and selected.harmless == "hf":
         judges["harmless"] = HFModerationJudge(selected.harmless_model,
                                                trust_remote_code=config.model.trust_remote_code)
@@ -316,8 +318,9 @@ def _judged(config: RunConfig, system: str, axis: str, judge, expected: int) -> 
     if not cache.is_file():
         write_json(stamp, who)
     judged = read_jsonl(cache, repair=True) if cache.is_file() else []
-    if len(judged) < len(records):  # score what is not cached yet, then append
-        new = judge_records(axis, judge, records[len(judged):])
+    step = getattr(judge, "records_per_call", None) or len(records)  # a remote judge: kept as it answers
+    while len(judged) < len(records):  # score what is not cached yet, appending as it is scored
+        new = judge_records(axis, judge, records[len(judged):len(judged) + step])
         append_jsonl(cache, new)
         judged += new
     return judged[: len(records)]

@@ -16,9 +16,17 @@ from pathlib import Path
 from h3fusion.config import ALIGN_SETTINGS, AXES, RunConfig, dump_config, refuse_other_settings
 from h3fusion.data import load_heldout_train, load_train
 from h3fusion.errors import H3FusionError
-from h3fusion.io import write_json
+from h3fusion.io import stage_writes, write_json
 from h3fusion.models import base_fingerprint, load_model
-from h3fusion.sft import SFTCollator, SFTDataset, last_checkpoint, loss_curve, training_arguments
+from h3fusion.sft import (
+    SFTCollator,
+    SFTDataset,
+    drop_incomplete_checkpoints,
+    last_checkpoint,
+    loss_curve,
+    training_arguments,
+    training_bytes,
+)
 
 EXPERT_META = "h3fusion_expert.json"
 HELDOUT_EXAMPLES = 32  # fixed examples the expert never trains on: a noise-free "did it learn" check
@@ -73,7 +81,8 @@ def train_lora_adapter(config: RunConfig, label: str, out: Path, *, examples, he
     model = get_peft_model(model, peft_config)
     checkpoints = out / "checkpoints"
     resume = last_checkpoint(checkpoints)
-    log(f"{label}: {len(dataset)} examples, {model.get_nb_trainable_parameters()[0]:,} trainable "
+    trainable = model.get_nb_trainable_parameters()[0]
+    log(f"{label}: {len(dataset)} examples, {trainable:,} trainable "
         f"parameters{', resuming from ' + resume if resume else ''}")
     heldout = SFTDataset(heldout, tokenizer, config.data.max_length, config.data.prompt_format)
     trainer = Trainer(
@@ -83,49 +92,52 @@ def train_lora_adapter(config: RunConfig, label: str, out: Path, *, examples, he
         eval_dataset=heldout if len(heldout) else None,
         data_collator=SFTCollator(tokenizer.pad_token_id),
     )
-    started = time.time()
-    trainer.train(resume_from_checkpoint=resume)
-    heldout_after = trainer.evaluate()["eval_loss"] if len(heldout) else None
-    # The "before" loss is taken after training with the adapter switched off: LoRA's B starts at zero, so
-    # that is exactly the untrained model. Evaluating before train() would let accelerate mark the bare
-    # model as prepared, and train() would then skip the DDP wrapping: no gradient all-reduce, the ranks
-    # drift apart and rank 0 saves an adapter trained on its shard alone.
-    if len(heldout):
-        with model.disable_adapter():
-            heldout_before = trainer.evaluate()["eval_loss"]
-    else:
-        heldout_before = None
-    # every process takes part: under FSDP / ZeRO-3 the Trainer gathers the sharded adapter for process 0
-    trainer.save_model(str(out))  # safetensors adapter + adapter_config.json
-    if not trainer.is_world_process_zero():
-        return out
-    (out / "training_args.bin").unlink(missing_ok=True)  # save_model's extra: the adapter dir stays stock PEFT
-    curve = loss_curve(trainer.state.log_history)
-    write_json(out / EXPERT_META, {
-        **meta,
-        "base": config.model.base,
-        "base_fingerprint": fingerprint,
-        "r": r, "alpha": alpha, "target_modules": sorted(target_modules),
-        "prompt_format": config.data.prompt_format,
-    })
-    dump_config(config, out / "config.yaml")
-    # a single step's loss says little (the last batch may hold one example): mean of the first / last steps
-    window = max(1, min(LOSS_WINDOW, len(curve) // 2))
-    first, last = (sum(r["loss"] for r in part) / len(part) if part else None
-                   for part in (curve[:window], curve[-window:]))
-    write_json(out / "training_log.json", {  # written last: marks the adapter complete
-        **meta,
-        "examples": len(dataset),
-        "steps": trainer.state.global_step,
-        "train_seconds": round(time.time() - started, 1),
-        "first_loss": first,  # mean over the first `loss_window` logged steps
-        "last_loss": last,  # ... and over the last ones
-        "loss_window": window,
-        "heldout_examples": len(heldout),
-        "heldout_loss_before": heldout_before,
-        "heldout_loss_after": heldout_after,
-        "log_history": curve,
-    })
+    # a refused write (full disk ...) is one line; a cut checkpoint is dropped: the next call resumes before it
+    with stage_writes(out, f"training {out.parent.name}/{out.name}", need=training_bytes(model) + 4 * trainable,
+                      cleanup=lambda: drop_incomplete_checkpoints(checkpoints)):
+        started = time.time()
+        trainer.train(resume_from_checkpoint=resume)
+        heldout_after = trainer.evaluate()["eval_loss"] if len(heldout) else None
+        # The "before" loss is taken after training with the adapter switched off: LoRA's B starts at zero, so
+        # that is exactly the untrained model. Evaluating before train() would let accelerate mark the bare
+        # model as prepared, and train() would then skip the DDP wrapping: no gradient all-reduce, the ranks
+        # drift apart and rank 0 saves an adapter trained on its shard alone.
+        if len(heldout):
+            with model.disable_adapter():
+                heldout_before = trainer.evaluate()["eval_loss"]
+        else:
+            heldout_before = None
+        # every process takes part: under FSDP / ZeRO-3 the Trainer gathers the sharded adapter for process 0
+        trainer.save_model(str(out))  # safetensors adapter + adapter_config.json
+        if not trainer.is_world_process_zero():
+            return out
+        (out / "training_args.bin").unlink(missing_ok=True)  # save_model's extra: the adapter dir stays stock PEFT
+        curve = loss_curve(trainer.state.log_history)
+        write_json(out / EXPERT_META, {
+            **meta,
+            "base": config.model.base,
+            "base_fingerprint": fingerprint,
+            "r": r, "alpha": alpha, "target_modules": sorted(target_modules),
+            "prompt_format": config.data.prompt_format,
+        })
+        dump_config(config, out / "config.yaml")
+        # a single step's loss says little (the last batch may hold one example): mean of the first / last steps
+        window = max(1, min(LOSS_WINDOW, len(curve) // 2))
+        first, last = (sum(r["loss"] for r in part) / len(part) if part else None
+                       for part in (curve[:window], curve[-window:]))
+        write_json(out / "training_log.json", {  # written last: marks the adapter complete
+            **meta,
+            "examples": len(dataset),
+            "steps": trainer.state.global_step,
+            "train_seconds": round(time.time() - started, 1),
+            "first_loss": first,  # mean over the first `loss_window` logged steps
+            "last_loss": last,  # ... and over the last ones
+            "loss_window": window,
+            "heldout_examples": len(heldout),
+            "heldout_loss_before": heldout_before,
+            "heldout_loss_after": heldout_after,
+            "log_history": curve,
+        })
     shutil.rmtree(checkpoints, ignore_errors=True)  # the adapter is saved; optimizer state is no longer needed
     if curve:
         log(f"{label}: training loss {first:.3f} -> {last:.3f} (mean of the first / last {window} steps)")

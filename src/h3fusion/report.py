@@ -569,7 +569,7 @@ def write_model_card(config: RunConfig, results: dict) -> Path | None:
     from h3fusion.io import write_text
 
     fused = fused_dir(config)
-    if not (fused / "config.json").is_file():
+    if not (fused / "fusion_log.json").is_file():  # no finished fused model (its marker is written last)
         return None
     systems = results["systems"]
     shown = {k: v for k, v in systems.items() if k in (FUSED, "base") or k.startswith("expert-")}

@@ -8,6 +8,7 @@ ours: DDP / FSDP / DeepSpeed for the experts, DDP for fusion (docs/scale-out.md 
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from h3fusion.config import TrainConfig
 from h3fusion.data import SFTExample, format_prompt
 
 IGNORE_INDEX = -100
+TRAINER_STATE = "trainer_state.json"  # the last file of a Trainer checkpoint: present = complete
 
 
 class SFTDataset(Dataset):
@@ -111,9 +113,26 @@ def training_arguments(train: TrainConfig, output_dir: Path, seed: int, **overri
 
 
 def last_checkpoint(output_dir: Path) -> str | None:
+    """The newest complete Trainer checkpoint to resume from. A checkpoint is complete once its
+    ``trainer_state.json`` is written (the Trainer writes it last); one a full disk or a kill cut short is
+    removed, so it is neither resumed from nor kept by the Trainer's rotation in place of a good one."""
     from transformers.trainer_utils import get_last_checkpoint
 
+    drop_incomplete_checkpoints(output_dir)
     return get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+
+
+def drop_incomplete_checkpoints(output_dir: Path) -> None:
+    for checkpoint in Path(output_dir).glob("checkpoint-*"):
+        if checkpoint.is_dir() and not (checkpoint / TRAINER_STATE).is_file():
+            shutil.rmtree(checkpoint, ignore_errors=True)
+
+
+def training_bytes(model) -> int:
+    """About the disk a training stage needs beside its result: two checkpoints at a time (the Trainer
+    writes the next before it drops the last), each the trainable weights plus Adam's two moments, in fp32."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return 2 * 3 * 4 * trainable
 
 
 def loss_curve(log_history: list[dict]) -> list[dict]:

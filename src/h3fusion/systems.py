@@ -93,14 +93,17 @@ def load_system(config: RunConfig, name: str):
     if name.startswith("expert-") or name == "multitask-sft":
         from peft import PeftModel
 
-        if not (Path(source) / "adapter_config.json").is_file():
+        from h3fusion.experts import expert_is_complete
+
+        ours = Path(source).resolve().is_relative_to(config.run_path.resolve())  # else a given moe.adapters dir
+        if not (expert_is_complete(Path(source)) if ours else (Path(source) / "adapter_config.json").is_file()):
             raise H3FusionError(f"system {name}: no adapter at {source}; run `h3fusion align` (experts) or "
                                 "`h3fusion run --stage baselines` first")
         base, tokenizer = load_model(config.model.base, config.model.dtype, **model_kwargs)
         merged = PeftModel.from_pretrained(base, str(source)).merge_and_unload()  # plain-speed generation
         return merged.eval(), tokenizer
-    if not (Path(source) / "config.json").is_file():
-        raise H3FusionError(f"system {name}: no model at {source}; run `h3fusion fuse` first")
+    if not (Path(source) / "fusion_log.json").is_file():  # written last: a cut-short fused/ is not a model yet
+        raise H3FusionError(f"system {name}: no finished model at {source}; run `h3fusion fuse` first")
     model, tokenizer = load_model(str(source), config.model.dtype)
     # the runtime dials come from the config, so they can change without re-fusing
     model.set_expert_bias(config.moe.expert_bias)

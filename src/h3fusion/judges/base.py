@@ -164,6 +164,10 @@ class Embedder:
             return np.zeros((0, 384), dtype=np.float32)
         return np.stack([self._memory[k] for k in keys]).astype(np.float32)
 
+    def disk_bytes(self) -> int:
+        """About the size of the cache file as ``save`` would write it now (sha1 key + float16 vector each)."""
+        return len(self._memory) * (20 + 2 * 384) if self.cache_path else 0
+
     def save(self) -> None:
         if not (self.cache_path and self._dirty):
             return

@@ -7,13 +7,17 @@ API keys are read from the environment at call time and never stored, logged or 
 
 from __future__ import annotations
 
+import email.utils
+import hashlib
+import http.client
 import json
 import os
-import random
 import re
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import torch
@@ -39,17 +43,27 @@ Reply with a single letter: A or B."""
 class OpenAIPairwiseJudge:
     """AlpacaEval-1-style pairwise judge through any OpenAI-compatible /chat/completions endpoint
     (OpenAI, or a local vLLM server). score -> 1.0 if the candidate beats the reference, 0.0 if
-    not, 0.5 when the reply names neither. The two answers' order is shuffled (seeded) per record."""
+    not, 0.5 when the reply names neither. The two answers' order is shuffled per record, seeded by the
+    run seed and the record itself (so a resumed scoring shows each record as an uninterrupted one would).
+
+    A try that times out, gets HTTP 429 or 5xx, or a reply that is not a chat completion is retried up to
+    ``retries`` times, waiting ``backoff`` seconds and doubling each time (a 429's Retry-After instead),
+    every wait capped at ``backoff_max``; after that one ``H3FusionError`` names the endpoint and the
+    last failure. An endpoint nobody serves, and other 4xx answers, fail at once (they do not heal).
+    """
 
     name = "openai-pairwise"
+    records_per_call = 1  # evaluate appends each judgement as it comes: a failing endpoint loses none
 
     def __init__(self, base_url: str, model: str, api_key_env: str | None = "OPENAI_API_KEY",
-                 timeout: float = 60.0, seed: int = 0):
+                 timeout: float = 60.0, seed: int = 0, retries: int = 5, backoff: float = 1.0,
+                 backoff_max: float = 60.0):
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.api_key_env = api_key_env
         self.timeout = timeout
         self.seed = seed
+        self.retries, self.backoff, self.backoff_max = retries, backoff, backoff_max
         self.validation = {"name": self.name, "model": model, "note": "external judge; agreement not measured here"}
 
     def _headers(self) -> dict[str, str]:
@@ -67,27 +81,46 @@ class OpenAIPairwiseJudge:
             "model": self.model, "temperature": 0, "max_tokens": 5,
             "messages": [{"role": "system", "content": PAIRWISE_SYSTEM}, {"role": "user", "content": prompt}],
         }).encode()
-        request = urllib.request.Request(f"{self.base_url}/chat/completions", data=body, headers=self._headers())
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                payload = json.loads(response.read())
-        except urllib.error.HTTPError as error:
-            raise H3FusionError(f"judge endpoint {self.base_url} answered HTTP {error.code}; check the URL, "
-                                "the model name and the key") from None
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
-            reason = getattr(error, "reason", error)
-            raise H3FusionError(f"judge endpoint {self.base_url} is unreachable ({reason}); start the server or "
-                                "fix judges.api_base_url") from None
-        try:
-            return payload["choices"][0]["message"]["content"]
-        except (KeyError, IndexError, TypeError):
-            raise H3FusionError(f"judge endpoint {self.base_url} sent no chat completion; is it OpenAI-compatible?") from None
+        last = ""
+        for attempt in range(self.retries + 1):
+            retry_after = None
+            try:
+                request = urllib.request.Request(f"{self.base_url}/chat/completions", data=body,
+                                                 headers=self._headers())
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    raw = response.read()
+            except urllib.error.HTTPError as error:
+                if error.code != 429 and error.code < 500:
+                    raise H3FusionError(f"judge endpoint {self.base_url} answered HTTP {error.code}; check the URL, "
+                                        "the model name and the key") from None
+                last, retry_after = f"HTTP {error.code}", _retry_after(error.headers)
+            except urllib.error.URLError as error:
+                if not isinstance(error.reason, TimeoutError | ConnectionResetError | ConnectionAbortedError):
+                    raise H3FusionError(f"judge endpoint {self.base_url} is unreachable ({error.reason}); start the "
+                                        "server or fix judges.api_base_url") from None
+                last = _failure(error.reason, self.timeout)
+            except (TimeoutError, ConnectionError, http.client.HTTPException) as error:  # while reading the answer
+                last = _failure(error, self.timeout)
+            else:
+                try:
+                    return json.loads(raw)["choices"][0]["message"]["content"]
+                except (ValueError, KeyError, IndexError, TypeError):
+                    last = "a reply that is not a chat completion (malformed JSON; is it OpenAI-compatible?)"
+            if attempt < self.retries:
+                wait = retry_after if retry_after is not None else self.backoff * 2 ** attempt
+                time.sleep(min(max(wait, 0.0), self.backoff_max))
+        raise H3FusionError(f"judge endpoint {self.base_url} failed after {self.retries + 1} tries (last: {last}); "
+                            "check the server, or raise judges.api_retries / api_timeout_s; the judgements made so "
+                            "far are kept and a rerun resumes after them")
+
+    def _candidate_first(self, record: dict[str, Any]) -> bool:
+        key = json.dumps([self.seed, record["instruction"], record["response"], record["reference"]])
+        return hashlib.sha256(key.encode()).digest()[0] < 128
 
     def score(self, records: Sequence[dict[str, Any]]) -> list[float]:
-        rng = random.Random(self.seed)
         scores = []
         for record in records:
-            candidate_first = rng.random() < 0.5
+            candidate_first = self._candidate_first(record)
             a, b = ((record["response"], record["reference"]) if candidate_first
                     else (record["reference"], record["response"]))
             reply = self._ask(PAIRWISE_TEMPLATE.format(instruction=record["instruction"], answer_a=a, answer_b=b))
@@ -97,6 +130,27 @@ class OpenAIPairwiseJudge:
             else:
                 scores.append(1.0 if (match[1] == "A") == candidate_first else 0.0)
         return scores
+
+
+def _retry_after(headers) -> float | None:
+    """Seconds a 429 / 503 asks to wait (Retry-After: seconds or an HTTP date), if it says."""
+    value = (headers or {}).get("Retry-After")
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        return (email.utils.parsedate_to_datetime(value) - datetime.now(UTC)).total_seconds()
+    except (TypeError, ValueError):
+        return None
+
+
+def _failure(error: BaseException, timeout: float) -> str:
+    if isinstance(error, TimeoutError):
+        return f"no answer within {timeout:g} s"
+    return f"connection dropped ({type(error).__name__})"
 
 
 class HFModerationJudge:

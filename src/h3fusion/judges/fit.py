@@ -29,16 +29,20 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from h3fusion.config import AXES, RunConfig
 from h3fusion.data.sources import data_root
 from h3fusion.errors import H3FusionError
+from h3fusion.io import stage_writes
 from h3fusion.judges import harmless, helpful, honest
 from h3fusion.judges.base import JUDGE_VERSION, Embedder, Judge, limit_threads, write_json
 
 MODULES = {"helpful": helpful, "harmless": harmless, "honest": honest}
+FITTED_BYTES = {"helpful": 6 << 20, "harmless": 90 << 20, "honest": 4 << 20}
+"""About the disk a full fit of each judge takes (docs/judges.md), for the message when a write is refused."""
 JUDGES: dict[str, type[Judge]] = {"helpful": helpful.HelpfulJudge, "harmless": harmless.HarmlessJudge,
                                   "honest": honest.HonestJudge}
 
@@ -160,12 +164,15 @@ def _fit_one(config: RunConfig, axis: str, cache_dir: str | Path | None, max_row
     shutil.rmtree(tmp, ignore_errors=True)
     start = time.perf_counter()
     extra = ({} if fold is None else {"fold": fold}) | ({"quick": True} if quick(config, axis) else {})
-    MODULES[axis].fit(config, tmp, embedder, log=log, max_rows=max_rows, **extra)
-    embedder.save()
-    seconds = time.perf_counter() - start
-    write_json(tmp / "validation.json", _load(tmp / "validation.json") | {"fit_seconds": seconds})
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.replace(out)
+    # a refused write (full disk ...) is one line, and the half-written judge is removed: the next call refits
+    with stage_writes(out.parent, f"fitting the {which} judge",
+                      need=FITTED_BYTES[axis] + embedder.disk_bytes(), cleanup=partial(shutil.rmtree, tmp)):
+        MODULES[axis].fit(config, tmp, embedder, log=log, max_rows=max_rows, **extra)
+        embedder.save()
+        seconds = time.perf_counter() - start
+        write_json(tmp / "validation.json", _load(tmp / "validation.json") | {"fit_seconds": seconds})
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.replace(out)
     log(f"{which} judge: fitted in {seconds:.0f} s -> {out}")
     return _load(out / "validation.json")
 

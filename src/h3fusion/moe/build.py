@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import re
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from safetensors.torch import load_file
 
 from h3fusion.config import BUILD_SETTINGS, dump_config, refuse_other_settings
 from h3fusion.errors import H3FusionError
-from h3fusion.models import base_fingerprint, decoder_layers, load_model
+from h3fusion.models import base_fingerprint, decoder_layers, load_model, weights_bytes
 from h3fusion.moe.layer import PROJECTIONS, LowRankDelta
 from h3fusion.moe.modeling import H3FusionConfig, H3FusionForCausalLM
 
@@ -298,7 +299,7 @@ def adapter_paths(config) -> dict[str, Path]:
 def build_run(config, log=print) -> Path:
     """Stage 2 for a run config: write the MoE to <run>/moe/ (skipped when already built)."""
     from h3fusion.data import format_prompt, load_train
-    from h3fusion.io import write_json
+    from h3fusion.io import stage_writes, write_json
 
     out = moe_dir(config)
     if (out / "h3fusion_build.json").is_file():
@@ -333,20 +334,22 @@ def build_run(config, log=print) -> Path:
         seed=config.seed,
         tokenizer=tokenizer,
     )
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    dump_config(config, out / "config.yaml")  # what it was built with (a later call with other settings is refused)
-    write_json(
-        out / "h3fusion_build.json",
-        {  # written last: marks the build complete
-            "base": config.model.base,
-            "experts": {name: str(path) for name, path in paths.items()},
-            "top_k": config.moe.top_k,
-            "storage": config.moe.storage,
-            "router_init": config.moe.router_init,
-            "unscaled_shared_experts": config.compat.unscaled_shared_experts,
-            "parameters": sum(p.numel() for p in model.parameters()),
-        },
-    )
+    # a refused write (full disk ...) is one line, and the unfinished moe/ is removed: no config files without weights
+    with stage_writes(out, "building the MoE", need=weights_bytes(model), cleanup=lambda: shutil.rmtree(out)):
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        dump_config(config, out / "config.yaml")  # what it was built with (a later call with other settings is refused)
+        write_json(
+            out / "h3fusion_build.json",
+            {  # written last: marks the build complete
+                "base": config.model.base,
+                "experts": {name: str(path) for name, path in paths.items()},
+                "top_k": config.moe.top_k,
+                "storage": config.moe.storage,
+                "router_init": config.moe.router_init,
+                "unscaled_shared_experts": config.compat.unscaled_shared_experts,
+                "parameters": sum(p.numel() for p in model.parameters()),
+            },
+        )
     log(f"[build] {len(paths)} experts x {len(model.moe_layers())} layers ({config.moe.storage}) -> {out}")
     return out
