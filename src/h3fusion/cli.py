@@ -38,8 +38,20 @@ def _config(path: Path, overrides: list[str] | None, out: Path | None):
     return load_config(path, overrides)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from h3fusion import __version__
+
+        typer.echo(f"h3fusion {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors")] = False) -> None:
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the installed h3fusion version and exit")] = False,
+) -> None:
     if debug:
         os.environ["H3FUSION_DEBUG"] = "1"
 
