@@ -18,7 +18,7 @@ from pathlib import Path
 
 from h3fusion.config import RunConfig
 from h3fusion.errors import H3FusionError
-from h3fusion.models import load_model
+from h3fusion.models import is_adapter_dir, load_model
 
 
 def system_names(config: RunConfig) -> list[str]:
@@ -83,14 +83,11 @@ def load_system(config: RunConfig, name: str):
             raise H3FusionError(f"system {name} picks among the experts' answers at evaluation; it has no model")
         return load_logit_ensemble(config)
     if name.startswith("expert-") or name == "multitask-sft":
-        from peft import PeftModel
-
-        if not (Path(source) / "adapter_config.json").is_file():
+        if not is_adapter_dir(source):
             raise H3FusionError(f"system {name}: no adapter at {source}; run `h3fusion align` (experts) or "
                                 "`h3fusion run --stage baselines` first")
-        base, tokenizer = load_model(config.model.base, config.model.dtype, **model_kwargs)
-        merged = PeftModel.from_pretrained(base, str(source)).merge_and_unload()  # plain-speed generation
-        return merged.eval(), tokenizer
+        # the run's base, not the path the adapter recorded: the run may have moved since
+        return load_model(str(source), config.model.dtype, base=config.model.base, **model_kwargs)
     if not (Path(source) / "config.json").is_file():
         raise H3FusionError(f"system {name}: no model at {source}; run `h3fusion fuse` first")
     model, tokenizer = load_model(str(source), config.model.dtype)
