@@ -163,6 +163,26 @@ def generate(
 
 
 @app.command()
+def chat(
+    model: Annotated[str, typer.Argument(help="A model spec, fused model dir (shows its routing) or PEFT adapter dir")],
+    base: BaseOpt = None,
+    prompt_format: Annotated[str, typer.Option(help="alpaca or chat (the tokenizer's chat template)")] = "alpaca",
+    max_new_tokens: Annotated[int, typer.Option(help="New-token limit per answer")] = 256,
+) -> None:
+    """Talk to a model in the terminal; with a fused model, see and steer its routing (/bias, /topk, /reset)."""
+    if prompt_format not in ("alpaca", "chat"):
+        raise H3FusionError(f"--prompt-format {prompt_format!r}: choose alpaca or chat")
+    from rich.console import Console
+
+    from h3fusion.chat import ChatSession, run_chat
+    from h3fusion.models import load_model
+
+    loaded, tokenizer = load_model(model, base=base)
+    run_chat(ChatSession(loaded, tokenizer, prompt_format, max_new_tokens), Console(soft_wrap=True),
+             echo=not sys.stdin.isatty())
+
+
+@app.command()
 def evaluate(
     config: ConfigArg,
     system: Annotated[list[str] | None, typer.Option(help="Only this system (repeatable)")] = None,
