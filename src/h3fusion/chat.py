@@ -123,7 +123,10 @@ def run_chat(session: ChatSession, console, read: Callable[[str], str] | None = 
             continue
         answer, split = session.say(line)
         console.print("[bold blue]model>[/] ", end="")
-        console.print(answer or "[dim](empty answer)[/]", markup=False, highlight=False)
+        if answer:
+            console.print(answer, markup=False, highlight=False)
+        else:
+            console.print("[dim](empty answer)[/]")
         for band, shares in split or []:
             values = "  ".join(f"{n} {p:.2f}" for n, p in zip(session.model.expert_names, shares, strict=True))
             console.print(f"[dim]routing {band}:[/] {values}", highlight=False)
