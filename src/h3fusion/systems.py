@@ -21,7 +21,7 @@ from pathlib import Path
 from h3fusion.baselines.oracle import ORACLE
 from h3fusion.config import RunConfig
 from h3fusion.errors import H3FusionError
-from h3fusion.models import load_model
+from h3fusion.models import is_adapter_dir, load_model
 
 
 def system_names(config: RunConfig) -> list[str]:
@@ -91,17 +91,14 @@ def load_system(config: RunConfig, name: str):
 
         return load_logit_ensemble(config)
     if name.startswith("expert-") or name == "multitask-sft":
-        from peft import PeftModel
-
         from h3fusion.experts import expert_is_complete
 
         ours = Path(source).resolve().is_relative_to(config.run_path.resolve())  # else a given moe.adapters dir
-        if not (expert_is_complete(Path(source)) if ours else (Path(source) / "adapter_config.json").is_file()):
+        if not (expert_is_complete(Path(source)) if ours else is_adapter_dir(source)):
             raise H3FusionError(f"system {name}: no adapter at {source}; run `h3fusion align` (experts) or "
                                 "`h3fusion run --stage baselines` first")
-        base, tokenizer = load_model(config.model.base, config.model.dtype, **model_kwargs)
-        merged = PeftModel.from_pretrained(base, str(source)).merge_and_unload()  # plain-speed generation
-        return merged.eval(), tokenizer
+        # the run's base, not the path the adapter recorded: the run may have moved since
+        return load_model(str(source), config.model.dtype, base=config.model.base, **model_kwargs)
     if not (Path(source) / "fusion_log.json").is_file():  # written last: a cut-short fused/ is not a model yet
         raise H3FusionError(f"system {name}: no finished model at {source}; run `h3fusion fuse` first")
     model, tokenizer = load_model(str(source), config.model.dtype)

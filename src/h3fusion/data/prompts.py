@@ -41,3 +41,25 @@ def format_prompt(instruction: str, input: str = "", style: str = "alpaca", toke
             [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
         )
     raise H3FusionError(f"unknown prompt style {style!r}; choose from {list(STYLES)}")
+
+
+def format_conversation(turns: list[tuple[str, str]], message: str, style: str = "alpaca",
+                        tokenizer: Any = None) -> str:
+    """The prompt for ``message`` after earlier (user, answer) ``turns`` of one conversation.
+
+    ``chat`` renders every turn through the tokenizer's chat template; ``alpaca`` has no turns of
+    its own, so each earlier exchange is one more ``### Instruction`` / ``### Response`` block
+    after the template's header, as the experts saw single exchanges in training.
+    """
+    if style == "chat":
+        format_prompt(message, "", style, tokenizer)  # the same refusal when there is no chat template
+        messages = [m for user, answer in turns
+                    for m in ({"role": "user", "content": user}, {"role": "assistant", "content": answer})]
+        return tokenizer.apply_chat_template(messages + [{"role": "user", "content": message}],
+                                             tokenize=False, add_generation_prompt=True)
+    if not turns:
+        return format_prompt(message, "", style, tokenizer)
+    text = format_prompt(turns[0][0], "", style, tokenizer) + turns[0][1]
+    for user, answer in [*turns[1:], (message, None)]:
+        text += f"\n\n### Instruction:\n{user}\n\n### Response:\n" + (answer or "")
+    return text

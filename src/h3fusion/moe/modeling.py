@@ -1,9 +1,10 @@
 """The fused model as a transformers model: ``H3FusionConfig`` + ``H3FusionForCausalLM``.
 
 The fused model wraps the base causal LM (any gated-MLP decoder) with every layer's MLP replaced by
-a ``MoEMLP``. Both classes are registered with the Auto classes on ``import h3fusion``, so
-``AutoModelForCausalLM.from_pretrained(<run>/fused)`` works without ``trust_remote_code``, and
-``save_pretrained`` writes plain safetensors.
+a ``MoEMLP``. Importing this module registers the model class with ``AutoModelForCausalLM``
+(``import h3fusion`` arranges that for when transformers loads its Auto classes: see
+``h3fusion.registration``), so ``AutoModelForCausalLM.from_pretrained(<run>/fused)`` works without
+``trust_remote_code``, and ``save_pretrained`` writes plain safetensors.
 
 State dict: the base model's own keys under ``model.`` (``model.model.layers.3.self_attn.q_proj.weight``),
 with each layer's MLP holding the ``MoEMLP`` keys (``model.model.layers.3.mlp.router.weight``, ...).
@@ -15,57 +16,10 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 
+from h3fusion.moe.configuration import H3FusionConfig
 from h3fusion.moe.layer import PROJECTIONS, LowRankDelta, MoEMLP
-
-
-class H3FusionConfig(PretrainedConfig):
-    """Config of a fused model: the base model's config plus the MoE settings.
-
-    Args:
-        base_config: the base model's config as a dict (its ``model_type`` picks the architecture).
-        expert_names: one name per expert, in router order (e.g. helpful, harmless, honest).
-        num_experts_per_tok: experts per token, top-k (1..N); Mixtral's name (``top_k`` would clash
-            with the generation parameter of that name).
-        storage: ``compact`` (base FFN once + low-rank expert factors) or ``dense`` (N FFN copies).
-        delta_ranks: compact storage only: rank of the stored expert factors per projection.
-        expert_bias: per-expert router-logit bias applied at inference (the alignment dial).
-        decode_threshold: token count up to which the compact layer uses its batched decode path.
-    """
-
-    model_type = "h3fusion"
-
-    def __init__(
-        self,
-        base_config: dict | None = None,
-        expert_names: Sequence[str] = (),
-        num_experts_per_tok: int = 2,
-        storage: str = "compact",
-        delta_ranks: Mapping[str, int] | None = None,
-        expert_bias: Sequence[float] | None = None,
-        decode_threshold: int = 16,
-        **kwargs,
-    ):
-        self.base_config = dict(base_config or {})
-        self.expert_names = list(expert_names)
-        self.num_experts_per_tok = num_experts_per_tok
-        self.storage = storage
-        self.delta_ranks = dict(delta_ranks or {})
-        self.expert_bias = list(expert_bias) if expert_bias is not None else [0.0] * len(self.expert_names)
-        self.decode_threshold = decode_threshold
-        for key in ("vocab_size", "hidden_size", "num_hidden_layers", "tie_word_embeddings"):
-            if key in self.base_config:
-                kwargs.setdefault(key, self.base_config[key])
-        super().__init__(**kwargs)
-
-    @property
-    def num_experts(self) -> int:
-        return len(self.expert_names)
-
-    def make_base_config(self) -> PretrainedConfig:
-        params = {k: v for k, v in self.base_config.items() if k != "model_type"}
-        return AutoConfig.for_model(self.base_config["model_type"], **params)
 
 
 def moe_layers(model: nn.Module) -> list[MoEMLP]:
@@ -188,5 +142,4 @@ def _zero_deltas(mlp: nn.Module, ranks: Mapping[str, int]) -> dict[str, LowRankD
     return deltas
 
 
-AutoConfig.register("h3fusion", H3FusionConfig, exist_ok=True)
 AutoModelForCausalLM.register(H3FusionConfig, H3FusionForCausalLM, exist_ok=True)

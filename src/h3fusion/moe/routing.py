@@ -78,6 +78,37 @@ def routing_stats(model, tokenizer, prompts: Mapping[str, Sequence[str]], batch_
     return {"experts": names, "axes": stats}
 
 
+@torch.no_grad()
+def answer_routing(model, prompt_ids: Sequence[int], answer_ids: Sequence[int]) -> torch.Tensor:
+    """[layers x experts]: mean router probability over an answer's tokens, layer by layer.
+
+    One teacher-forced pass over prompt + answer (through the decoder only, as ``routing_stats``):
+    the answer's positions route exactly as they did while it was generated, current bias and top-k
+    included (the probabilities are the softmax before top-k).
+    """
+    layers = moe_layers(model)
+    ids = torch.tensor([[*prompt_ids, *answer_ids]], device=model.device)
+    was_training = model.training
+    model.eval()
+    try:
+        model.get_decoder()(input_ids=ids)
+    finally:
+        model.train(was_training)
+    start = len(prompt_ids)
+    return torch.stack([layer.router_probs.view(ids.shape[1], -1)[start:].float().mean(dim=0).cpu()
+                        for layer in layers])
+
+
+def layer_bands(per_layer: torch.Tensor, bands: int = 3) -> list[tuple[str, list[float]]]:
+    """(label, mean over its layers per expert) of the early / middle / late thirds of the layers."""
+    names = {1: ["all"], 2: ["early", "late"], 3: ["early", "middle", "late"]}[min(bands, len(per_layer), 3)]
+    out, first = [], 0
+    for name, rows in zip(names, torch.tensor_split(per_layer, len(names)), strict=True):
+        out.append((f"{name} (layers {first}-{first + len(rows) - 1})", rows.mean(dim=0).tolist()))
+        first += len(rows)
+    return out
+
+
 def plot_routing(stats: dict, out_dir: str | Path, title: str = "") -> list[Path]:
     """Heat-map (layers x experts, one panel per axis) and per-axis histograms of sample means."""
     import matplotlib
