@@ -1,7 +1,11 @@
-"""Speed, size and memory of the fused MoE vs the base model, the dense layout and the Mixtral export.
+"""Speed, size and memory of the fused MoE vs the base model, the dense layout and its peers.
 
     H3FUSION_CACHE=.cache/h3fusion HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_moe.py --quick \
         --out results/bench.json [--device cpu|cuda] [--dtype float32|bfloat16]
+
+The peers, built from the same three expert adapters: the dense **Mixtral** export (`h3fusion export
+--format mixtral`, loaded by transformers' ``MixtralForCausalLM``; a mergekit-style dense MoE) and PEFT's
+**X-LoRA** (``XLoraConfig`` over the three adapters, top-2 of its untrained classifier's scalings).
 
 One process, ``torch.set_num_threads(1)``; every timed comparison runs its variants in alternating
 order (reversed on odd repeats) after a warm-up of each and reports the median of the repeats
@@ -10,7 +14,8 @@ peak memory is the peak RSS above the level just before the measured call, sampl
 glibc's mmap threshold lowered and the heap trimmed first (so freed tensors leave RSS); on CUDA it is
 the torch allocator's peak above the allocation before the call.
 
-Sections (keys of the JSON): ``generation`` (greedy tokens/s at batch 1 and 8), ``parameters``
+Sections (keys of the JSON): ``generation`` (greedy tokens/s at batch 1 and 8; ``--generation-only``
+runs just this and ``parameters``, for the variants named by ``--variants``), ``parameters``
 (total / active per token / weight bytes / generation peak memory), ``training`` (fusion step vs an
 expert LoRA step), ``build`` (build_moe with 3 adapters), ``llama2_7b`` (parameter counts on the meta
 device and analytically), ``evaluator`` (the evaluator vs a plain batch-8 loop on the three axes' prompts).
@@ -51,6 +56,7 @@ from h3fusion.costs import release_freed_memory_to_os as memory_mode  # noqa: E4
 
 ALPACA_EVAL = REPO.parent / "shared" / "data" / "alpaca_eval" / "text_davinci_003_outputs.json"
 NAMES = ("helpful", "harmless", "honest")
+VARIANTS = ("base", "compact", "dense", "mixtral", "xlora")
 TOP_K = 2
 GEN_TOKENS = 32
 PROMPT_TOKENS = 32
@@ -59,6 +65,10 @@ TARGETS = {
     "compact/base b8": (">=", 0.85),
     "compact/dense b1": (">=", 1.3),
     "compact/dense b8": (">=", 1.5),
+    "compact/mixtral b1": (">=", 1.0),
+    "compact/mixtral b8": (">=", 1.0),
+    "compact/xlora b1": (">=", 1.0),
+    "compact/xlora b8": (">=", 1.0),
     "compact params / base params": ("<=", 1.05),
     "fusion step / LoRA step time": ("<=", 1.3),
     "fusion step / LoRA step peak mem": ("<=", 1.3),
@@ -117,11 +127,42 @@ def make_adapters(base_dir: Path, root: Path) -> dict[str, Path]:
     return {name: make_adapter(base_dir, root / name, seed=i + 1, r=8, alpha=16.0) for i, name in enumerate(NAMES)}
 
 
-def build(base_dir: str, adapters: dict[str, Path], storage: str, dtype, device: str):
+def build(base, adapters: dict[str, Path], storage: str, dtype, device: str):
+    """The fused MoE; ``base`` is a model spec or a loaded model (which becomes the MoE)."""
     from h3fusion.moe.build import build_moe
 
-    model = build_moe(base_dir, {k: str(v) for k, v in adapters.items()}, top_k=TOP_K, storage=storage, dtype=dtype)
+    model = build_moe(base, {k: str(v) for k, v in adapters.items()}, top_k=TOP_K, storage=storage, dtype=dtype)
     return model.to(device).eval()
+
+
+def load_mixtral_export(compact, out_dir: Path, dtype, device: str):
+    """``h3fusion export --format mixtral`` of the compact model, loaded back by transformers (no key may be
+    missing or unexpected)."""
+    from transformers import MixtralForCausalLM
+
+    from h3fusion.moe.export import export_mixtral
+
+    export_mixtral(compact, out_dir)
+    mixtral, info = MixtralForCausalLM.from_pretrained(out_dir, dtype=dtype, output_loading_info=True)
+    assert not any(info.values()), info
+    return mixtral.to(device).eval()
+
+
+def build_xlora(base_model, adapters: dict[str, Path], device: str):
+    """PEFT's X-LoRA over the expert adapters, top-k of its (untrained, random) classifier's scalings,
+    renormalised by a softmax over the kept ones: the same routing rule as the MoE's.
+
+    X-LoRA requires ``use_cache=False`` (its ``generate`` forces it) and runs a scaling pass (the base with
+    adapters off) before every forward. PEFT 0.21.2 loads the adapters under the names "0", "1", ... but
+    activates them under the names given, so any other names raise ``KeyError`` (in
+    ``disable_adapter_layers``); hence the numeric names."""
+    from peft import XLoraConfig, get_peft_model
+
+    base_model.config.use_cache = False
+    config = XLoraConfig(task_type="CAUSAL_LM", hidden_size=base_model.config.hidden_size,
+                         adapters={str(i): str(path) for i, path in enumerate(adapters.values())},
+                         top_k_lora=TOP_K, enable_softmax=False, enable_softmax_topk=True)
+    return get_peft_model(base_model, config).to(device).eval()
 
 
 # ---------------------------------------------------------------------------- sections
@@ -162,13 +203,15 @@ def section_generation(models: dict, tokenizer, args) -> dict:
         result[f"b{batch}"] = {
             name: {"tok_s": batch * GEN_TOKENS / median(s), "seconds": s} for name, s in samples.items()
         }
-    # agreement of the layouts (same function, different storage): first-token logits and greedy tokens
+    # agreement of the layouts (same function, different storage): the logits of two prompts
+    # (X-LoRA is another function: its classifier, not the MoE's router, mixes the adapters)
     inputs = gen_prompts(tokenizer, 2, args.device)
     with torch.no_grad():
-        logits = {name: m(**inputs).logits.float() for name, m in models.items() if name != "base"}
+        logits = {name: m(**inputs).logits.float() for name, m in models.items() if name in ("compact", "dense",
+                                                                                            "mixtral")}
     result["max_abs_logit_diff"] = {
-        "compact_vs_dense": float((logits["compact"] - logits["dense"]).abs().max()),
-        "compact_vs_mixtral": float((logits["compact"] - logits["mixtral"]).abs().max()),
+        f"compact_vs_{name}": float((logits["compact"] - logits[name]).abs().max())
+        for name in ("dense", "mixtral") if "compact" in logits and name in logits
     }
     return result
 
@@ -394,8 +437,16 @@ def paired(numerators: list[float], denominators: list[float]) -> float:
     return median([a / b for a, b in zip(numerators, denominators, strict=True)])
 
 
+# how param_counts reads each variant: X-LoRA runs every adapter (and, in its scaling pass, the base once more)
+# on every token, so all its parameters are active
+PARAM_KIND = {"base": "base", "compact": "compact", "dense": "dense", "mixtral": "mixtral", "xlora": "base"}
+RATIOS = (("compact", "base"), ("compact", "dense"), ("mixtral", "base"), ("xlora", "base"),
+          ("compact", "mixtral"), ("compact", "xlora"))
+
+
 def table(results: dict) -> str:
-    g, p, t = results["generation"], results["parameters"], results["training"]
+    """The results as a markdown table; sections a run left out (``--generation-only``, older JSON) are skipped."""
+    g, p = results["generation"], results.get("parameters", {})
     rows: list[tuple[str, str, str, str]] = []
 
     def add(name, value, fmt="{:.3f}"):
@@ -409,37 +460,44 @@ def table(results: dict) -> str:
         for v in g[b]:
             add(f"{v} tok/s {b}", g[b][v]["tok_s"], "{:.2f}")
     for b in ("b1", "b8"):
-        for num, den in (("compact", "base"), ("compact", "dense"), ("mixtral", "base")):
-            add(f"{num}/{den} {b}", g[b][num]["tok_s"] / g[b][den]["tok_s"])
-            rows.append((f"  ({num}/{den} {b}: median of per-repeat ratios)",
-                         f"{paired(g[b][den]['seconds'], g[b][num]['seconds']):.3f}", "", ""))
+        for num, den in RATIOS:
+            if num in g[b] and den in g[b]:
+                add(f"{num}/{den} {b}", g[b][num]["tok_s"] / g[b][den]["tok_s"])
+                rows.append((f"  ({num}/{den} {b}: median of per-repeat ratios)",
+                             f"{paired(g[b][den]['seconds'], g[b][num]['seconds']):.3f}", "", ""))
     for v, c in p.items():
-        add(f"{v} params total / active (M)", c["total"] / 1e6, "{:.2f}")
-        rows[-1] = (rows[-1][0], f"{c['total'] / 1e6:.2f} / {c['active_per_token'] / 1e6:.2f}", "", "")
+        rows.append((f"{v} params total / active (M)", f"{c['total'] / 1e6:.2f} / {c['active_per_token'] / 1e6:.2f}",
+                     "", ""))
         rows.append((f"{v} weights / generate-b8 peak (MiB)",
                      f"{mib(c['weight_bytes'])} / {mib(c['generate_b8_peak_bytes'])}", "", ""))
-    add("compact params / base params", p["compact"]["total"] / p["base"]["total"], "{:.4f}")
-    add("fusion step s", t["fusion"]["step_s"], "{:.2f}")
-    add("LoRA step s", t["lora"]["step_s"], "{:.2f}")
-    add("fusion step / LoRA step time", t["fusion"]["step_s"] / t["lora"]["step_s"])
-    rows.append(("  (fusion/LoRA time: median of per-repeat ratios)",
-                 f"{paired(t['fusion']['seconds'], t['lora']['seconds']):.3f}", "", ""))
-    rows.append(("fusion / LoRA step peak (MiB)",
-                 f"{mib(t['peak_bytes']['fusion'])} / {mib(t['peak_bytes']['lora'])}", "", ""))
-    add("fusion step / LoRA step peak mem", t["peak_bytes"]["fusion"] / t["peak_bytes"]["lora"])
-    for storage, b in results["build"].items():
+    if "compact" in p and "base" in p:
+        add("compact params / base params", p["compact"]["total"] / p["base"]["total"], "{:.4f}")
+    if "training" in results:
+        t = results["training"]
+        add("fusion step s", t["fusion"]["step_s"], "{:.2f}")
+        add("LoRA step s", t["lora"]["step_s"], "{:.2f}")
+        add("fusion step / LoRA step time", t["fusion"]["step_s"] / t["lora"]["step_s"])
+        rows.append(("  (fusion/LoRA time: median of per-repeat ratios)",
+                     f"{paired(t['fusion']['seconds'], t['lora']['seconds']):.3f}", "", ""))
+        rows.append(("fusion / LoRA step peak (MiB)",
+                     f"{mib(t['peak_bytes']['fusion'])} / {mib(t['peak_bytes']['lora'])}", "", ""))
+        add("fusion step / LoRA step peak mem", t["peak_bytes"]["fusion"] / t["peak_bytes"]["lora"])
+    for storage, b in results.get("build", {}).items():
         rows.append((f"build_moe {storage} s / peak (MiB)", f"{b['seconds_median']:.2f} / {mib(b['peak_bytes'])}",
                      "", ""))
-    ll = results["llama2_7b"]
-    counts = ll.get("meta", ll["analytic"])
-    add("llama2-7b base params (B)", counts["base"] / 1e9)
-    add("llama2-7b compact params (B)", counts["compact"] / 1e9)
-    add("llama2-7b dense params (B)", counts["dense"] / 1e9)
-    rows.append(("llama2-7b meta == analytic", str(ll.get("meta_matches_analytic", ll.get("meta_error"))), "", ""))
-    e = results["evaluator"]
-    add("evaluator tok/s", e["evaluator"]["tok_s"], "{:.2f}")
-    add("plain loop tok/s", e["plain_loop"]["tok_s"], "{:.2f}")
-    add("evaluator / plain loop tok/s", e["evaluator"]["tok_s"] / e["plain_loop"]["tok_s"])
+    if "llama2_7b" in results:
+        ll = results["llama2_7b"]
+        counts = ll.get("meta", ll["analytic"])
+        add("llama2-7b base params (B)", counts["base"] / 1e9)
+        add("llama2-7b compact params (B)", counts["compact"] / 1e9)
+        add("llama2-7b dense params (B)", counts["dense"] / 1e9)
+        rows.append(("llama2-7b meta == analytic", str(ll.get("meta_matches_analytic", ll.get("meta_error"))), "",
+                     ""))
+    if "evaluator" in results:
+        e = results["evaluator"]
+        add("evaluator tok/s", e["evaluator"]["tok_s"], "{:.2f}")
+        add("plain loop tok/s", e["plain_loop"]["tok_s"], "{:.2f}")
+        add("evaluator / plain loop tok/s", e["evaluator"]["tok_s"] / e["plain_loop"]["tok_s"])
     widths = [max(len(r[i]) for r in [("measure", "value", "target", "verdict"), *rows]) for i in range(4)]
     lines = []
     for r in [("measure", "value", "target", "verdict"), tuple("-" * w for w in widths), *rows]:
@@ -461,12 +519,23 @@ def main() -> None:
                         help="only the evaluator section (the compact fused model; minutes)")
     parser.add_argument("--training-only", action="store_true",
                         help="only the training section: fusion step vs expert LoRA step, time and peak memory")
+    parser.add_argument("--generation-only", action="store_true",
+                        help="only generation speed, parameters and generation peak memory (of --variants)")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"comma-separated generation variants (default: all of {', '.join(VARIANTS)})")
+    parser.add_argument("--gen-repeats", type=int, help="generation repeats (default: 3 with --quick, else 5)")
     args = parser.parse_args()
     if args.report:
         print(table(json.loads(Path(args.report).read_text())))
         return
     args.torch_dtype = getattr(torch, args.dtype)
-    args.gen_repeats = 3 if args.quick else 5
+    args.gen_repeats = args.gen_repeats or (3 if args.quick else 5)
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(args.variants) - set(VARIANTS))
+    if unknown or not args.variants:
+        parser.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
+    if not args.generation_only and not {"base", "compact"} <= set(args.variants):
+        parser.error("--variants: the full run needs base and compact (the other sections use them)")
     args.train_repeats = 3 if args.quick else 5
     args.eval_repeats = 1 if args.quick else 2
     args.eval_prompts = 32  # per axis: 16 did not fill the evaluator's batch of 32 and understated its gain
@@ -475,13 +544,11 @@ def main() -> None:
         args.gen_repeats = args.train_repeats = args.eval_repeats = args.build_repeats = 1
         args.eval_prompts = 4
 
-    from transformers import MixtralForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
 
     from h3fusion.models import load_model, resolve_model_path
-    from h3fusion.moe.export import export_mixtral
 
     started = time.perf_counter()
     results: dict = {
@@ -529,17 +596,26 @@ def main() -> None:
     build_s: dict[str, list[float]] = {"compact": [], "dense": []}
     models = {"base": base}
     for storage in ("compact", "dense"):
-        models[storage], dt = timed(lambda s=storage: build(base_dir, adapters, s, args.torch_dtype, args.device),
-                                    args.device)
-        build_s[storage].append(dt)
-        log(f"built {storage} in {dt:.1f}s")
-    export_mixtral(models["compact"], workdir / "mixtral")
-    mixtral, info = MixtralForCausalLM.from_pretrained(workdir / "mixtral", dtype=args.torch_dtype,
-                                                       output_loading_info=True)
-    assert not any(info.values()), info
-    models["mixtral"] = mixtral.to(args.device).eval()
+        if storage in args.variants or (storage == "compact" and "mixtral" in args.variants):
+            models[storage], dt = timed(lambda s=storage: build(base_dir, adapters, s, args.torch_dtype, args.device),
+                                        args.device)
+            build_s[storage].append(dt)
+            log(f"built {storage} in {dt:.1f}s")
+    if "mixtral" in args.variants:
+        models["mixtral"] = load_mixtral_export(models["compact"], workdir / "mixtral", args.torch_dtype,
+                                                args.device)
+    if "xlora" in args.variants:
+        models["xlora"] = build_xlora(load_model(base_dir, args.torch_dtype)[0], adapters, args.device)
+    models = {name: models[name] for name in VARIANTS if name in args.variants}  # the table's order
 
     results["generation"] = section_generation(models, tokenizer, args)
+    if args.generation_only:
+        log("memory phase")
+        memory_mode()
+        mem = section_memory(models, tokenizer, args)
+        results["parameters"] = {name: param_counts(m, PARAM_KIND[name]) | mem[name] for name, m in models.items()}
+        finish(results, started, args)
+        return
     results["llama2_7b"] = llama2_7b_counts()
     setup = TrainSetup(base_dir, adapters, tokenizer, args, workdir)
     results["training"] = section_training(setup, args)
@@ -553,10 +629,7 @@ def main() -> None:
     log("memory phase")
     memory_mode()
     mem = section_memory(models, tokenizer, args)
-    results["parameters"] = {
-        name: param_counts(m, {"base": "base", "compact": "compact", "dense": "dense", "mixtral": "mixtral"}[name])
-        | mem[name] for name, m in models.items()
-    }
+    results["parameters"] = {name: param_counts(m, PARAM_KIND[name]) | mem[name] for name, m in models.items()}
     results["training"]["peak_bytes"] = training_memory(setup, args)
     del setup
     results["build"] = {}
@@ -566,6 +639,11 @@ def main() -> None:
         del model
         results["build"][storage] = {"seconds": build_s[storage], "seconds_median": median(build_s[storage]),
                                      "peak_bytes": m.peak, "retained_bytes": m.end, "includes": "base load from disk"}
+    finish(results, started, args)
+
+
+def finish(results: dict, started: float, args) -> None:
+    """Write the JSON and print the table."""
     results["machine"]["loadavg_end"] = os.getloadavg()
     results["wall_seconds"] = round(time.perf_counter() - started, 1)
     results["table"] = table(results)
@@ -575,11 +653,12 @@ def main() -> None:
     out.write_text(json.dumps(results, indent=2, default=str))
     print()
     print(results["table"])
-    e = results["evaluator"]
-    for name in ("evaluator", "plain_loop"):
-        print(f"{name}: {e[name]['new_tokens']} new tokens, median {median(e[name]['seconds']):.2f}s")
-    print(f"plain loop: {e['plain_loop']['useful_decode_fraction']:.1%} of its decode slots were useful "
-          "(the rest decoded rows that had finished)")
+    if "evaluator" in results:
+        e = results["evaluator"]
+        for name in ("evaluator", "plain_loop"):
+            print(f"{name}: {e[name]['new_tokens']} new tokens, median {median(e[name]['seconds']):.2f}s")
+        print(f"plain loop: {e['plain_loop']['useful_decode_fraction']:.1%} of its decode slots were useful "
+              "(the rest decoded rows that had finished)")
     print(f"logit agreement: {results['generation']['max_abs_logit_diff']}")
     print(f"wall {results['wall_seconds']}s; load average {results['machine']['loadavg_start']} -> "
           f"{results['machine']['loadavg_end']}; JSON: {out}")
