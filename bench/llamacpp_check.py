@@ -171,7 +171,7 @@ def main() -> None:
     llm = Llama(model_path=str(gguf), n_ctx=1024, n_batch=1024, n_threads=args.threads, logits_all=True,
                 type_k=0, type_v=0, verbose=False)
     arch = llm.metadata.get("general.architecture")
-    experts = (llm.metadata.get(f"{arch}.expert_count"), llm.metadata.get(f"{arch}.expert_used_count"))
+    experts = tuple(int(llm.metadata.get(f"{arch}.{key}", 0)) for key in ("expert_count", "expert_used_count"))
 
     from h3fusion.data.prompts import format_prompt
     from h3fusion.models import load_model
