@@ -36,6 +36,9 @@ class _RegisterAfter(importlib.abc.Loader):
         self.loader.exec_module(module)
         importlib.import_module(self.registrar)
 
+    def __getattr__(self, name: str):  # get_source, get_filename ...: the real loader's (inspect, tracebacks)
+        return getattr(self.loader, name)
+
 
 class _AutoClassesHook(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
