@@ -140,8 +140,8 @@ def generate_system(config, system: str, axes: Sequence[str] | None = None, log=
     if not todo and not need_mc:
         log(f"[generate] {system}: complete, skipping")
         return stats
-    # the answers' own refused writes name their file; this names the small JSON files beside them
-    with stage_writes(out, f"writing the statistics of {system}"):
+    # the answers' own refused writes name their file; this covers the small JSON files beside them
+    with stage_writes(out, f"generating with {system}"):
         with PeakMemory(interval=0.05) as memory:  # weights + generation: the report's memory column
             model, tokenizer = load_system(config, system)
             _generate_axes(config, model, tokenizer, todo, out, stats, need_mc, log)
