@@ -29,7 +29,8 @@ from safetensors.torch import load_file
 from tests.conftest import write_config
 
 LOSS = dict(rel=1e-5, abs=5e-6)  # fusion logs its components rounded to 6 decimals
-WEIGHTS = 1e-4  # max |difference| per tensor, relative to the tensor's largest entry (measured ~1e-6)
+WEIGHTS = 2e-4  # max |difference| per tensor, relative to its largest entry (measured ~1e-6; 1.0e-4 on delta_A
+# of a layer whose largest entry is 0.089, on another machine: summation order across the two processes)
 
 
 def _env() -> dict[str, str]:

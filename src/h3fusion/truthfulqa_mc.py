@@ -51,9 +51,15 @@ def choice_logliks(model, tokenizer, context: str, choices: Sequence[str],
                            mask.repeat(copies, 1)], 1)
     cache_arg = "cache" if "cache" in out else "past_key_values"
     logits = model(input_ids=rows, attention_mask=attention, **{cache_arg: cache}, **route(len(choices))).logits
-    # the first choice token is predicted by the context's last position, token t+1 by choice position t
-    predictors = torch.cat([last_logits[:, None], logits[:, :-1]], dim=1)
-    logprobs = F.log_softmax(predictors.float(), dim=-1).gather(2, rows[..., None])[..., 0]
+    # the first choice token is predicted by the context's last position, token t+1 by choice position t;
+    # one adapter's rows at a time, so no full-vocabulary copy of all the ensemble's rows is ever made
+    parts = []
+    for start in range(0, len(rows), len(choices)):
+        block = slice(start, start + len(choices))
+        predictors = torch.cat([last_logits[block, None], logits[block, :-1]], dim=1).float()
+        parts.append(F.log_softmax(predictors, dim=-1).gather(2, rows[block, :, None])[..., 0])
+        del predictors
+    logprobs = torch.cat(parts)
     if adapters:  # log of the mean of the adapters' probabilities, per token
         logprobs = torch.logsumexp(logprobs.view(copies, len(choices), width), dim=0) - math.log(copies)
     return (logprobs * mask).sum(dim=1).tolist()
