@@ -29,8 +29,11 @@ from safetensors.torch import load_file
 from tests.conftest import write_config
 
 LOSS = dict(rel=1e-5, abs=5e-6)  # fusion logs its components rounded to 6 decimals
-WEIGHTS = 2e-4  # max |difference| per tensor, relative to its largest entry (measured ~1e-6; 1.0e-4 on delta_A
-# of a layer whose largest entry is 0.089, on another machine: summation order across the two processes)
+WEIGHTS = 1e-4  # max |difference| per tensor, relative to its largest entry (measured ~1e-6) ...
+WEIGHT_SCALE_FLOOR = 0.1
+"""... but at least 0.1: LoRA B tensors start at 0 and move ~1e-3 in two steps, so their own scale would make
+summation-order noise across the two processes (3e-6 to 9e-6 seen on this machine) a failure; a missing
+gradient all-reduce moves them by about the whole update."""
 
 
 def _env() -> dict[str, str]:
@@ -103,7 +106,7 @@ def files(path: Path) -> set[str]:
 def assert_close_tensors(ours: dict, reference: dict) -> None:
     assert ours.keys() == reference.keys()
     for name, tensor in reference.items():
-        scale = tensor.abs().max().item() or 1.0
+        scale = max(tensor.abs().max().item(), WEIGHT_SCALE_FLOOR)
         assert (ours[name] - tensor).abs().max().item() <= WEIGHTS * scale, name
 
 
