@@ -1,9 +1,9 @@
 """Fit the offline judges once per data directory and evaluated-subset sizes, then reuse them.
 
-    fit_judges(config, cache_dir=None, log=print, axes=AXES, max_rows=None, force=False)
+    fit_judges(config, cache_dir=None, log=print, axes=AXES, max_rows=None, force=False, cross_fit=True)
         -> {axis: validation dict}
-    load_judges(config, cache_dir=None, log=print, axes=AXES, max_rows=None)
-        -> {axis: Judge}          # fits first when the cache lacks a judge
+    load_judges(config, cache_dir=None, log=print, axes=AXES, max_rows=None, cross_fit=True)
+        -> {axis: Judge}          # fits first when the cache lacks a judge; CrossFittedJudge for folds
 
 Cache layout (default root ``$H3FUSION_CACHE/judges``, else ``~/.cache/h3fusion/judges``)::
 
@@ -89,6 +89,14 @@ def folds(config: RunConfig, axis: str) -> list[tuple[int, int]] | None:
     return [(i, k) for i in range(k)]
 
 
+def single_judge_config(config: RunConfig) -> RunConfig:
+    """The config of the one judge per axis that scores users' own files (``cross_fit=False``): it excludes the
+    paper's first 50 AlpacaEval instructions, not a cross-fitted run's whole evaluated set (which would leave it
+    nothing to fit on at 805)."""
+    n = min(config.evaluate.helpful_n, PAPER_SUBSETS["helpful_n"])
+    return config.model_copy(update={"evaluate": config.evaluate.model_copy(update={"helpful_n": n})})
+
+
 def quick(config: RunConfig, axis: str) -> bool:
     """Whether ``axis``'s judge is fitted small (``judges.fit_size: quick``; judges without a quick fit ignore it)."""
     return config.judges.fit_size == "quick" and hasattr(MODULES[axis], "QUICK")
@@ -113,6 +121,8 @@ def cache_key(config: RunConfig, axis: str, max_rows: int | None = None, fold: t
         payload["fold"] = list(fold)
     if quick(config, axis):
         payload["fit_size"] = "quick"
+    if hasattr(module, "key_material"):  # what a judge reads besides its data files (rules, its own test set)
+        payload["material"] = module.key_material()
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -142,7 +152,7 @@ def fit_judges(config: RunConfig, cache_dir: str | Path | None = None, log: Call
     from h3fusion.judges.crossfit import combined_validation
 
     limit_threads()
-    config = exclusion_config(config)
+    config = exclusion_config(config if cross_fit else single_judge_config(config))
     axes = _check_axes(axes)
     embedder = Embedder(cache_root(cache_dir) / "embeddings.safetensors", log=log)
     results = {}
@@ -198,6 +208,7 @@ def load_judges(config: RunConfig, cache_dir: str | Path | None = None, log: Cal
     from h3fusion.judges.crossfit import CrossFittedJudge
 
     axes = _check_axes(axes)
+    config = config if cross_fit else single_judge_config(config)
     plans = {axis: (folds(exclusion_config(config), axis) if cross_fit else None) or [None] for axis in axes}
     missing = [axis for axis in axes if any(not (judge_dir(config, axis, cache_dir, max_rows, fold)
                                                  / "validation.json").is_file() for fold in plans[axis])]
