@@ -22,6 +22,7 @@ import numpy as np
 from h3fusion.baselines.oracle import ORACLE
 from h3fusion.config import RunConfig
 from h3fusion.errors import H3FusionError
+from h3fusion.io import read_jsonl
 from h3fusion.rates import AxisRates, axis_rates, hhh_of, replicate_rates
 from h3fusion.stats import BOOTSTRAP_SAMPLES, percentile_interval, relative_improvement
 
@@ -65,7 +66,7 @@ def judged_answers(run: Path, system: str, axes) -> dict[str, list[dict]] | None
         path = run / "judgements" / system / f"{axis}.jsonl"
         if not path.is_file():
             return None
-        judged[axis] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        judged[axis] = read_jsonl(path)  # a corrupt line is one error naming the file and line
     return judged
 
 
