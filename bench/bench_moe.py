@@ -129,7 +129,7 @@ def make_adapters(base_dir: Path, root: Path) -> dict[str, Path]:
 
 def build(base, adapters: dict[str, Path], storage: str, dtype, device: str):
     """The fused MoE; ``base`` is a model spec or a loaded model (which becomes the MoE)."""
-    from h3fusion.moe.build import build_moe
+    from h3fusion.moe.assemble import build_moe
 
     model = build_moe(base, {k: str(v) for k, v in adapters.items()}, top_k=TOP_K, storage=storage, dtype=dtype)
     return model.to(device).eval()

@@ -242,8 +242,8 @@ def adapter_wrong_base(w: Inputs) -> Run:
 
 def stage_other_settings(w: Inputs) -> Run:
     """A finished build, then the same run with another top_k: refused, not silently reused."""
+    from h3fusion.build import build_run
     from h3fusion.config import load_config
-    from h3fusion.moe.build import build_run
 
     run = w.build()
     build_run(load_config(run.args[1]), log=lambda *_: None)

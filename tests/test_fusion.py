@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from h3fusion.build import build_run
 from h3fusion.config import load_config
 from h3fusion.data import load_train
 from h3fusion.fusion import (
@@ -21,9 +22,8 @@ from h3fusion.fusion import (
     gating_loss,
     prepare_for_fusion,
 )
+from h3fusion.fusion_dropout import MaskDropout, SharedInputDropout
 from h3fusion.models import load_model
-from h3fusion.moe.build import build_run
-from h3fusion.moe.dropout import MaskDropout, SharedInputDropout
 from h3fusion.moe.routing import mean_router_probs
 from h3fusion.sft import SFTCollator, SFTDataset, training_arguments
 from tests.conftest import run_and_kill_at, write_config

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from h3fusion.baselines import METHODS, dare, linear, merge_experts, svd_lora, task_arithmetic, ties
 from h3fusion.errors import H3FusionError
 from h3fusion.models import decoder_layers, load_model
-from h3fusion.moe.layer import PROJECTIONS
+from h3fusion.moe import PROJECTIONS
 from tests.moe_fixtures import make_adapter
 
 # Three task vectors of one 2x3 matrix, with sign conflicts and small entries that trimming drops.

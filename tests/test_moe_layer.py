@@ -502,7 +502,7 @@ def _composite(g, u, w, a, n_fusion, keep_mask, p):
 
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_routed_swiglu_matches_autograd_composition(p):
-    from h3fusion.moe.dropout import dropout_mask
+    from h3fusion.moe.lowrank import dropout_mask
     from h3fusion.moe.routed_swiglu import routed_swiglu
 
     gen = torch.Generator().manual_seed(0)
@@ -553,7 +553,7 @@ def test_training_path_keeps_two_intermediate_activations_per_routed_token(monke
     x = tokens(T_LARGE, torch.float32)
     lean = _saved_activation_rows(layer, x)
     assert lean <= 2.0 + 1e-9
-    monkeypatch.setattr("h3fusion.moe.layer.is_silu", lambda act: False)  # the plain autograd path
+    monkeypatch.setattr("h3fusion.moe.compact.is_silu", lambda act: False)  # the plain autograd path
     assert _saved_activation_rows(layer, x) >= 5.5  # g, silu(g), u, silu(g)*u, h, dropout(h)
 
 
@@ -570,7 +570,7 @@ def test_training_path_equals_plain_autograd_path(monkeypatch, dropout):
     results = []
     for plain in (False, True):
         if plain:  # both paths draw the same dropout masks (x's, then one [T, I] mask for the down inputs)
-            monkeypatch.setattr("h3fusion.moe.layer.is_silu", lambda act: False)
+            monkeypatch.setattr("h3fusion.moe.compact.is_silu", lambda act: False)
         layer.zero_grad(set_to_none=True)
         torch.manual_seed(5)
         y = layer(x)
@@ -582,7 +582,7 @@ def test_training_path_equals_plain_autograd_path(monkeypatch, dropout):
 
 
 def test_mask_dropout_is_inverted_dropout_keeping_only_a_bool_mask():
-    from h3fusion.moe.dropout import MaskDropout
+    from h3fusion.fusion_dropout import MaskDropout
 
     drop = MaskDropout(0.25).train()
     x = torch.ones(400, 500, requires_grad=True)
@@ -599,7 +599,7 @@ def test_mask_dropout_is_inverted_dropout_keeping_only_a_bool_mask():
 
 
 def test_shared_input_dropout_gives_siblings_one_mask_per_input():
-    from h3fusion.moe.dropout import SharedInputDropout
+    from h3fusion.fusion_dropout import SharedInputDropout
 
     drop = SharedInputDropout(0.5).train()
     x = torch.randn(64, 32)
@@ -612,3 +612,4 @@ def test_shared_input_dropout_gives_siblings_one_mask_per_input():
     y.add_(1.0)  # modified in place: not the same input any more
     assert drop(y) is not before
     assert drop.eval()(x) is x
+

@@ -19,7 +19,7 @@ from h3fusion.registration import register_with_auto_classes
 _LAZY = {
     "H3FusionConfig": "h3fusion.moe.configuration",
     "H3FusionForCausalLM": "h3fusion.moe.modeling",
-    "build_moe": "h3fusion.moe.build",
+    "build_moe": "h3fusion.moe.assemble",
     "export_mixtral": "h3fusion.moe.export",
     "load_model": "h3fusion.models",
 }

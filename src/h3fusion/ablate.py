@@ -34,11 +34,11 @@ FUSED = "h3fusion"
 def ablate(config_path: Path, name: str, overrides: list[str], results_dir: Path = Path("results/ablations"),
            log=print) -> Path:
     """Run one ablation; returns the path of its summary JSON."""
+    from h3fusion.build import build_run
     from h3fusion.evaluate import evaluate_run
     from h3fusion.experts import align
     from h3fusion.fusion import fuse_run
     from h3fusion.generate import generate_system
-    from h3fusion.moe.build import build_run
 
     if not name or "/" in name:
         raise H3FusionError(f"--name '{name}' must be a plain name (it names a directory and a JSON file)")

@@ -105,7 +105,7 @@ def align(
 def build(config: ConfigArg, set_: SetOpt = None, out: OutOpt = None) -> None:
     """Stage 2: build the MoE from the base model and the expert adapters into <run>/moe/."""
     cfg = _config(config, set_, out, lock="build")
-    from h3fusion.moe.build import build_run
+    from h3fusion.build import build_run
 
     typer.echo(f"moe: {build_run(cfg)}")
 
@@ -332,7 +332,8 @@ def routing(
     from h3fusion.io import write_json
     from h3fusion.models import load_model
     from h3fusion.moe.modeling import H3FusionForCausalLM
-    from h3fusion.moe.routing import plot_routing, routing_stats
+    from h3fusion.moe.routing import routing_stats
+    from h3fusion.routing_plots import plot_routing
 
     model = model or fused_dir(cfg)
     loaded, tokenizer = load_model(str(model))

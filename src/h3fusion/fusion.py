@@ -23,6 +23,7 @@ import shutil
 import time
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,10 +33,11 @@ from transformers import Trainer
 
 from h3fusion.config import FUSE_SETTINGS, RunConfig, dump_config, refuse_other_settings
 from h3fusion.errors import H3FusionError
+from h3fusion.fusion_dropout import use_mask_dropout
 from h3fusion.io import stage_writes, write_json
-from h3fusion.moe.dropout import use_mask_dropout
 from h3fusion.moe.modeling import H3FusionForCausalLM, moe_layers
-from h3fusion.moe.routing import mean_router_probs, plot_routing, routing_stats
+from h3fusion.moe.routing import mean_router_probs, routing_stats
+from h3fusion.routing_plots import plot_routing
 from h3fusion.sft import (
     SFTCollator,
     SFTDataset,
@@ -229,11 +231,36 @@ def fused_dir(config: RunConfig) -> Path:
     return config.run_path / "fused"
 
 
+@dataclass
+class FusionTraining:
+    """What the training step did (for ``fusion_log.json``)."""
+
+    examples: int
+    axis_labels: dict[str, int]
+    steps: int
+    train_seconds: float
+    trainable_parameters: int
+    history: list[dict]
+    is_main_process: bool
+
+
+@dataclass
+class RoutingDiagnosis:
+    """Routing statistics of held-out prompts before and after fusion, and of the test prompts after."""
+
+    before: dict
+    after: dict
+    on_test: dict
+    routing: dict  # the full statistics after fusion (routing.json)
+
+
 def fuse_run(config: RunConfig, log=print) -> Path:
-    """Stage 3 for a run config: <run>/moe -> <run>/fused (skipped when complete, resumed when killed)."""
+    """Stage 3 for a run config: <run>/moe -> <run>/fused (skipped when complete, resumed when killed).
+
+    Train (``train_fusion``), diagnose the routing (``diagnose_routing``), write (``write_fused``)."""
+    from h3fusion.build import moe_dir
     from h3fusion.data import mixed_train
     from h3fusion.models import load_model, weights_bytes
-    from h3fusion.moe.build import moe_dir
 
     out = fused_dir(config)
     if (out / "fusion_log.json").is_file():
@@ -247,12 +274,30 @@ def fuse_run(config: RunConfig, log=print) -> Path:
     model, tokenizer = load_model(str(source), config.model.dtype)
     labels = axis_labels(config)
     dataset = SFTDataset(examples, tokenizer, config.data.max_length, config.data.prompt_format, labels)
-    prompts = heldout_prompts(config, tokenizer)
-    test_prompts = heldout_prompts(config, tokenizer, source="test")
-    before = routing_stats(model, tokenizer, prompts)["axes"]
+    prompts = {"pool": heldout_prompts(config, tokenizer), "test": heldout_prompts(config, tokenizer, source="test")}
+    before = routing_stats(model, tokenizer, prompts["pool"])["axes"]
+    checkpoints = out / "checkpoints"
+    # a refused write (full disk ...) is one line; a cut checkpoint is dropped: the next call resumes before it
+    with stage_writes(out, "fusing", need=weights_bytes(model) + training_bytes(model),
+                      cleanup=lambda: drop_incomplete_checkpoints(checkpoints)):
+        training = train_fusion(model, tokenizer, dataset, labels, config, checkpoints, log)
+        if not training.is_main_process:
+            return out
+        merge_fusion_adapters(model)
+        diagnosis = diagnose_routing(model, tokenizer, prompts, before)
+        write_fused(model, tokenizer, config, out, training, diagnosis)
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    log_fusion(training, diagnosis, log)
+    log(f"[fuse] fused model at {out}")
+    return out
+
+
+def train_fusion(model: H3FusionForCausalLM, tokenizer, dataset: SFTDataset, labels: dict[str, int],
+                 config: RunConfig, checkpoints: Path, log=print) -> FusionTraining:
+    """Train the fusion LoRAs and routers on the mixed examples, labelled by ``labels`` (resuming from
+    ``checkpoints``)."""
     prepare_for_fusion(model, config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    checkpoints = out / "checkpoints"
     resume = last_checkpoint(checkpoints)
     log(f"[fuse] {len(dataset)} examples ({', '.join(f'{a}={i}' for a, i in labels.items())}), "
         f"{trainable:,} trainable parameters{', resuming from ' + resume if resume else ''}")
@@ -265,40 +310,56 @@ def fuse_run(config: RunConfig, log=print) -> Path:
         gate_lambda=config.fusion.gate_lambda, gammas=config.gammas(),
         gate_loss_form=config.fusion.gate_loss, expert_names=config.experts, router_lr=config.fusion.router_lr,
     )
-    # a refused write (full disk ...) is one line; a cut checkpoint is dropped: the next call resumes before it
-    with stage_writes(out, "fusing", need=weights_bytes(model) + training_bytes(model),
-                      cleanup=lambda: drop_incomplete_checkpoints(checkpoints)):
-        started = time.time()
-        trainer.train(resume_from_checkpoint=resume)
-        trainer.accelerator.wait_for_everyone()  # every process's checkpoint files are written before rmtree below
-        if not trainer.is_world_process_zero():
-            return out
-        history = [row for row in trainer.state.log_history if "lm_loss" in row]
-        merge_fusion_adapters(model)
-        routing = routing_stats(model, tokenizer, prompts)
-        after = routing["axes"]
-        on_test = routing_stats(model, tokenizer, test_prompts)["axes"]
-        model.save_pretrained(out)
-        write_json(out / "routing.json", routing)
-        plot_routing(routing, out / "plots", title=f"{config.name}: routing of held-out prompts after fusion")
-        tokenizer.save_pretrained(out)
-        dump_config(config, out / "config.yaml")
-        write_json(out / "fusion_log.json", {  # written last: marks the stage complete
-            "examples": len(dataset),
-            "axis_labels": labels,
-            "steps": trainer.state.global_step,
-            "train_seconds": round(time.time() - started, 1),
-            "trainable_parameters": trainable,
-            "router_accuracy": {axis: r["accuracy"] for axis, r in after.items()},
-            "router_accuracy_before": {axis: r["accuracy"] for axis, r in before.items()},
-            "router_accuracy_test_prompts": {axis: r["accuracy"] for axis, r in on_test.items()},
-            "heldout_gate_loss": {axis: r["gate_loss"] for axis, r in after.items()},
-            "heldout_gate_loss_before": {axis: r["gate_loss"] for axis, r in before.items()},
-            "router_mean_probs": {axis: r["mean_probs"] for axis, r in after.items()},
-            "heldout_prompts_per_axis": config.fusion.heldout_prompts,
-            "log_history": history,
-        })
-    shutil.rmtree(checkpoints, ignore_errors=True)
+    started = time.time()
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.accelerator.wait_for_everyone()  # every process's checkpoint files are written before rmtree
+    training = FusionTraining(
+        examples=len(dataset), axis_labels=labels, steps=trainer.state.global_step,
+        train_seconds=round(time.time() - started, 1), trainable_parameters=trainable,
+        history=[row for row in trainer.state.log_history if "lm_loss" in row],
+        is_main_process=trainer.is_world_process_zero(),
+    )
+    return training
+
+
+def diagnose_routing(model: H3FusionForCausalLM, tokenizer, prompts: dict[str, dict[str, list[str]]],
+                     before: dict) -> RoutingDiagnosis:
+    """Routing of the held-out pool prompts and of the test prompts after fusion (``prompts["pool"]``,
+    ``prompts["test"]``)."""
+    routing = routing_stats(model, tokenizer, prompts["pool"])
+    on_test = routing_stats(model, tokenizer, prompts["test"])["axes"]
+    return RoutingDiagnosis(before=before, after=routing["axes"], on_test=on_test, routing=routing)
+
+
+def write_fused(model: H3FusionForCausalLM, tokenizer, config: RunConfig, out: Path, training: FusionTraining,
+                diagnosis: RoutingDiagnosis) -> None:
+    """Write the fused model, its routing diagnostics and plots, and ``fusion_log.json`` (last: the marker)."""
+    before, after, on_test = diagnosis.before, diagnosis.after, diagnosis.on_test
+    model.save_pretrained(out)
+    write_json(out / "routing.json", diagnosis.routing)
+    plot_routing(diagnosis.routing, out / "plots", title=f"{config.name}: routing of held-out prompts after fusion")
+    tokenizer.save_pretrained(out)
+    dump_config(config, out / "config.yaml")
+    write_json(out / "fusion_log.json", {  # written last: marks the stage complete
+        "examples": training.examples,
+        "axis_labels": training.axis_labels,
+        "steps": training.steps,
+        "train_seconds": training.train_seconds,
+        "trainable_parameters": training.trainable_parameters,
+        "router_accuracy": {axis: r["accuracy"] for axis, r in after.items()},
+        "router_accuracy_before": {axis: r["accuracy"] for axis, r in before.items()},
+        "router_accuracy_test_prompts": {axis: r["accuracy"] for axis, r in on_test.items()},
+        "heldout_gate_loss": {axis: r["gate_loss"] for axis, r in after.items()},
+        "heldout_gate_loss_before": {axis: r["gate_loss"] for axis, r in before.items()},
+        "router_mean_probs": {axis: r["mean_probs"] for axis, r in after.items()},
+        "heldout_prompts_per_axis": config.fusion.heldout_prompts,
+        "log_history": training.history,
+    })
+
+
+def log_fusion(training: FusionTraining, diagnosis: RoutingDiagnosis, log=print) -> None:
+    """The losses' first and last quarter, and the routing before and after fusion, in a few lines."""
+    history, before, after = training.history, diagnosis.before, diagnosis.after
     if history:
         k = max(1, len(history) // 4)  # quarter means: single batches of mixed axes are noisy
 
@@ -313,6 +374,5 @@ def fuse_run(config: RunConfig, log=print) -> Path:
     log("[fuse] router accuracy on held-out prompts of each axis (chance "
         f"{1 / len(after):.2f}): " + ", ".join(
             f"{axis} {before[axis]['accuracy']:.2f} -> {after[axis]['accuracy']:.2f}" for axis in after))
-    log("[fuse] ... on the test prompts: " + ", ".join(f"{axis} {r['accuracy']:.2f}" for axis, r in on_test.items()))
-    log(f"[fuse] fused model at {out}")
-    return out
+    log("[fuse] ... on the test prompts: " + ", ".join(
+        f"{axis} {r['accuracy']:.2f}" for axis, r in diagnosis.on_test.items()))

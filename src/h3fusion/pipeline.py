@@ -22,7 +22,7 @@ def _align(config: RunConfig, log) -> None:
 
 
 def _build(config: RunConfig, log) -> None:
-    from h3fusion.moe.build import build_run
+    from h3fusion.build import build_run
 
     build_run(config, log=log)
 

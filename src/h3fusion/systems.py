@@ -47,8 +47,8 @@ def assembled_systems() -> tuple[str, ...]:
 
 def system_source(config: RunConfig, name: str) -> Path | str:
     """Where a system's weights come from (for messages and provenance)."""
+    from h3fusion.build import adapter_paths
     from h3fusion.fusion import fused_dir
-    from h3fusion.moe.build import adapter_paths
 
     if name == "base":
         return config.model.base

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 
 from h3fusion.config import RunConfig
 from h3fusion.errors import H3FusionError
@@ -25,16 +24,16 @@ def load_logit_ensemble(config: RunConfig):
     """(PEFT model holding every expert adapter, tokenizer); ``model.ensemble_adapters`` names them."""
     from peft import PeftModel
 
+    from h3fusion.adapters import check_adapters, read_adapter
+    from h3fusion.build import adapter_paths
     from h3fusion.models import load_model
-    from h3fusion.moe.build import adapter_paths
 
     paths = adapter_paths(config)
-    missing = [axis for axis, path in paths.items() if not (Path(path) / "adapter_config.json").is_file()]
-    if missing:
-        raise H3FusionError(f"{LOGITS}: no adapter for {', '.join(missing)} at {paths[missing[0]]}; "
-                            "run `h3fusion align` first")
+    # the same reader and checks as the MoE build: a missing, corrupt or foreign adapter is one line
+    adapters = [read_adapter(axis, path) for axis, path in paths.items()]
     base, tokenizer = load_model(config.model.base, config.model.dtype,
                                  trust_remote_code=config.model.trust_remote_code, cache_dir=config.model.cache_dir)
+    check_adapters(adapters, base)
     axes = list(paths)
     model = PeftModel.from_pretrained(base, str(paths[axes[0]]), adapter_name=axes[0])
     for axis in axes[1:]:

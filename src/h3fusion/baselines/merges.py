@@ -238,9 +238,9 @@ def merge_experts(base_model, adapters: Mapping[str, str | Path], method: str, *
     mapping from expert name to weight. For ``dare`` one generator seeded with ``seed`` draws the masks
     of all tensors in (layer, projection) order. The result is a plain model: save it with save_pretrained.
     """
+    from h3fusion.adapters import check_adapters, read_adapter
     from h3fusion.models import decoder_layers, load_model
-    from h3fusion.moe.build import check_adapters, read_adapter
-    from h3fusion.moe.layer import PROJECTIONS
+    from h3fusion.moe.lowrank import PROJECTIONS
 
     fn = _check_hyper(method, hyper)
     names = list(adapters)
@@ -260,7 +260,7 @@ def merge_experts(base_model, adapters: Mapping[str, str | Path], method: str, *
     if isinstance(base_model, str | Path):
         base_model, _ = load_model(str(base_model))
     experts = [read_adapter(name, path) for name, path in adapters.items()]
-    check_adapters(experts, base_model, top_k=1)
+    check_adapters(experts, base_model)
 
     layers = decoder_layers(base_model)
     keys = sorted(

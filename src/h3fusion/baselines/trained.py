@@ -43,7 +43,7 @@ def train_multitask_sft(config: RunConfig, log=print) -> Path:
 def authors_code_config(config: RunConfig) -> RunConfig:
     """The run's config with every switch that reproduces the released code, in its own run dir,
     reusing the run's experts."""
-    from h3fusion.moe.build import adapter_paths
+    from h3fusion.build import adapter_paths
 
     return config.model_copy(update={
         "run_dir": str(config.run_path / "variants" / "authors-code"),
@@ -57,8 +57,8 @@ def authors_code_config(config: RunConfig) -> RunConfig:
 
 def run_authors_code(config: RunConfig, log=print) -> Path:
     """Build and fuse the authors'-code variant; returns its fused model directory."""
+    from h3fusion.build import build_run
     from h3fusion.fusion import fuse_run
-    from h3fusion.moe.build import build_run
 
     variant = authors_code_config(config)
     build_run(variant, log=lambda msg: log(msg.replace("[build]", "[authors-code build]")))

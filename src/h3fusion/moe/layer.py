@@ -1,5 +1,10 @@
 """The H3Fusion MoE MLP: one decoder layer's gated MLP turned into N LoRA experts plus a router.
 
+This module holds what both storage layouts share (the router, the fusion-stage LoRA, the knobs, the
+factor cache); ``compact.py`` and ``dense.py`` hold the two expert stores and their compute paths,
+behind the few ``_store_*`` / ``_mix`` methods of ``MoEMLP``. ``MoEMLP(..., storage=...)`` builds the
+store's class, so callers name the layout, not the class.
+
 Expert k is the base MLP with its projections shifted by a low-rank delta,
 ``W_k = W + s_k·B_k A_k`` (``s_k = alpha/r``, the factor the authors' code drops), and the layer routes
 exactly like Mixtral: ``p = softmax(W_r x + expert_bias)`` over all N experts (fp32), keep the top-k,
@@ -42,45 +47,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from h3fusion.moe.dropout import dropout_mask, dropped, rank_acts
-from h3fusion.moe.routed_swiglu import is_silu, routed_swiglu
+from h3fusion.moe.lowrank import PROJECTIONS, LowRank, LowRankDelta, dropout_mask, dropped
+from h3fusion.moe.router import Routing, route
 
-PROJECTIONS: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
 _DRIFT_EPS = 1e-12
+STORAGES: dict[str, type[MoEMLP]] = {}  # storage name -> its MoEMLP subclass (filled by compact.py, dense.py)
 
 
-@dataclass
-class LowRankDelta:
-    """One LoRA pair: ``delta_W = scale * B @ A``."""
-
-    A: Tensor
-    """[r, in_features]"""
-    B: Tensor
-    """[out_features, r]"""
-    scale: float
-    """alpha / r (the factor the authors' code drops)."""
-
-
-class _LowRank(NamedTuple):
-    """One projection's factors for all experts: A [N, R, in], B [N, out, R] (scales folded into B);
-    the last ``n_fusion`` ranks are the fusion LoRA (their input gets dropout while training)."""
-
-    A: Tensor
-    B: Tensor
-    n_fusion: int
-
-
-class _Prepared(NamedTuple):
-    gate: _LowRank | None
-    up: _LowRank | None
-    down: _LowRank | None
+class PreparedFactors(NamedTuple):
+    gate: LowRank | None
+    up: LowRank | None
+    down: LowRank | None
     gate_up_A: Tensor | None  # [N·Rg + N·Ru, H]: every gate then every up A, for one fused matmul
     down_B_flat: Tensor | None  # [N·Rd, H]
 
@@ -96,7 +78,8 @@ class MoEMLP(nn.Module):
             to its ``LowRankDelta`` (a missing projection is a zero delta). N = len(expert_deltas) >= 1;
             ranks may differ between experts and projections (zero-padded to the largest internally).
         top_k: experts kept per token, 1..N (changeable later through the ``top_k`` attribute).
-        storage: ``"compact"`` (base once + low-rank factors) or ``"dense"`` (N merged copies).
+        storage: ``"compact"`` (base once + low-rank factors) or ``"dense"`` (N merged copies); picks
+            the subclass (``CompactMoEMLP`` / ``DenseMoEMLP``) that is built.
         router_weight: initial router weight [N, hidden]; None = ``nn.Linear``'s random init.
         decode_threshold: compact storage uses the masked all-experts path when the call has at most
             this many tokens and the index-gather loop above it.
@@ -125,34 +108,36 @@ class MoEMLP(nn.Module):
     ``record_router_probs`` is True (the fusion stage's gating loss reads it).
     """
 
+    storage: str
+
+    def __new__(cls, *args, storage: Literal["compact", "dense"] | None = None, **kwargs):
+        if cls is MoEMLP:  # the storage names the layout: build that store's class
+            storage = storage or "compact"
+            if storage not in STORAGES:
+                raise ValueError(f"storage must be 'compact' or 'dense', got {storage!r}")
+            cls = STORAGES[storage]
+        return super().__new__(cls)
+
     def __init__(
         self,
         base_mlp: nn.Module,
         expert_deltas: Sequence[dict[str, LowRankDelta]],
         top_k: int = 2,
-        storage: Literal["compact", "dense"] = "compact",
+        storage: Literal["compact", "dense"] | None = None,
         router_weight: Tensor | None = None,
         decode_threshold: int = 16,
     ) -> None:
         super().__init__()
-        if storage not in ("compact", "dense"):
-            raise ValueError(f"storage must be 'compact' or 'dense', got {storage!r}")
+        if storage is not None and storage != self.storage:
+            raise ValueError(f"{type(self).__name__} holds {self.storage!r} storage, not {storage!r}")
+        _check_base_mlp(base_mlp)
         n = len(expert_deltas)
         if n < 1:
             raise ValueError("expert_deltas is empty: an MoE needs at least one expert")
-        for name in (*PROJECTIONS, "act_fn"):
-            if not hasattr(base_mlp, name):
-                raise ValueError(
-                    f"base_mlp has no {name!r}: only gated MLPs (gate/up/down + act_fn) are supported"
-                )
-        for p in PROJECTIONS:
-            if getattr(getattr(base_mlp, p), "bias", None) is not None:
-                raise ValueError(f"base_mlp.{p} has a bias: Mixtral-style experts must be bias-free")
         if decode_threshold < 0:
             raise ValueError(f"decode_threshold must be >= 0, got {decode_threshold}")
 
         self.num_experts = n
-        self.storage = storage
         self.decode_threshold = int(decode_threshold)
         self.top_k = top_k  # validated by the property
         self.record_router_probs: bool = True
@@ -164,8 +149,7 @@ class MoEMLP(nn.Module):
         shapes = {p: tuple(w.shape) for p, w in base_w.items()}  # (out, in)
         device = base_w["gate_proj"].device
         self.param_dtype = torch.promote_types(base_w["gate_proj"].dtype, torch.float32)
-
-        deltas = [self._check_expert(k, d, shapes) for k, d in enumerate(expert_deltas)]
+        deltas = [_check_expert(k, d, shapes) for k, d in enumerate(expert_deltas)]
 
         self.act_fn = base_mlp.act_fn
         self.router = nn.Linear(self.hidden_size, n, bias=False, device=device, dtype=self.param_dtype)
@@ -177,64 +161,43 @@ class MoEMLP(nn.Module):
             with torch.no_grad():
                 self.router.weight.copy_(router_weight)
         self.register_buffer("expert_bias", torch.zeros(n, device=device, dtype=torch.float32))
-
-        if storage == "compact":
-            for p in PROJECTIONS:
-                base_w[p].requires_grad_(False)
-                setattr(self, p, getattr(base_mlp, p))  # same module, same Parameter: held once
-            self.delta_A = nn.ParameterDict()
-            self.delta_B = nn.ParameterDict()
-            for p in PROJECTIONS:
-                out_f, in_f = shapes[p]
-                rank = max((d[p].A.shape[0] for d in deltas if p in d), default=0)
-                a = torch.zeros(n, rank, in_f, device=device, dtype=self.param_dtype)
-                b = torch.zeros(n, out_f, rank, device=device, dtype=self.param_dtype)
-                for k, d in enumerate(deltas):
-                    if p in d:
-                        r = d[p].A.shape[0]
-                        a[k, :r] = d[p].A.to(device=device, dtype=self.param_dtype)
-                        b[k, :, :r] = d[p].B.to(device=device, dtype=self.param_dtype) * float(d[p].scale)
-                self.delta_A[p] = nn.Parameter(a, requires_grad=False)
-                self.delta_B[p] = nn.Parameter(b, requires_grad=False)
-        else:
-            self.experts = nn.ParameterDict()
-            for p in PROJECTIONS:
-                w = base_w[p].detach()
-                copies = []
-                for d in deltas:
-                    merged = w.to(self.param_dtype)
-                    if p in d:
-                        dA = d[p].A.to(device=device, dtype=self.param_dtype)
-                        dB = d[p].B.to(device=device, dtype=self.param_dtype)
-                        merged = merged + float(d[p].scale) * (dB @ dA)
-                    copies.append(merged.to(w.dtype))
-                self.experts[p] = nn.Parameter(torch.stack(copies), requires_grad=False)
+        self._init_store(base_mlp, deltas, shapes, device)
 
         self.fusion_A = nn.ParameterDict()
         self.fusion_B = nn.ParameterDict()
         self.fusion_scale: float | None = None
         self.fusion_dropout: float = 0.0  # drop probability of the fusion LoRA's inputs while training
-        self._prep_cache: tuple[tuple, _Prepared] | None = None
+        self._prep_cache: tuple[tuple, PreparedFactors] | None = None
 
-    # ------------------------------------------------------------------ construction helpers
-    @staticmethod
-    def _check_expert(
-        k: int, d: dict[str, LowRankDelta], shapes: dict[str, tuple[int, ...]]
-    ) -> dict[str, LowRankDelta]:
-        unknown = set(d) - set(PROJECTIONS)
-        if unknown:
-            raise ValueError(f"expert {k}: unknown projection(s) {sorted(unknown)}; allowed: {PROJECTIONS}")
-        for p, delta in d.items():
-            out_f, in_f = shapes[p]
-            if delta.A.dim() != 2 or delta.B.dim() != 2:
-                raise ValueError(f"expert {k} {p}: A and B must be 2-D")
-            r = delta.A.shape[0]
-            if tuple(delta.A.shape) != (r, in_f) or tuple(delta.B.shape) != (out_f, r):
-                raise ValueError(
-                    f"expert {k} {p}: expected A [r, {in_f}] and B [{out_f}, r], "
-                    f"got A {tuple(delta.A.shape)} and B {tuple(delta.B.shape)}"
-                )
-        return d
+    # ------------------------------------------------------------------ the expert store's interface
+    def _init_store(self, base_mlp: nn.Module, deltas: list[dict[str, LowRankDelta]],
+                    shapes: dict[str, tuple[int, ...]], device: torch.device) -> None:
+        """Register the experts' weights (the state-dict keys of this layout)."""
+        raise NotImplementedError
+
+    def _stored_factors(self, proj: str) -> tuple[Tensor, Tensor] | None:
+        """The store's own frozen low-rank factors of ``proj`` (A [N, R, in], B [N, out, R]), if it keeps any."""
+        return None
+
+    def _factor_sources(self) -> list[Tensor]:
+        """The store's parameters the factor cache depends on."""
+        return []
+
+    def _store_weight(self, k: int, proj: str) -> tuple[Tensor, torch.dtype]:
+        """Expert k's stored weight on ``proj`` in ``param_dtype`` (no fusion LoRA), and the base's dtype."""
+        raise NotImplementedError
+
+    def _merge_into_store(self, proj: str, a: Tensor, b: Tensor, scale: float) -> None:
+        """Fold a fusion LoRA pair (A [N, r, in], B [N, out, r]) into the stored experts."""
+        raise NotImplementedError
+
+    def _mix(self, x: Tensor, top_w: Tensor, top_i: Tensor) -> Tensor:
+        """The routed mixture ``Σ_kept p_k · expert_k(x)`` for tokens x [T, H]."""
+        raise NotImplementedError
+
+    def stored_ranks(self) -> dict[str, int]:
+        """Rank of the stored expert factors per projection ({} when the store keeps full weights)."""
+        return {}
 
     # ------------------------------------------------------------------ public knobs
     @property
@@ -300,17 +263,8 @@ class MoEMLP(nn.Module):
         if not self.fusion_A:
             return
         assert self.fusion_scale is not None
-        s = self.fusion_scale
         for p in PROJECTIONS:
-            a, b = self.fusion_A[p].detach(), self.fusion_B[p].detach()
-            if self.storage == "compact":
-                self.delta_A[p] = nn.Parameter(torch.cat([self.delta_A[p], a], dim=1), requires_grad=False)
-                self.delta_B[p] = nn.Parameter(
-                    torch.cat([self.delta_B[p], b * s], dim=2), requires_grad=False
-                )
-            else:
-                w = self.experts[p]
-                w.copy_((w.to(self.param_dtype) + s * torch.bmm(b, a)).to(w.dtype))
+            self._merge_into_store(p, self.fusion_A[p].detach(), self.fusion_B[p].detach(), self.fusion_scale)
         self.fusion_A = nn.ParameterDict()
         self.fusion_B = nn.ParameterDict()
         self.fusion_scale = None
@@ -331,27 +285,19 @@ class MoEMLP(nn.Module):
             raise ValueError(f"proj must be one of {PROJECTIONS}, got {proj!r}")
         if not 0 <= k < self.num_experts:
             raise IndexError(f"expert index {k} out of range 0..{self.num_experts - 1}")
-        if self.storage == "compact":
-            base = getattr(self, proj).weight
-            out_dtype = dtype or base.dtype
-            w = base.to(self.param_dtype) + self.delta_B[proj][k] @ self.delta_A[proj][k]
-        else:
-            base = self.experts[proj]
-            out_dtype = dtype or base.dtype
-            w = base[k].to(self.param_dtype)
+        w, base_dtype = self._store_weight(k, proj)
         if self.fusion_A:
             assert self.fusion_scale is not None
             w = w + self.fusion_scale * (self.fusion_B[proj][k] @ self.fusion_A[proj][k])
-        return w.to(out_dtype)
+        return w.to(dtype or base_dtype)
 
     def extra_repr(self) -> str:
-        ranks = ""
-        if self.storage == "compact":
-            ranks = ", delta_ranks=" + str({p: self.delta_A[p].shape[1] for p in PROJECTIONS})
+        ranks = self.stored_ranks()
+        ranks_repr = f", delta_ranks={ranks}" if ranks else ""
         fusion = f", fusion_rank={self.fusion_A['gate_proj'].shape[1]}" if self.fusion_A else ""
         return (
             f"num_experts={self.num_experts}, top_k={self.top_k}, storage={self.storage!r}, "
-            f"decode_threshold={self.decode_threshold}{ranks}{fusion}"
+            f"decode_threshold={self.decode_threshold}{ranks_repr}{fusion}"
         )
 
     # ------------------------------------------------------------------ forward
@@ -368,13 +314,14 @@ class MoEMLP(nn.Module):
         p = self._dropout_p()
         return dropped(x, dropout_mask(x, p), p) if p else None
 
-    def _factors(self, proj: str, dtype: torch.dtype) -> _LowRank | None:
+    def _factors(self, proj: str, dtype: torch.dtype) -> LowRank | None:
         """All low-rank factors of ``proj`` (None when R = 0)."""
         a_parts: list[Tensor] = []
         b_parts: list[Tensor] = []
-        if self.storage == "compact" and self.delta_A[proj].shape[1] > 0:
-            a_parts.append(self.delta_A[proj])
-            b_parts.append(self.delta_B[proj])
+        stored = self._stored_factors(proj)
+        if stored is not None:
+            a_parts.append(stored[0])
+            b_parts.append(stored[1])
         n_fusion = 0
         if self.fusion_A:
             a_parts.append(self.fusion_A[proj])
@@ -384,24 +331,22 @@ class MoEMLP(nn.Module):
             return None
         a = a_parts[0] if len(a_parts) == 1 else torch.cat(a_parts, dim=1)
         b = b_parts[0] if len(b_parts) == 1 else torch.cat(b_parts, dim=2)
-        return _LowRank(a.to(dtype), b.to(dtype), n_fusion)
+        return LowRank(a.to(dtype), b.to(dtype), n_fusion)
 
-    def _prepared(self, dtype: torch.dtype) -> _Prepared:
+    def _prepared(self, dtype: torch.dtype) -> PreparedFactors:
         """The factors in the activation dtype, plus the stacked forms the compute paths use.
 
         Cached while nothing needs autograd through them (inference), keyed on the identity, storage
         and version counter of every source parameter, so in-place updates and reloads invalidate it.
         """
-        sources = [*self.fusion_A.values(), *self.fusion_B.values()]
-        if self.storage == "compact":
-            sources += [*self.delta_A.values(), *self.delta_B.values()]
+        sources = [*self.fusion_A.values(), *self.fusion_B.values(), *self._factor_sources()]
         cacheable = not (torch.is_grad_enabled() and any(p.requires_grad for p in sources))
         key = (dtype, self.fusion_scale, tuple((id(p), p.data_ptr(), p._version) for p in sources))
         if cacheable and self._prep_cache is not None and self._prep_cache[0] == key:
             return self._prep_cache[1]
         g, u, d = (self._factors(p, dtype) for p in PROJECTIONS)
         gu = [f.A.reshape(-1, f.A.shape[-1]) for f in (g, u) if f is not None]
-        prep = _Prepared(
+        prep = PreparedFactors(
             gate=g,
             up=u,
             down=d,
@@ -411,137 +356,39 @@ class MoEMLP(nn.Module):
         self._prep_cache = (key, prep) if cacheable else None
         return prep
 
-    def _route(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Mixtral routing: softmax over all N (fp32+), top-k, renormalise. Returns (weights, indices) [T, k]."""
-        acc = torch.promote_types(x.dtype, torch.float32)
-        logits = F.linear(x, self.router.weight.to(x.dtype))
-        probs = torch.softmax(logits.to(acc) + self.expert_bias.to(acc), dim=-1)
-        self.router_probs = probs if self.record_router_probs else None
-        top_w, top_i = torch.topk(probs, self.top_k, dim=-1)
-        top_w = top_w / top_w.sum(dim=-1, keepdim=True)
-        return top_w.to(x.dtype), top_i
+    def _route(self, x: Tensor) -> Routing:
+        routing = route(x, self.router.weight, self.expert_bias, self.top_k)
+        self.router_probs = routing.probs if self.record_router_probs else None
+        return routing
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
-        top_w, top_i = self._route(x)
-        if self.storage == "dense":
-            y = self._dense_forward(x, top_w, top_i)
-        elif x.shape[0] <= self.decode_threshold:
-            y = self._compact_batched(x, top_w, top_i)
-        else:
-            y = self._compact_gather(x, top_w, top_i)
-        return y.reshape(shape)
+        routing = self._route(x)
+        return self._mix(x, routing.weights, routing.indices).reshape(shape)
 
-    def _groups(self, top_w: Tensor, top_i: Tensor) -> list[tuple[int, Tensor, Tensor]]:
-        """(expert, token indices, routing weights) for every expert with routed tokens (one host sync)."""
-        flat = top_i.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        tokens = order // self.top_k
-        weights = top_w.reshape(-1)[order]
-        groups, start = [], 0
-        for e, c in enumerate(counts):
-            if c:
-                groups.append((e, tokens[start : start + c], weights[start : start + c]))
-            start += c
-        return groups
 
-    def _gate_up_acts(self, x: Tensor, f: _Prepared) -> tuple[Tensor | None, Tensor | None]:
-        """Rank-space activations [T, N, R] of gate and up for all experts (one matmul when possible)."""
-        n = self.num_experts
+def _check_base_mlp(base_mlp: nn.Module) -> None:
+    for name in (*PROJECTIONS, "act_fn"):
+        if not hasattr(base_mlp, name):
+            raise ValueError(f"base_mlp has no {name!r}: only gated MLPs (gate/up/down + act_fn) are supported")
+    for p in PROJECTIONS:
+        if getattr(getattr(base_mlp, p), "bias", None) is not None:
+            raise ValueError(f"base_mlp.{p} has a bias: Mixtral-style experts must be bias-free")
 
-        def flat(inp: Tensor, a: Tensor) -> Tensor:
-            return F.linear(inp, a.reshape(-1, a.shape[-1])).unflatten(-1, (n, -1))
 
-        if self._dropout_p():
-            xd = self._dropped(x)  # one mask for the gate and the up fusion ranks
-            ag = None if f.gate is None else rank_acts(x, f.gate.A, f.gate.n_fusion, flat, xd)
-            au = None if f.up is None else rank_acts(x, f.up.A, f.up.n_fusion, flat, xd)
-            return ag, au
-        if f.gate_up_A is None:
-            return None, None
-        acts = F.linear(x, f.gate_up_A)  # [T, N·Rg + N·Ru]
-        split = 0 if f.gate is None else n * f.gate.A.shape[1]
-        ag = None if f.gate is None else acts[:, :split].unflatten(-1, (n, -1))
-        au = None if f.up is None else acts[:, split:].unflatten(-1, (n, -1))
-        return ag, au
-
-    def _compact_batched(self, x: Tensor, top_w: Tensor, top_i: Tensor) -> Tensor:
-        """All experts on every token, masked by dense routing weights (decode path)."""
-        t, n = x.shape[0], self.num_experts
-        w = torch.zeros(t, n, dtype=x.dtype, device=x.device).scatter(1, top_i, top_w)  # [T, N]
-        f = self._prepared(x.dtype)
-        g = self.gate_proj(x).unsqueeze(0)  # [1, T, I], once for all experts
-        u = self.up_proj(x).unsqueeze(0)
-        ag, au = self._gate_up_acts(x, f)
-        if ag is not None:
-            g = g + torch.bmm(ag.transpose(0, 1), f.gate.B.transpose(1, 2))  # [N, T, I]
-        if au is not None:
-            u = u + torch.bmm(au.transpose(0, 1), f.up.B.transpose(1, 2))
-        hp = self.act_fn(g) * u * w.t().unsqueeze(-1)  # [N, T, I], p_k h_k (0 outside top-k)
-        y = self.down_proj(hp.sum(dim=0))
-        if f.down is not None:
-            ad = rank_acts(hp, f.down.A, f.down.n_fusion, lambda h, a: torch.bmm(h, a.transpose(1, 2)),
-                                 self._dropped(hp))
-            y = y + ad.transpose(0, 1).reshape(t, -1) @ f.down_B_flat  # [T, N·Rd] @ [N·Rd, H]
-        return y
-
-    def _compact_gather(self, x: Tensor, top_w: Tensor, top_i: Tensor) -> Tensor:
-        """Loop over experts, each on its routed tokens only (prefill / training path)."""
-        t = x.shape[0]
-        f = self._prepared(x.dtype)
-        g0 = self.gate_proj(x)  # [T, I], once for all experts
-        u0 = self.up_proj(x)
-        ag, au = self._gate_up_acts(x, f)
-        mix = torch.zeros_like(g0)
-        groups = self._groups(top_w, top_i)
-        lean = torch.is_grad_enabled() and is_silu(self.act_fn)
-        drop = self._dropout_p() if f.down is not None and f.down.n_fusion else 0.0
-        # one [T, I] mask, each expert reading its tokens' rows: a token's routed experts share its
-        # dropout pattern, and the RNG draws T·I values instead of top_k·T·I
-        down_mask = dropout_mask(g0, drop)
-        z_parts: list[Tensor] = []
-        for e, tok, wt in groups:
-            g, u = g0[tok], u0[tok]
-            if ag is not None:
-                g = g + ag[tok, e] @ f.gate.B[e].t()
-            if au is not None:
-                u = u + au[tok, e] @ f.up.B[e].t()
-            mask = None if down_mask is None else down_mask[tok]
-            if f.down is not None and lean:  # same math, a fraction of the activations kept for backward
-                h, z = routed_swiglu(g, u, wt, f.down.A[e], f.down.n_fusion, drop, keep_mask=mask)
-            else:
-                h = self.act_fn(g) * u * wt.unsqueeze(-1)
-                z = None if f.down is None else rank_acts(h, f.down.A[e], f.down.n_fusion, F.linear,
-                                                                None if mask is None else dropped(h, mask, drop))
-            # index_put_(accumulate) keeps only the indices for backward; index_add_ would also keep h
-            mix.index_put_((tok,), h, accumulate=True)
-            if z is not None:  # [T_e, Rd]
-                z_parts.append(x.new_zeros(t, z.shape[-1]).index_put_((tok,), z, accumulate=True))
-        y = self.down_proj(mix)
-        if z_parts:
-            if len(groups) == self.num_experts:
-                b_flat = f.down_B_flat
-            else:
-                b_flat = torch.cat([f.down.B[e] for e, _, _ in groups], dim=1).t()
-            y = y + torch.cat(z_parts, dim=1) @ b_flat
-        return y
-
-    def _dense_forward(self, x: Tensor, top_w: Tensor, top_i: Tensor) -> Tensor:
-        """The paper's layout: N merged copies, Mixtral-style per-expert index-gather loop."""
-        prep = self._prepared(x.dtype)
-        fg, fu, fd = prep.gate, prep.up, prep.down
-        y = torch.zeros_like(x)
-
-        def lin(inp: Tensor, p: str, e: int, f: _LowRank | None) -> Tensor:
-            out = F.linear(inp, self.experts[p][e].to(inp.dtype))
-            if f is not None:
-                out = out + rank_acts(inp, f.A[e], f.n_fusion, F.linear, self._dropped(inp)) @ f.B[e].t()
-            return out
-
-        for e, tok, wt in self._groups(top_w, top_i):
-            xe = x[tok]
-            h = self.act_fn(lin(xe, "gate_proj", e, fg)) * lin(xe, "up_proj", e, fu)
-            y.index_add_(0, tok, lin(h, "down_proj", e, fd) * wt.unsqueeze(-1))
-        return y
+def _check_expert(k: int, d: dict[str, LowRankDelta], shapes: dict[str, tuple[int, ...]]) -> dict[str, LowRankDelta]:
+    unknown = set(d) - set(PROJECTIONS)
+    if unknown:
+        raise ValueError(f"expert {k}: unknown projection(s) {sorted(unknown)}; allowed: {PROJECTIONS}")
+    for p, delta in d.items():
+        out_f, in_f = shapes[p]
+        if delta.A.dim() != 2 or delta.B.dim() != 2:
+            raise ValueError(f"expert {k} {p}: A and B must be 2-D")
+        r = delta.A.shape[0]
+        if tuple(delta.A.shape) != (r, in_f) or tuple(delta.B.shape) != (out_f, r):
+            raise ValueError(
+                f"expert {k} {p}: expected A [r, {in_f}] and B [{out_f}, r], "
+                f"got A {tuple(delta.A.shape)} and B {tuple(delta.B.shape)}"
+            )
+    return d

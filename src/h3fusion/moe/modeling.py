@@ -19,7 +19,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 
 from h3fusion.moe.configuration import H3FusionConfig
-from h3fusion.moe.layer import PROJECTIONS, LowRankDelta, MoEMLP
+from h3fusion.moe.layer import MoEMLP
+from h3fusion.moe.lowrank import PROJECTIONS, LowRankDelta
 
 
 def moe_layers(model: nn.Module) -> list[MoEMLP]:
@@ -127,8 +128,8 @@ class H3FusionForCausalLM(PreTrainedModel, GenerationMixin):
         # the stored factor ranks can grow (merged fusion LoRA): record them so from_pretrained
         # builds placeholders of the right shapes
         layers = self.moe_layers()
-        if self.config.storage == "compact" and layers:
-            self.config.delta_ranks = {p: int(layers[0].delta_A[p].shape[1]) for p in PROJECTIONS}
+        if layers and layers[0].stored_ranks():
+            self.config.delta_ranks = layers[0].stored_ranks()
         return super().save_pretrained(save_directory, *args, **kwargs)
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from h3fusion.moe.dropout import dropout_mask, dropped, rank_acts
+from h3fusion.moe.lowrank import dropout_mask, dropped, rank_acts
 
 
 def is_silu(act_fn: nn.Module) -> bool:

@@ -1,10 +1,11 @@
-"""Dropout with bool masks, for the fusion stage's LoRA inputs.
+"""Fusion stage: dropout with bool masks for the attention LoRA's inputs (PEFT's ``nn.Dropout`` swapped out).
 
 ``nn.Dropout`` on CPU draws its noise with ``bernoulli_`` into a float tensor and keeps that float
 noise for backward: four bytes per element, and in a fusion step (attention LoRA on q/k/v/o plus the
 experts' fusion LoRA) its random numbers were ~9% of the step's time. Here the mask is drawn as
 ``rand < 1 - p`` (~1.4x faster on CPU) and kept as bool (one byte per element); the result has the
-same distribution and the same inverted-dropout scaling.
+same distribution and the same inverted-dropout scaling. The mask primitives live in
+``h3fusion.moe.lowrank``, which the MoE layer's fusion LoRA uses the same way.
 """
 
 from __future__ import annotations
@@ -12,32 +13,9 @@ from __future__ import annotations
 import weakref
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor, nn
 
-
-def dropout_mask(like: Tensor, p: float) -> Tensor | None:
-    """A bool keep-mask shaped like ``like``, each element kept with probability 1 - p (None when p == 0)."""
-    if p <= 0:
-        return None
-    return torch.rand(like.shape, device=like.device) < 1.0 - p
-
-
-def dropped(x: Tensor, keep_mask: Tensor | None, p: float) -> Tensor:
-    """Inverted dropout with a given mask (identity without one), scaled as ``nn.Dropout`` scales it."""
-    return x if keep_mask is None else x * keep_mask / (1.0 - p)
-
-
-def rank_acts(x: Tensor, a: Tensor, n_fusion: int, op, x_dropped: Tensor | None) -> Tensor:
-    """``op(x, A)`` over the rank dim (A: [..., R, in]), with the last ``n_fusion`` (fusion LoRA) ranks
-    fed ``x_dropped`` (dropout(x), while training) when given."""
-    if n_fusion and x_dropped is not None:
-        keep = a.shape[-2] - n_fusion
-        parts = [op(x_dropped, a[..., keep:, :])]
-        if keep:
-            parts.insert(0, op(x, a[..., :keep, :]))
-        return torch.cat(parts, dim=-1)
-    return op(x, a)
+from h3fusion.moe.lowrank import dropout_mask, dropped
 
 
 class MaskDropout(nn.Dropout):

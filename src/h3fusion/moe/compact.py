@@ -1,0 +1,158 @@
+"""The compact expert store: the base FFN once + every expert's low-rank factors (~1x base memory).
+
+Two compute paths with identical math, picked by the number of tokens T in the call:
+``T <= decode_threshold``: all experts on every token, masked by dense routing weights (0 outside the
+top-k), A factors of all experts stacked into one matmul and B applied with ``bmm`` (few ops: decode);
+otherwise a Mixtral-style loop over experts that touches only the tokens routed to each (prefill,
+training: it never materialises (N, T, I) tensors; under autograd each expert's SwiGLU and down-rank
+activations go through ``routed_swiglu``, which keeps only g, u and the routing weights for backward).
+The base gate and up run as two matmuls over all tokens, once for all experts.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from h3fusion.moe.layer import STORAGES, MoEMLP, PreparedFactors
+from h3fusion.moe.lowrank import PROJECTIONS, LowRankDelta, dropout_mask, dropped, rank_acts
+from h3fusion.moe.routed_swiglu import is_silu, routed_swiglu
+from h3fusion.moe.router import expert_groups
+
+
+class CompactMoEMLP(MoEMLP):
+    """``MoEMLP`` with compact storage: ``gate_proj``/``up_proj``/``down_proj`` (the base MLP's own modules,
+    frozen in place) plus ``delta_A.<proj>`` [N, R, in] and ``delta_B.<proj>`` [N, out, R] (scale in B)."""
+
+    storage = "compact"
+
+    def _init_store(self, base_mlp: nn.Module, deltas: list[dict[str, LowRankDelta]],
+                    shapes: dict[str, tuple[int, ...]], device: torch.device) -> None:
+        n = len(deltas)
+        for p in PROJECTIONS:
+            getattr(base_mlp, p).weight.requires_grad_(False)
+            setattr(self, p, getattr(base_mlp, p))  # same module, same Parameter: held once
+        self.delta_A = nn.ParameterDict()
+        self.delta_B = nn.ParameterDict()
+        for p in PROJECTIONS:
+            out_f, in_f = shapes[p]
+            rank = max((d[p].A.shape[0] for d in deltas if p in d), default=0)
+            a = torch.zeros(n, rank, in_f, device=device, dtype=self.param_dtype)
+            b = torch.zeros(n, out_f, rank, device=device, dtype=self.param_dtype)
+            for k, d in enumerate(deltas):
+                if p in d:
+                    r = d[p].A.shape[0]
+                    a[k, :r] = d[p].A.to(device=device, dtype=self.param_dtype)
+                    b[k, :, :r] = d[p].B.to(device=device, dtype=self.param_dtype) * float(d[p].scale)
+            self.delta_A[p] = nn.Parameter(a, requires_grad=False)
+            self.delta_B[p] = nn.Parameter(b, requires_grad=False)
+
+    def _stored_factors(self, proj: str) -> tuple[Tensor, Tensor] | None:
+        if self.delta_A[proj].shape[1] == 0:
+            return None
+        return self.delta_A[proj], self.delta_B[proj]
+
+    def _factor_sources(self) -> list[Tensor]:
+        return [*self.delta_A.values(), *self.delta_B.values()]
+
+    def _store_weight(self, k: int, proj: str) -> tuple[Tensor, torch.dtype]:
+        base = getattr(self, proj).weight
+        return base.to(self.param_dtype) + self.delta_B[proj][k] @ self.delta_A[proj][k], base.dtype
+
+    def _merge_into_store(self, proj: str, a: Tensor, b: Tensor, scale: float) -> None:
+        self.delta_A[proj] = nn.Parameter(torch.cat([self.delta_A[proj], a], dim=1), requires_grad=False)
+        self.delta_B[proj] = nn.Parameter(torch.cat([self.delta_B[proj], b * scale], dim=2), requires_grad=False)
+
+    def stored_ranks(self) -> dict[str, int]:
+        return {p: int(self.delta_A[p].shape[1]) for p in PROJECTIONS}
+
+    # ------------------------------------------------------------------ compute
+    def _mix(self, x: Tensor, top_w: Tensor, top_i: Tensor) -> Tensor:
+        if x.shape[0] <= self.decode_threshold:
+            return self._mix_all_experts(x, top_w, top_i)
+        return self._mix_routed_tokens(x, top_w, top_i)
+
+    def _gate_up_acts(self, x: Tensor, f: PreparedFactors) -> tuple[Tensor | None, Tensor | None]:
+        """Rank-space activations [T, N, R] of gate and up for all experts (one matmul when possible)."""
+        n = self.num_experts
+
+        def flat(inp: Tensor, a: Tensor) -> Tensor:
+            return F.linear(inp, a.reshape(-1, a.shape[-1])).unflatten(-1, (n, -1))
+
+        if self._dropout_p():
+            xd = self._dropped(x)  # one mask for the gate and the up fusion ranks
+            ag = None if f.gate is None else rank_acts(x, f.gate.A, f.gate.n_fusion, flat, xd)
+            au = None if f.up is None else rank_acts(x, f.up.A, f.up.n_fusion, flat, xd)
+            return ag, au
+        if f.gate_up_A is None:
+            return None, None
+        acts = F.linear(x, f.gate_up_A)  # [T, N·Rg + N·Ru]
+        split = 0 if f.gate is None else n * f.gate.A.shape[1]
+        ag = None if f.gate is None else acts[:, :split].unflatten(-1, (n, -1))
+        au = None if f.up is None else acts[:, split:].unflatten(-1, (n, -1))
+        return ag, au
+
+    def _mix_all_experts(self, x: Tensor, top_w: Tensor, top_i: Tensor) -> Tensor:
+        """All experts on every token, masked by dense routing weights (decode path)."""
+        t, n = x.shape[0], self.num_experts
+        w = torch.zeros(t, n, dtype=x.dtype, device=x.device).scatter(1, top_i, top_w)  # [T, N]
+        f = self._prepared(x.dtype)
+        g = self.gate_proj(x).unsqueeze(0)  # [1, T, I], once for all experts
+        u = self.up_proj(x).unsqueeze(0)
+        ag, au = self._gate_up_acts(x, f)
+        if ag is not None:
+            g = g + torch.bmm(ag.transpose(0, 1), f.gate.B.transpose(1, 2))  # [N, T, I]
+        if au is not None:
+            u = u + torch.bmm(au.transpose(0, 1), f.up.B.transpose(1, 2))
+        hp = self.act_fn(g) * u * w.t().unsqueeze(-1)  # [N, T, I], p_k h_k (0 outside top-k)
+        y = self.down_proj(hp.sum(dim=0))
+        if f.down is not None:
+            ad = rank_acts(hp, f.down.A, f.down.n_fusion, lambda h, a: torch.bmm(h, a.transpose(1, 2)),
+                           self._dropped(hp))
+            y = y + ad.transpose(0, 1).reshape(t, -1) @ f.down_B_flat  # [T, N·Rd] @ [N·Rd, H]
+        return y
+
+    def _mix_routed_tokens(self, x: Tensor, top_w: Tensor, top_i: Tensor) -> Tensor:
+        """Loop over experts, each on its routed tokens only (prefill / training path)."""
+        t = x.shape[0]
+        f = self._prepared(x.dtype)
+        g0 = self.gate_proj(x)  # [T, I], once for all experts
+        u0 = self.up_proj(x)
+        ag, au = self._gate_up_acts(x, f)
+        mix = torch.zeros_like(g0)
+        groups = expert_groups(top_w, top_i, self.num_experts)
+        lean = torch.is_grad_enabled() and is_silu(self.act_fn)
+        drop = self._dropout_p() if f.down is not None and f.down.n_fusion else 0.0
+        # one [T, I] mask, each expert reading its tokens' rows: a token's routed experts share its
+        # dropout pattern, and the RNG draws T·I values instead of top_k·T·I
+        down_mask = dropout_mask(g0, drop)
+        z_parts: list[Tensor] = []
+        for e, tok, wt in groups:
+            g, u = g0[tok], u0[tok]
+            if ag is not None:
+                g = g + ag[tok, e] @ f.gate.B[e].t()
+            if au is not None:
+                u = u + au[tok, e] @ f.up.B[e].t()
+            mask = None if down_mask is None else down_mask[tok]
+            if f.down is not None and lean:  # same math, a fraction of the activations kept for backward
+                h, z = routed_swiglu(g, u, wt, f.down.A[e], f.down.n_fusion, drop, keep_mask=mask)
+            else:
+                h = self.act_fn(g) * u * wt.unsqueeze(-1)
+                z = None if f.down is None else rank_acts(h, f.down.A[e], f.down.n_fusion, F.linear,
+                                                          None if mask is None else dropped(h, mask, drop))
+            # index_put_(accumulate) keeps only the indices for backward; index_add_ would also keep h
+            mix.index_put_((tok,), h, accumulate=True)
+            if z is not None:  # [T_e, Rd]
+                z_parts.append(x.new_zeros(t, z.shape[-1]).index_put_((tok,), z, accumulate=True))
+        y = self.down_proj(mix)
+        if z_parts:
+            if len(groups) == self.num_experts:
+                b_flat = f.down_B_flat
+            else:
+                b_flat = torch.cat([f.down.B[e] for e, _, _ in groups], dim=1).t()
+            y = y + torch.cat(z_parts, dim=1) @ b_flat
+        return y
+
+
+STORAGES["compact"] = CompactMoEMLP
