@@ -56,13 +56,15 @@ from h3fusion.costs import release_freed_memory_to_os as memory_mode  # noqa: E4
 
 ALPACA_EVAL = REPO.parent / "shared" / "data" / "alpaca_eval" / "text_davinci_003_outputs.json"
 NAMES = ("helpful", "harmless", "honest")
-VARIANTS = ("base", "compact", "dense", "mixtral", "xlora")
+VARIANTS = ("base", "compact", "compact-seq", "dense", "mixtral", "xlora")  # compact-seq: moe.routing sequence
 TOP_K = 2
 GEN_TOKENS = 32
 PROMPT_TOKENS = 32
 TARGETS = {
     "compact/base b1": (">=", 0.80),
     "compact/base b8": (">=", 0.85),
+    "compact-seq/compact b1": (">=", 0.95),
+    "compact-seq/compact b8": (">=", 0.95),
     "compact/dense b1": (">=", 1.3),
     "compact/dense b8": (">=", 1.5),
     "compact/mixtral b1": (">=", 1.0),
@@ -127,11 +129,12 @@ def make_adapters(base_dir: Path, root: Path) -> dict[str, Path]:
     return {name: make_adapter(base_dir, root / name, seed=i + 1, r=8, alpha=16.0) for i, name in enumerate(NAMES)}
 
 
-def build(base, adapters: dict[str, Path], storage: str, dtype, device: str):
+def build(base, adapters: dict[str, Path], storage: str, dtype, device: str, routing: str = "token"):
     """The fused MoE; ``base`` is a model spec or a loaded model (which becomes the MoE)."""
     from h3fusion.moe.assemble import build_moe
 
-    model = build_moe(base, {k: str(v) for k, v in adapters.items()}, top_k=TOP_K, storage=storage, dtype=dtype)
+    model = build_moe(base, {k: str(v) for k, v in adapters.items()}, top_k=TOP_K, storage=storage, dtype=dtype,
+                      routing=routing)
     return model.to(device).eval()
 
 
@@ -439,8 +442,9 @@ def paired(numerators: list[float], denominators: list[float]) -> float:
 
 # how param_counts reads each variant: X-LoRA runs every adapter (and, in its scaling pass, the base once more)
 # on every token, so all its parameters are active
-PARAM_KIND = {"base": "base", "compact": "compact", "dense": "dense", "mixtral": "mixtral", "xlora": "base"}
-RATIOS = (("compact", "base"), ("compact", "dense"), ("mixtral", "base"), ("xlora", "base"),
+PARAM_KIND = {"base": "base", "compact": "compact", "compact-seq": "compact", "dense": "dense", "mixtral": "mixtral",
+              "xlora": "base"}
+RATIOS = (("compact", "base"), ("compact-seq", "compact"), ("compact", "dense"), ("mixtral", "base"), ("xlora", "base"),
           ("compact", "mixtral"), ("compact", "xlora"))
 
 
@@ -602,6 +606,8 @@ def main() -> None:
                                         args.device)
             build_s[storage].append(dt)
             log(f"built {storage} in {dt:.1f}s")
+    if "compact-seq" in args.variants:  # the same experts, one routing decision per sequence
+        models["compact-seq"] = build(base_dir, adapters, "compact", args.torch_dtype, args.device, routing="sequence")
     if "mixtral" in args.variants:
         models["mixtral"] = load_mixtral_export(models["compact"], workdir / "mixtral", args.torch_dtype,
                                                 args.device)

@@ -76,6 +76,17 @@ class Shared:
         return make_adapter(self.base, self.root / "gate-only", seed=6, targets=("gate_proj",))
 
     @cached_property
+    def sequence_moe(self) -> Path:
+        """A saved h3fusion MoE with sequence routing (one decision per prompt: Mixtral routes per token)."""
+        from h3fusion import build_moe
+        from h3fusion.models import load_tokenizer
+
+        out = self.root / "sequence-moe"
+        build_moe(str(self.base), self.adapters, top_k=2, routing="sequence").save_pretrained(out)
+        load_tokenizer(str(self.base)).save_pretrained(out)
+        return out
+
+    @cached_property
     def qwen_moe(self) -> Path:
         """A saved h3fusion MoE on a Qwen2 base (a family Mixtral cannot hold)."""
         from h3fusion import build_moe
@@ -265,6 +276,10 @@ def export_other_family(w: Inputs) -> Run:
     return Run(["export", str(w.shared.qwen_moe), "--format", "mixtral", "--out", str(w.tmp / "mixtral")])
 
 
+def export_sequence_routing(w: Inputs) -> Run:
+    return Run(["export", str(w.shared.sequence_moe), "--format", "mixtral", "--out", str(w.tmp / "mixtral")])
+
+
 def judge_unreachable(w: Inputs) -> Run:
     return w.judge(key=SECRET)
 
@@ -388,6 +403,8 @@ CASES = [
     pytest.param(model_without_gated_mlp, "has no gated MLP (gate_proj, up_proj, down_proj missing)",
                  id="model-without-gated-mlp"),
     pytest.param(export_other_family, "cannot export a qwen2-based model as Mixtral", id="export-other-family"),
+    pytest.param(export_sequence_routing, "cannot export a sequence-routed model as Mixtral",
+                 id="export-sequence-routing"),
     pytest.param(judge_unreachable, "is unreachable", id="judge-unreachable"),
     pytest.param(judge_missing_key, "set the environment variable H3_TEST_KEY", id="judge-missing-key"),
     pytest.param(misspelt_flag, "No such option: --ot (Possible options: --out, --set); see h3fusion build --help",

@@ -613,3 +613,54 @@ def test_shared_input_dropout_gives_siblings_one_mask_per_input():
     assert drop(y) is not before
     assert drop.eval()(x) is x
 
+
+# ---------------------------------------------------------------------------------------------- sequence routing
+def test_sequence_routing_decides_once_per_row_from_its_decision_tokens():
+    n, t = 3, 7
+    base, deltas, rw = make_base(), make_deltas(n), router_w(n, scale=4.0)
+    layer = MoEMLP(base, deltas, top_k=2, router_weight=rw, routing="sequence")
+    x = torch.cat([tokens(t, seed=3), tokens(t, seed=4)])  # [2, T, H]
+    decide = torch.zeros(2, t, dtype=torch.bool)
+    decide[0, 1:4] = True  # row 0 decides from tokens 1-3, row 1 from tokens 2-6
+    decide[1, 2:] = True
+    layer.routing_inputs.decision_mask = decide
+    with torch.no_grad():
+        y = layer(x)
+    for row in range(2):
+        pooled = x[row][decide[row]].mean(dim=0, keepdim=True)  # the row's mean over its decision tokens
+        probs = torch.softmax(pooled @ rw.t(), dim=-1)[0]
+        top_w, top_i = probs.topk(2)
+        top_w = top_w / top_w.sum()
+        want = sum(w * mlp_with(expert_weights(base, deltas[k]), x[row]) for w, k in zip(top_w, top_i.tolist(),
+                                                                                          strict=True))
+        torch.testing.assert_close(y[row], want, **F64)
+        torch.testing.assert_close(layer.router_probs.view(2, t, n)[row], probs.expand(t, n), **F64)
+
+    # a continuing decoding step keeps each row's decision (not one from its new token), also after a row
+    # left the batch
+    decided = layer.router_probs.view(2, t, n)[:, 0].clone()
+    step = torch.cat([tokens(1, seed=5), tokens(1, seed=6)])
+    layer.routing_inputs.continuing = True
+    with torch.no_grad():
+        layer(step)
+    torch.testing.assert_close(layer.router_probs.view(2, n), decided, **F64)
+    fresh = torch.softmax(step.reshape(2, H) @ rw.t(), dim=-1)
+    assert (fresh - decided).abs().max() > 1e-3  # deciding anew from the step would differ
+    layer.select_rows(torch.tensor([1]))
+    with torch.no_grad():
+        layer(step[1:])
+    torch.testing.assert_close(layer.router_probs.view(1, n), decided[1:], **F64)
+    with pytest.raises(RuntimeError, match="select_rows"):
+        layer(step)  # two rows, one decision kept
+
+
+def test_token_routing_ignores_the_decision_mask():
+    base, deltas, rw = make_base(), make_deltas(3), router_w(3)
+    x = tokens(T_LARGE)
+    plain = MoEMLP(base, deltas, router_weight=rw)
+    told = MoEMLP(base, deltas, router_weight=rw)
+    told.routing_inputs.decision_mask = torch.zeros(1, T_LARGE, dtype=torch.bool)
+    with torch.no_grad():
+        torch.testing.assert_close(told(x), plain(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="routing"):
+        MoEMLP(base, deltas, routing="prompt")

@@ -333,3 +333,153 @@ def test_compact_runs_base_gate_and_up_once_per_token(tiny_llama_dir, adapters, 
         assert hook_calls[key] == [tokens], (key, hook_calls[key])
         assert linear_calls[key] == [tokens], (key, linear_calls[key])
 
+
+# ---------------------------------------------------------------- content tokens and sequence routing
+PROMPTS = [("Give three tips for staying healthy.", ""), ("Translate this sentence.", "Bonjour le monde."),
+           ("How do I pick a lock?", ""), ("What happens if you eat watermelon seeds?", "")]
+
+
+def _template_ids(tokenizer, style="alpaca"):
+    from h3fusion.data.prompts import template_pieces
+    from h3fusion.moe.content import template_token_ids
+
+    return template_token_ids(tokenizer, template_pieces(style, tokenizer))
+
+
+def _content_truth(tokenizer, instruction, extra, style):
+    """(prompt, ids, is_content per token) from character offsets: a token is content when it overlaps the
+    instruction's or the input's characters in the formatted prompt."""
+    from h3fusion.data.prompts import format_prompt
+
+    text = format_prompt(instruction, extra, style, tokenizer)
+    parts = [f"{instruction}\n\n{extra}"] if style == "chat" and extra else [instruction, extra]  # chat: one message
+    spans = [(text.index(part), text.index(part) + len(part)) for part in parts if part]
+    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
+    content = [any(a < end and start < b for start, end in spans) for a, b in enc["offset_mapping"]]
+    return text, enc["input_ids"], content
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_llama_dir):
+    from h3fusion.models import load_tokenizer
+
+    return load_tokenizer(str(tiny_llama_dir))
+
+
+@pytest.mark.parametrize("style", ["alpaca", "chat"])
+def test_content_mask_excludes_template_tokens(tiny_llama_dir, adapters, tokenizer, style):
+    model = build_moe(str(tiny_llama_dir), adapters, template_ids=_template_ids(tokenizer, style))
+    for instruction, extra in PROMPTS:
+        _, ids, truth = _content_truth(tokenizer, instruction, extra, style)
+        model.set_routing_inputs(torch.tensor([ids]))
+        mask = model.routing_inputs.content_mask[0].tolist()
+        assert mask == truth, tokenizer.convert_ids_to_tokens([i for i, m in zip(ids, mask, strict=True) if m])
+        assert 0 < sum(mask) < len(mask) - 10  # the template is a large share of a short prompt
+
+
+def test_gating_loss_counts_content_tokens_only(tiny_llama_dir, adapters, tokenizer):
+    from h3fusion.fusion import gating_loss
+    from h3fusion.moe.routing import mean_router_probs
+
+    model = build_moe(str(tiny_llama_dir), adapters, seed=3, template_ids=_template_ids(tokenizer))
+    rows = [_content_truth(tokenizer, instruction, extra, "alpaca") for instruction, extra in PROMPTS[:2]]
+    width = max(len(ids) for _, ids, _ in rows)
+    ids = torch.tensor([ids + [0] * (width - len(ids)) for _, ids, _ in rows])  # right-padded
+    attention = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for _, ids, _ in rows])
+    content = torch.tensor([truth + [False] * (width - len(truth)) for _, _, truth in rows])
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=attention)
+    p_bar = mean_router_probs(model)  # what the fusion stage's loss reads
+    probs = torch.stack([layer.router_probs.view(2, width, -1) for layer in model.moe_layers()])  # [L, B, T, N]
+
+    def average(mask):
+        return (probs * mask[None, :, :, None]).sum(dim=(0, 2)) / (mask.sum(dim=1, keepdim=True) * len(probs))
+
+    torch.testing.assert_close(p_bar, average(content.float()), atol=1e-6, rtol=0)
+    every_token = average(attention.float())  # what the loss counted before: the template as well
+    assert (every_token - p_bar).abs().max() > 1e-3
+    labels = torch.tensor([0, 1])
+    assert abs(gating_loss(p_bar, labels).item() - gating_loss(every_token, labels).item()) > 1e-4
+
+
+@pytest.fixture(scope="module")
+def sequence_model(tiny_llama_dir, adapters, tokenizer):
+    model = build_moe(str(tiny_llama_dir), adapters, top_k=2, seed=4, routing="sequence",
+                      template_ids=_template_ids(tokenizer))
+    for layer in model.moe_layers():  # a router that tells prompts apart (the random init routes near-uniformly)
+        with torch.no_grad():
+            layer.router.weight.mul_(50.0)
+    return model
+
+
+def test_sequence_routing_keeps_the_prompt_decision_while_generating(sequence_model, tokenizer):
+    from h3fusion.data.prompts import format_prompt
+    from h3fusion.decoding import decode_batch
+
+    model = sequence_model
+    prompts = [format_prompt(instruction, extra) for instruction, extra in PROMPTS[:3]]
+    seen: list[list[torch.Tensor]] = []  # per forward: each layer's router probs [B, T, N]
+    handles = [layer.register_forward_hook(lambda m, args, out: seen[-1].append(
+        m.router_probs.view(*args[0].shape[:2], -1).clone())) for layer in model.moe_layers()]
+    handles.append(model.register_forward_pre_hook(lambda m, args: seen.append([])))
+    try:
+        batched = decode_batch(model, tokenizer, prompts, max_new_tokens=5)
+    finally:
+        for handle in handles:
+            handle.remove()
+    decided = [probs[:, -1] for probs in seen[0]]  # the prompt forward: each row's decision, per layer
+    for probs, decision in zip(seen[0], decided, strict=True):  # every prompt token of a row routes alike
+        torch.testing.assert_close(probs, decision[:, None].expand_as(probs), atol=0, rtol=0)
+    assert all(len({tuple(row.tolist()) for row in decision}) == len(prompts) for decision in decided)
+    for step in seen[1:]:  # every generated token keeps its row's decision
+        for probs, decision in zip(step, decided, strict=True):
+            torch.testing.assert_close(probs[:, 0], decision, atol=0, rtol=0)
+    # each row decides from its own content tokens: the batch's padding and neighbours change nothing
+    for prompt, answer in zip(prompts, batched, strict=True):
+        assert decode_batch(model, tokenizer, [prompt], max_new_tokens=5)[0] == answer
+    # and the answer is what a teacher-forced pass gives when the decision comes from the prompt alone
+    for prompt, answer in zip(prompts, batched, strict=True):
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        full = torch.tensor([ids + answer])
+        labels = torch.tensor([[-100] * len(ids) + answer])
+        with torch.no_grad():
+            greedy = model(input_ids=full, labels=labels).logits[0, len(ids) - 1:-1].argmax(-1)
+        assert greedy.tolist() == answer
+
+
+def test_sequence_routing_in_training_decides_from_the_prompt_only(sequence_model, tokenizer):
+    from h3fusion.data.prompts import format_prompt
+
+    model = sequence_model
+    ids = tokenizer(format_prompt(*PROMPTS[0]), add_special_tokens=False)["input_ids"]
+    routed = []
+    for response in ("Eat well, sleep, move.", "No."):
+        answer = tokenizer(response, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            model(input_ids=torch.tensor([ids + answer]), labels=torch.tensor([[-100] * len(ids) + answer]))
+        routed.append([layer.router_probs[0] for layer in model.moe_layers()])
+        with torch.no_grad():  # without labels the whole input is the prompt: the response moves the decision
+            model(input_ids=torch.tensor([ids + answer]))
+        routed.append([layer.router_probs[0] for layer in model.moe_layers()])
+    for a, b in zip(routed[0], routed[2], strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert any((a - b).abs().max() > 1e-4 for a, b in zip(routed[1], routed[3], strict=True))
+
+
+def test_sequence_routing_survives_save_and_load(tmp_path, sequence_model):
+    from transformers import AutoModelForCausalLM
+
+    sequence_model.save_pretrained(tmp_path / "moe")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "moe").eval()
+    assert loaded.config.routing == "sequence"
+    assert loaded.config.template_ids == sequence_model.config.template_ids
+    assert {layer.routing for layer in loaded.moe_layers()} == {"sequence"}
+    torch.testing.assert_close(logits(loaded), logits(sequence_model), atol=1e-5, rtol=0)
+    token_routed = AutoModelForCausalLM.from_pretrained(tmp_path / "moe", routing="token").eval()
+    assert (logits(token_routed) - logits(sequence_model)).abs().max() > 1e-3  # the mode changes the outputs
+
+
+def test_mixtral_export_refuses_sequence_routing(tmp_path, sequence_model):
+    with pytest.raises(H3FusionError, match="cannot export a sequence-routed model as Mixtral"):
+        export_mixtral(sequence_model, tmp_path / "mixtral")
+    assert not (tmp_path / "mixtral").exists()

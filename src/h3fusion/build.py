@@ -14,6 +14,14 @@ from pathlib import Path
 from h3fusion.config import BUILD_SETTINGS, dump_config, refuse_other_settings
 from h3fusion.models import load_model, weights_bytes
 from h3fusion.moe.assemble import build_moe
+from h3fusion.moe.content import template_token_ids
+
+
+def prompt_template_ids(config, tokenizer) -> list[list[int]]:
+    """The run's prompt format's fixed pieces as token ids: what the MoE counts as template, not content."""
+    from h3fusion.data.prompts import template_pieces
+
+    return template_token_ids(tokenizer, template_pieces(config.data.prompt_format, tokenizer))
 
 
 def moe_dir(config) -> Path:
@@ -64,6 +72,8 @@ def build_run(config, log=print) -> Path:
         unscaled_shared_experts=config.compat.unscaled_shared_experts,
         seed=config.seed,
         tokenizer=tokenizer,
+        routing=config.moe.routing,
+        template_ids=prompt_template_ids(config, tokenizer),
     )
     # a refused write (full disk ...) is one line, and the unfinished moe/ is removed: no config files without weights
     with stage_writes(out, "building the MoE", need=weights_bytes(model), cleanup=lambda: shutil.rmtree(out)):
@@ -78,6 +88,7 @@ def build_run(config, log=print) -> Path:
                 "top_k": config.moe.top_k,
                 "storage": config.moe.storage,
                 "router_init": config.moe.router_init,
+                "routing": config.moe.routing,
                 "unscaled_shared_experts": config.compat.unscaled_shared_experts,
                 "parameters": sum(p.numel() for p in model.parameters()),
             },

@@ -99,6 +99,10 @@ class MoEConfig(_Section):
     the prompt's axis on the same prompts (routes far better than prototypes at small scale)."""
     prototype_prompts: int = Field(32, ge=1)
     """Training prompts per axis used by router_init=prototype or fitted."""
+    routing: Literal["token", "sequence"] = "token"
+    """token: every token routed on its own (the paper, Mixtral); sequence: each layer decides once per
+    sequence from the mean of its prompt's content tokens (the template excluded) and keeps that decision,
+    experts and weights, for the whole answer. A sequence-routed model cannot be exported as Mixtral."""
     expert_bias: dict[str, float] = {}
     """Alignment dial: router-logit bias per expert name, e.g. {harmless: 1.0}. Built into the MoE (so fusion
     trains under it) and re-applied whenever a fused model is loaded for generation."""

@@ -6,6 +6,9 @@ from a few tokens to the limit, so here a row leaves the batch (and its KV cache
 as soon as it emits EOS or a stop string, and the prompt's logits are computed for its last
 position only. Greedy decoding picks the same tokens as ``model.generate``.
 
+A sequence-routed MoE decides its routing on the prompt (the first forward) and keeps that decision per
+row; rows that leave the batch leave it too (``select_rows``).
+
 The same loop decodes the logit ensemble: with ``adapters`` (names of LoRA adapters loaded in one
 PEFT model) every prompt row is repeated once per adapter, one forward runs all of them over the
 shared base (PEFT mixed-adapter batches), and the next token comes from the mean of the adapters'
@@ -100,6 +103,8 @@ def decode_batch(
         if len(keep) < len(active):  # finished rows leave the batch and the KV cache
             rows = torch.tensor([row * copies + c for row in keep for c in range(copies)], device=device)
             cache.batch_select_indices(rows)
+            if hasattr(model, "select_rows"):  # a sequence-routed MoE keeps one routing decision per row
+                model.select_rows(rows)
             attention, positions = attention[rows], positions[rows]
             active = [active[row] for row in keep]
         input_ids = next_ids[:, None]

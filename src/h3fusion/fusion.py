@@ -5,7 +5,8 @@ Trainable: LoRA on attention (q,k,v,o), a fusion LoRA on every expert's projecti
     loss = L_SFT + lambda * L_gate + sum_k gamma_k * R_k
 
 * L_SFT: next-token cross-entropy on response tokens.
-* L_gate: per sequence, the router probabilities averaged over its real tokens and all layers
+* L_gate: per sequence, the router probabilities averaged over its content tokens (never the prompt
+  template, whose hidden states are the same for every axis) and all layers
   (p_bar, N values), then -log p_bar[axis]. ``gate_loss: authors_ce`` instead feeds p_bar to
   CrossEntropyLoss as if it were logits (the released code's softmax-twice form; compatibility only).
 * R_k: expert k's fusion-stage change, sum over its projections of ||(alpha'/r')·B'A'||_F, averaged over layers.
@@ -108,7 +109,7 @@ class FusionTrainer(Trainer):
         else:
             outputs = model(**inputs)
             lm_loss = outputs.loss / accumulation
-        p_bar = mean_router_probs(model, inputs["attention_mask"])
+        p_bar = mean_router_probs(model)  # over each sequence's content tokens: the template says nothing of its axis
         gate = gating_loss(p_bar, axis_labels, self.gate_loss_form)
         drift = drift_penalties(model)
         penalty = (self.gammas.to(drift.device, drift.dtype) * drift).sum()
@@ -258,7 +259,7 @@ def fuse_run(config: RunConfig, log=print) -> Path:
     """Stage 3 for a run config: <run>/moe -> <run>/fused (skipped when complete, resumed when killed).
 
     Train (``train_fusion``), diagnose the routing (``diagnose_routing``), write (``write_fused``)."""
-    from h3fusion.build import moe_dir
+    from h3fusion.build import moe_dir, prompt_template_ids
     from h3fusion.data import mixed_train
     from h3fusion.models import load_model, weights_bytes
 
@@ -272,6 +273,8 @@ def fuse_run(config: RunConfig, log=print) -> Path:
         raise H3FusionError(f"no MoE at {source}; run `h3fusion build` first")
     examples = mixed_train(config, per_axis=config.fusion.examples_per_axis)
     model, tokenizer = load_model(str(source), config.model.dtype)
+    if not model.config.template_ids:  # an MoE built before the model knew its template
+        model.set_template_ids(prompt_template_ids(config, tokenizer))
     labels = axis_labels(config)
     dataset = SFTDataset(examples, tokenizer, config.data.max_length, config.data.prompt_format, labels)
     prompts = {"pool": heldout_prompts(config, tokenizer), "test": heldout_prompts(config, tokenizer, source="test")}

@@ -63,3 +63,27 @@ def format_conversation(turns: list[tuple[str, str]], message: str, style: str =
     for user, answer in [*turns[1:], (message, None)]:
         text += f"\n\n### Instruction:\n{user}\n\n### Response:\n" + (answer or "")
     return text
+
+
+_SLOTS = ("\x00H3FUSION-SLOT-1\x00", "\x00H3FUSION-SLOT-2\x00", "\x00H3FUSION-SLOT-3\x00")  # never in real text
+
+
+def template_pieces(style: str = "alpaca", tokenizer: Any = None) -> list[str]:
+    """The fixed text that every prompt of ``style`` shares: the pieces ``format_prompt`` and
+    ``format_conversation`` put around and between the instruction, the input and earlier turns.
+
+    Every other character of a prompt is content. A model that matches these pieces in its input tokens
+    sees which tokens are the request and which are the template (their hidden states are the same for
+    every prompt, so they tell a router nothing about the request).
+    """
+    if style == "alpaca":
+        pieces = [template.split("{instruction}")[0] for template in (ALPACA_NO_INPUT, ALPACA_WITH_INPUT)]
+        pieces += ["\n\n### Input:\n", "\n\n### Response:\n", "\n\n### Instruction:\n"]
+    else:
+        user, answer, again = _SLOTS
+        pieces = [*format_prompt(user, "", style, tokenizer).split(user)]
+        conversation = format_conversation([(user, answer)], again, style, tokenizer)
+        for slot in _SLOTS:
+            conversation = conversation.replace(slot, _SLOTS[0])
+        pieces += conversation.split(_SLOTS[0])
+    return list(dict.fromkeys(piece for piece in pieces if piece))

@@ -17,6 +17,7 @@ from h3fusion.errors import H3FusionError
 from h3fusion.models import decoder_layers, load_model
 from h3fusion.moe.lowrank import PROJECTIONS, LowRankDelta
 from h3fusion.moe.modeling import H3FusionConfig, H3FusionForCausalLM
+from h3fusion.moe.router import ROUTING_MODES
 from h3fusion.moe.router_init import ROUTER_INITS, init_routers
 
 
@@ -33,6 +34,8 @@ def build_moe(
     dtype=None,
     seed: int = 0,
     tokenizer=None,
+    routing: str = "token",
+    template_ids: Sequence[Sequence[int]] = (),
 ) -> H3FusionForCausalLM:
     """Build the H3Fusion MoE from a base model spec (or loaded model) and named expert adapters.
 
@@ -40,9 +43,13 @@ def build_moe(
     expert becomes base + Σ_k B_k A_k, without alpha/r, so all experts are identical.
     ``base`` is any spec ``load_model`` takes, or an already loaded model (then pass ``tokenizer``
     for router_init=prototype/fitted). A loaded model is modified in place (its MLPs become MoE layers).
+    ``routing``: ``token`` or ``sequence`` (``h3fusion.moe.router``); ``template_ids``: the prompt
+    format's fixed pieces as token ids (``h3fusion.moe.content``), what the model counts as template.
     """
     if storage not in ("compact", "dense"):
         raise H3FusionError(f"storage '{storage}' is unknown; choose compact or dense")
+    if routing not in ROUTING_MODES:
+        raise H3FusionError(f"routing '{routing}' is unknown; choose {' or '.join(ROUTING_MODES)}")
     if router_init != "random" and router_init not in ROUTER_INITS:
         raise H3FusionError(f"router_init '{router_init}' is unknown; choose random, prototype or fitted")
     if isinstance(base, str):
@@ -78,6 +85,8 @@ def build_moe(
         num_experts_per_tok=top_k,
         storage=storage,
         expert_bias=bias,
+        routing=routing,
+        template_ids=template_ids,
     )
     torch.manual_seed(seed)  # the random router init is reproducible
     model = H3FusionForCausalLM(config, base_model=base_model, expert_deltas=deltas).eval()

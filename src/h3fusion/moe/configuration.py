@@ -25,6 +25,10 @@ class H3FusionConfig(PretrainedConfig):
         delta_ranks: compact storage only: rank of the stored expert factors per projection.
         expert_bias: per-expert router-logit bias applied at inference (the alignment dial).
         decode_threshold: token count up to which the compact layer uses its batched decode path.
+        routing: ``token`` (each token routed on its own: the paper) or ``sequence`` (one decision per
+            sequence from its prompt's content tokens, kept for the whole answer).
+        template_ids: token ids of the prompt format's fixed pieces (``h3fusion.data.prompts.template_pieces``);
+            their occurrences are template, every other token content (empty: every token is content).
     """
 
     model_type = "h3fusion"
@@ -38,6 +42,8 @@ class H3FusionConfig(PretrainedConfig):
         delta_ranks: Mapping[str, int] | None = None,
         expert_bias: Sequence[float] | None = None,
         decode_threshold: int = 16,
+        routing: str = "token",
+        template_ids: Sequence[Sequence[int]] = (),
         **kwargs,
     ):
         self.base_config = dict(base_config or {})
@@ -47,6 +53,8 @@ class H3FusionConfig(PretrainedConfig):
         self.delta_ranks = dict(delta_ranks or {})
         self.expert_bias = list(expert_bias) if expert_bias is not None else [0.0] * len(self.expert_names)
         self.decode_threshold = decode_threshold
+        self.routing = routing
+        self.template_ids = [list(piece) for piece in template_ids]
         for key in ("vocab_size", "hidden_size", "num_hidden_layers", "tie_word_embeddings"):
             if key in self.base_config:
                 kwargs.setdefault(key, self.base_config[key])

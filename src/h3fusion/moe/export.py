@@ -3,7 +3,8 @@
 H3Fusion's routing (softmax over all experts, top-k, renormalise) is exactly Mixtral's block, so a
 Llama/Mistral-based fused model becomes a ``MixtralForCausalLM`` that vLLM, llama.cpp and TGI serve
 as is: each expert's merged weights (base + its delta) are written out, the router copied.
-Attention LoRA must already be merged (``h3fusion fuse`` writes merged models).
+Attention LoRA must already be merged (``h3fusion fuse`` writes merged models). A sequence-routed model
+is refused: Mixtral has no way to keep one prompt-level decision for a whole answer.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ _SHARED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_
 def mixtral_config(model: H3FusionForCausalLM):
     from transformers import MixtralConfig
 
+    if model.config.routing != "token":
+        raise H3FusionError(f"cannot export a {model.config.routing}-routed model as Mixtral (Mixtral routes every "
+                            "token on its own); keep the h3fusion format, or build with moe.routing: token")
     base = model.config.make_base_config()
     family = base.model_type
     if family not in MIXTRAL_FAMILIES:

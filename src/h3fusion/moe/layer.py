@@ -53,7 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from h3fusion.moe.lowrank import PROJECTIONS, LowRank, LowRankDelta, dropout_mask, dropped
-from h3fusion.moe.router import Routing, route
+from h3fusion.moe.router import ROUTING_MODES, Routing, RoutingInputs, per_token, route, route_sequences
 
 _DRIFT_EPS = 1e-12
 STORAGES: dict[str, type[MoEMLP]] = {}  # storage name -> its MoEMLP subclass (filled by compact.py, dense.py)
@@ -83,6 +83,9 @@ class MoEMLP(nn.Module):
         router_weight: initial router weight [N, hidden]; None = ``nn.Linear``'s random init.
         decode_threshold: compact storage uses the masked all-experts path when the call has at most
             this many tokens and the index-gather loop above it.
+        routing: ``"token"`` (each token routed on its own: the paper, Mixtral) or ``"sequence"`` (one
+            decision per sequence from its ``routing_inputs.decision_mask`` tokens, kept while
+            ``routing_inputs.continuing``; see ``h3fusion.moe.router``).
 
     Dtypes: the base weights keep their dtype (e.g. bf16); the low-rank factors and the router are
     held in fp32 (fp64 if the base is fp64) and cast to the activation dtype at use; as in Mixtral the
@@ -126,6 +129,7 @@ class MoEMLP(nn.Module):
         storage: Literal["compact", "dense"] | None = None,
         router_weight: Tensor | None = None,
         decode_threshold: int = 16,
+        routing: Literal["token", "sequence"] = "token",
     ) -> None:
         super().__init__()
         if storage is not None and storage != self.storage:
@@ -136,12 +140,17 @@ class MoEMLP(nn.Module):
             raise ValueError("expert_deltas is empty: an MoE needs at least one expert")
         if decode_threshold < 0:
             raise ValueError(f"decode_threshold must be >= 0, got {decode_threshold}")
+        if routing not in ROUTING_MODES:
+            raise ValueError(f"routing must be one of {ROUTING_MODES}, got {routing!r}")
 
         self.num_experts = n
         self.decode_threshold = int(decode_threshold)
         self.top_k = top_k  # validated by the property
         self.record_router_probs: bool = True
         self.router_probs: Tensor | None = None
+        self.routing = routing
+        self.routing_inputs = RoutingInputs()  # the model shares one object among its layers
+        self._decision: Routing | None = None  # sequence routing: the current rows' decisions
 
         base_w = {p: getattr(base_mlp, p).weight for p in PROJECTIONS}
         self.hidden_size = base_w["gate_proj"].shape[1]
@@ -297,7 +306,7 @@ class MoEMLP(nn.Module):
         fusion = f", fusion_rank={self.fusion_A['gate_proj'].shape[1]}" if self.fusion_A else ""
         return (
             f"num_experts={self.num_experts}, top_k={self.top_k}, storage={self.storage!r}, "
-            f"decode_threshold={self.decode_threshold}{ranks_repr}{fusion}"
+            f"decode_threshold={self.decode_threshold}, routing={self.routing!r}{ranks_repr}{fusion}"
         )
 
     # ------------------------------------------------------------------ forward
@@ -356,15 +365,43 @@ class MoEMLP(nn.Module):
         self._prep_cache = (key, prep) if cacheable else None
         return prep
 
-    def _route(self, x: Tensor) -> Routing:
-        routing = route(x, self.router.weight, self.expert_bias, self.top_k)
+    def _route(self, hidden_states: Tensor) -> Routing:
+        """The routing of every token of ``hidden_states`` ([B, T, H] or [T, H]), flattened to B·T tokens."""
+        if self.routing == "token":
+            routing = route(hidden_states.reshape(-1, hidden_states.shape[-1]), self.router.weight,
+                            self.expert_bias, self.top_k)
+        else:
+            rows = hidden_states if hidden_states.dim() == 3 else hidden_states.unsqueeze(0)
+            routing = per_token(self._sequence_decision(rows), rows.shape[1])
         self.router_probs = routing.probs if self.record_router_probs else None
         return routing
+
+    def _sequence_decision(self, rows: Tensor) -> Routing:
+        """Each row's decision: taken from its decision-mask tokens, or the one kept while decoding continues."""
+        inputs = self.routing_inputs
+        if inputs.continuing and self._decision is not None:
+            if self._decision.indices.shape[0] != rows.shape[0]:
+                raise RuntimeError(
+                    f"sequence routing holds decisions for {self._decision.indices.shape[0]} rows but this decoding "
+                    f"step has {rows.shape[0]}; call select_rows() when rows leave the batch"
+                )
+            return self._decision
+        mask = inputs.decision_mask
+        if mask is not None and tuple(mask.shape) != tuple(rows.shape[:2]):
+            mask = None  # set for another input (a caller that skipped set_routing_inputs): pool every token
+        decision = route_sequences(rows, mask, self.router.weight, self.expert_bias, self.top_k)
+        self._decision = Routing(*(t.detach() for t in decision))
+        return decision
+
+    def select_rows(self, rows: Tensor) -> None:
+        """Keep only these batch rows' sequence-routing decisions (as the KV cache's ``batch_select_indices``)."""
+        if self._decision is not None:
+            self._decision = Routing(*(t[rows.to(t.device)] for t in self._decision))
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
-        routing = self._route(x)
+        routing = self._route(hidden_states)
         return self._mix(x, routing.weights, routing.indices).reshape(shape)
 
 

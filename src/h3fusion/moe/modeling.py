@@ -19,8 +19,12 @@ from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 
 from h3fusion.moe.configuration import H3FusionConfig
+from h3fusion.moe.content import template_mask
 from h3fusion.moe.layer import MoEMLP
 from h3fusion.moe.lowrank import PROJECTIONS, LowRankDelta
+from h3fusion.moe.router import RoutingInputs
+
+IGNORE_INDEX = -100  # label of the prompt (and padding) tokens in a training batch
 
 
 def moe_layers(model: nn.Module) -> list[MoEMLP]:
@@ -62,6 +66,7 @@ class H3FusionForCausalLM(PreTrainedModel, GenerationMixin):
         self.post_init()
         layers = self.model.get_decoder().layers
         n = config.num_experts
+        self.routing_inputs = RoutingInputs()  # one object, shared by every layer
         for i, layer in enumerate(layers):
             if expert_deltas is not None:
                 deltas = expert_deltas[i]
@@ -69,9 +74,10 @@ class H3FusionForCausalLM(PreTrainedModel, GenerationMixin):
                 deltas = [_zero_deltas(layer.mlp, config.delta_ranks) for _ in range(n)]
             layer.mlp = MoEMLP(
                 layer.mlp, deltas, top_k=config.num_experts_per_tok, storage=config.storage,
-                decode_threshold=config.decode_threshold,
+                decode_threshold=config.decode_threshold, routing=config.routing,
             )
             layer.mlp.set_expert_bias(config.expert_bias)
+            layer.mlp.routing_inputs = self.routing_inputs
 
     # transformers plumbing: embeddings, decoder and generation delegate to the wrapped model
     def get_input_embeddings(self):
@@ -90,7 +96,16 @@ class H3FusionForCausalLM(PreTrainedModel, GenerationMixin):
         pass  # weights come from the base model and the experts, or from the checkpoint
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        self.set_routing_inputs(input_ids, attention_mask, labels=labels, cache=cache)
         return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+
+    def decoder_forward(self, input_ids, attention_mask=None, prompt_length: int | None = None):
+        """The decoder alone (no LM head: routing diagnostics need only the MoE layers' router probabilities),
+        with the routing inputs set as ``forward`` sets them; ``prompt_length``: the input's first tokens are
+        the prompt, the rest an answer (sequence routing decides from the prompt)."""
+        self.set_routing_inputs(input_ids, attention_mask, prompt_length=prompt_length)
+        return self.get_decoder()(input_ids=input_ids, attention_mask=attention_mask)
 
     def prepare_inputs_for_generation(self, *args, **kwargs):
         return self.model.prepare_inputs_for_generation(*args, **kwargs)
@@ -118,6 +133,48 @@ class H3FusionForCausalLM(PreTrainedModel, GenerationMixin):
         for layer in self.moe_layers():
             layer.set_expert_bias(values)
         self.config.expert_bias = values
+
+    # ------------------------------------------------------------------ routing inputs
+    def set_routing_inputs(self, input_ids, attention_mask=None, *, labels=None, cache=None,
+                           prompt_length: int | None = None) -> None:
+        """Tell the MoE layers which of this forward's tokens are content and which a sequence decides from.
+
+        Content: attended tokens outside the prompt template (``config.template_ids``); a row with none
+        counts all its attended tokens. A sequence decides from its prompt's content tokens: the prompt is
+        the labels' ignored tokens when ``labels`` are given (training), the first ``prompt_length`` tokens
+        when given, else the whole input. A forward with a non-empty KV ``cache`` continues decoding.
+        """
+        inputs = self.routing_inputs
+        inputs.continuing = cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0
+        if input_ids is None:  # embeddings given directly: no token ids to tell template from content
+            inputs.content_mask = inputs.decision_mask = None
+            return
+        length = input_ids.shape[-1]
+        attended = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
+                    else attention_mask[..., -length:].bool())
+        content = attended & ~template_mask(input_ids, self.config.template_ids)
+        content = torch.where(content.any(dim=-1, keepdim=True), content, attended)
+        prompt = attended.clone()
+        if labels is not None:
+            prompt &= labels == IGNORE_INDEX
+        if prompt_length is not None:
+            prompt[..., prompt_length:] = False
+        decide = content & prompt
+        inputs.content_mask = content
+        inputs.decision_mask = torch.where(decide.any(dim=-1, keepdim=True), decide, prompt)
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep only these batch rows' sequence-routing decisions: call it where the KV cache drops rows."""
+        for layer in self.moe_layers():
+            layer.select_rows(rows)
+
+    @property
+    def routing(self) -> str:
+        return self.config.routing
+
+    def set_template_ids(self, template_ids: Sequence[Sequence[int]]) -> None:
+        """The prompt format's fixed pieces as token ids (``h3fusion.moe.content.template_token_ids``)."""
+        self.config.template_ids = [list(piece) for piece in template_ids]
 
     def set_top_k(self, top_k: int) -> None:
         for layer in self.moe_layers():

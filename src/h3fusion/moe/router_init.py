@@ -67,7 +67,8 @@ def init_routers(model: H3FusionForCausalLM, tokenizer, prompts: Sequence[Sequen
 
     handles = [layer.register_forward_pre_hook(set_router) for layer in model.moe_layers()]
     try:
-        model.get_decoder()(**batch.to(model.device))  # only the MLP inputs are needed: skip the LM head
+        batch = batch.to(model.device)
+        model.decoder_forward(batch["input_ids"], batch["attention_mask"])  # only the MLP inputs are needed
     finally:
         for handle in handles:
             handle.remove()

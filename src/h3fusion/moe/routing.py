@@ -1,7 +1,8 @@
 """Routing diagnostics: where each axis's prompts go, per layer and per sample.
 
-For any MoE model and prompts grouped by axis:
-* ``layer_expert_mean`` [layers x experts]: mean router probability over the axis's real tokens
+They count a prompt's content tokens only, never its template (``H3FusionForCausalLM.set_routing_inputs``);
+for a model that knows no template, every real token. For any MoE model and prompts grouped by axis:
+* ``layer_expert_mean`` [layers x experts]: mean router probability over the axis's content tokens
   (the paper's heat-map);
 * ``sample_means`` [samples x experts]: each prompt's routing averaged over its tokens and layers
   (the paper's "activation intensity" histograms, which show how gamma_k shifts expert k's share);
@@ -20,11 +21,19 @@ import torch
 from h3fusion.moe.modeling import moe_layers
 
 
-def mean_router_probs(model, attention_mask: torch.Tensor) -> torch.Tensor:
-    """p_bar [B, N]: each sequence's router probabilities averaged over its real tokens and all layers."""
+def content_mask(model) -> torch.Tensor | None:
+    """[B, T] bool: the content tokens of the model's latest forward (None before any)."""
     layers = moe_layers(model)
-    batch, length = attention_mask.shape
-    mask = attention_mask.to(torch.float32)
+    return layers[0].routing_inputs.content_mask if layers else None
+
+
+def mean_router_probs(model, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """p_bar [B, N]: each sequence's router probabilities averaged over its ``token_mask`` tokens (default:
+    the content tokens of the latest forward) and all layers."""
+    layers = moe_layers(model)
+    token_mask = content_mask(model) if token_mask is None else token_mask
+    batch, length = token_mask.shape
+    mask = token_mask.to(torch.float32)
     total = 0
     for layer in layers:
         probs = layer.router_probs.view(batch, length, -1)  # [B, T, N]
@@ -55,13 +64,14 @@ def routing_stats(model, tokenizer, prompts: Mapping[str, Sequence[str]], batch_
                 batch = tokenizer(list(texts[start:start + batch_size]), return_tensors="pt", padding=True,
                                   truncation=True, max_length=max_length)
                 batch = {k: v.to(model.device) for k, v in batch.items()}
-                model.get_decoder()(**batch)  # routing needs no LM head: skip the vocab-sized logits
-                mask = batch["attention_mask"].to(torch.float32)
+                model.decoder_forward(**batch)  # routing needs no LM head: skip the vocab-sized logits
+                tokens_mask = content_mask(model)
+                mask = tokens_mask.to(torch.float32)
                 for i, layer in enumerate(layers):
                     probs = layer.router_probs.view(*mask.shape, -1).float()
                     layer_sums[i] += (probs * mask[..., None]).sum(dim=(0, 1)).cpu()
                 tokens += float(mask.sum())
-                samples.append(mean_router_probs(model, batch["attention_mask"]).float().cpu())
+                samples.append(mean_router_probs(model, tokens_mask).float().cpu())
             sample_means = torch.cat(samples)
             target = names.index(axis) if axis in names else None
             stats[axis] = {
@@ -85,14 +95,14 @@ def answer_routing(model, prompt_ids: Sequence[int], answer_ids: Sequence[int]) 
 
     One teacher-forced pass over prompt + answer (through the decoder only, as ``routing_stats``):
     the answer's positions route exactly as they did while it was generated, current bias and top-k
-    included (the probabilities are the softmax before top-k).
+    included (the probabilities are the softmax before top-k; sequence routing decides from the prompt).
     """
     layers = moe_layers(model)
     ids = torch.tensor([[*prompt_ids, *answer_ids]], device=model.device)
     was_training = model.training
     model.eval()
     try:
-        model.get_decoder()(input_ids=ids)
+        model.decoder_forward(ids, prompt_length=len(prompt_ids))
     finally:
         model.train(was_training)
     start = len(prompt_ids)
