@@ -1,7 +1,8 @@
 """Stage 2 — `h3fusion build`: the run's MoE, built from the base model and the run's expert adapters.
 
 Reads the run config and ``<run>/experts/<axis>/`` (or ``moe.adapters``), and for a router_init other
-than random the first ``moe.prototype_prompts`` training prompts of each axis; writes ``<run>/moe/``
+than random ``moe.prototype_prompts`` training prompts of each axis (a stratified, de-duplicated sample:
+``h3fusion.data.sampling``); writes ``<run>/moe/``
 (the model, its tokenizer, ``config.yaml`` and ``h3fusion_build.json``, the completion marker). The
 MoE itself is assembled by the library, ``h3fusion.moe.assemble.build_moe``.
 """
@@ -38,6 +39,7 @@ def adapter_paths(config) -> dict[str, Path]:
 def build_run(config, log=print) -> Path:
     """Stage 2 for a run config: write the MoE to <run>/moe/ (skipped when already built)."""
     from h3fusion.data import format_prompt, load_train
+    from h3fusion.data.sampling import stratified_sample
     from h3fusion.io import stage_writes, write_json
 
     out = moe_dir(config)
@@ -57,7 +59,7 @@ def build_run(config, log=print) -> Path:
         prompts = {
             axis: [
                 format_prompt(e.instruction, e.input, config.data.prompt_format, tokenizer)
-                for e in load_train(axis, config)[: config.moe.prototype_prompts]
+                for e in stratified_sample(load_train(axis, config), config.moe.prototype_prompts, config.seed)
             ]
             for axis in config.experts
         }

@@ -98,7 +98,8 @@ class MoEConfig(_Section):
     (mergekit's "hidden" gate); fitted: per-layer logistic regression from token hidden states to
     the prompt's axis on the same prompts (routes far better than prototypes at small scale)."""
     prototype_prompts: int = Field(32, ge=1)
-    """Training prompts per axis used by router_init=prototype or fitted."""
+    """Training prompts per axis used by router_init=prototype or fitted: a seeded sample of distinct prompts
+    that takes the strata in turn (with / without an input, refusing / complying answers)."""
     routing: Literal["token", "sequence"] = "token"
     """token: every token routed on its own (the paper, Mixtral); sequence: each layer decides once per
     sequence from the mean of its prompt's content tokens (the template excluded) and keeps that decision,
