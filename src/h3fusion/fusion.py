@@ -30,12 +30,23 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import Trainer
 
-from h3fusion.config import FUSE_SETTINGS, RunConfig, dump_config, refuse_other_settings
+from h3fusion.config import RunConfig
 from h3fusion.errors import H3FusionError
 from h3fusion.io import stage_writes, write_json
 from h3fusion.moe.dropout import use_mask_dropout
 from h3fusion.moe.modeling import H3FusionForCausalLM, moe_layers
 from h3fusion.moe.routing import mean_router_probs, plot_routing, routing_stats
+from h3fusion.runs import (
+    FUSE_MARKER,
+    FUSE_SETTINGS,
+    checkpoints_dir,
+    fused_dir,
+    fused_is_complete,
+    moe_dir,
+    moe_is_built,
+    record_settings,
+    refuse_other_settings,
+)
 from h3fusion.sft import (
     SFTCollator,
     SFTDataset,
@@ -225,23 +236,18 @@ def axis_labels(config: RunConfig) -> dict[str, int]:
     return labels
 
 
-def fused_dir(config: RunConfig) -> Path:
-    return config.run_path / "fused"
-
-
 def fuse_run(config: RunConfig, log=print) -> Path:
     """Stage 3 for a run config: <run>/moe -> <run>/fused (skipped when complete, resumed when killed)."""
     from h3fusion.data import mixed_train
     from h3fusion.models import load_model, weights_bytes
-    from h3fusion.moe.build import moe_dir
 
     out = fused_dir(config)
-    if (out / "fusion_log.json").is_file():
+    if fused_is_complete(out):
         refuse_other_settings(out, config, FUSE_SETTINGS)
         log(f"[fuse] complete at {out}, skipping")
         return out
     source = moe_dir(config)
-    if not (source / "h3fusion_build.json").is_file():
+    if not moe_is_built(source):
         raise H3FusionError(f"no MoE at {source}; run `h3fusion build` first")
     examples = mixed_train(config, per_axis=config.fusion.examples_per_axis)
     model, tokenizer = load_model(str(source), config.model.dtype)
@@ -252,7 +258,7 @@ def fuse_run(config: RunConfig, log=print) -> Path:
     before = routing_stats(model, tokenizer, prompts)["axes"]
     prepare_for_fusion(model, config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    checkpoints = out / "checkpoints"
+    checkpoints = checkpoints_dir(out)
     resume = last_checkpoint(checkpoints)
     log(f"[fuse] {len(dataset)} examples ({', '.join(f'{a}={i}' for a, i in labels.items())}), "
         f"{trainable:,} trainable parameters{', resuming from ' + resume if resume else ''}")
@@ -282,8 +288,8 @@ def fuse_run(config: RunConfig, log=print) -> Path:
         write_json(out / "routing.json", routing)
         plot_routing(routing, out / "plots", title=f"{config.name}: routing of held-out prompts after fusion")
         tokenizer.save_pretrained(out)
-        dump_config(config, out / "config.yaml")
-        write_json(out / "fusion_log.json", {  # written last: marks the stage complete
+        record_settings(config, out)
+        write_json(out / FUSE_MARKER, {  # written last: marks the stage complete
             "examples": len(dataset),
             "axis_labels": labels,
             "steps": trainer.state.global_step,

@@ -26,7 +26,7 @@ def load_logit_ensemble(config: RunConfig):
     from peft import PeftModel
 
     from h3fusion.models import load_model
-    from h3fusion.moe.build import adapter_paths
+    from h3fusion.runs import adapter_paths
 
     paths = adapter_paths(config)
     missing = [axis for axis, path in paths.items() if not (Path(path) / "adapter_config.json").is_file()]
