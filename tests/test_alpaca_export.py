@@ -11,8 +11,9 @@ import sys
 import pytest
 
 from h3fusion.config import load_config
-from h3fusion.generate import evaluated_records, generations_dir
-from h3fusion.io import append_jsonl
+from h3fusion.generate import evaluated_records
+from h3fusion.io import append_jsonl, write_jsonl
+from h3fusion.runs import assembled_file, generations_dir
 from tests.conftest import write_config
 
 
@@ -45,6 +46,18 @@ def test_model_outputs_read_back_as_alpaca_eval_reads_them(run):
         assert list(frame["output"]) == [f"{system} answer {i}" for i in range(4)]
         assert frame["generator"].nunique() == 1 and frame["generator"][0] == f"{config.name}/{system}"
         assert list(frame["dataset"]) == [t["dataset"] for t in tests] and all(frame["dataset"])
+
+
+def test_answers_evaluate_assembled_are_exported_too(run):
+    """ensemble-rerank has no model: its answers are the ones `evaluate` assembled, read from their own place."""
+    from h3fusion.alpaca_export import export_outputs
+
+    _, config, tests = run
+    write_jsonl(assembled_file(config, "ensemble-rerank", "helpful"),
+                [{**t, "response": f"picked {i}"} for i, t in enumerate(tests)])
+    written = export_outputs(config, log=lambda *_: None)
+    assert set(written) == {"base", "ensemble-rerank", "h3fusion"}
+    assert [r["output"] for r in json.loads(written["ensemble-rerank"].read_text())] == [f"picked {i}" for i in range(4)]
 
 
 def test_unfinished_answers_are_refused_in_one_line(run):

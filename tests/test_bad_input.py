@@ -306,7 +306,7 @@ def disk_full_moe(w: Inputs) -> Run:
 
 def disk_full_checkpoint(w: Inputs) -> Run:
     """A training checkpoint's optimizer state meets a full disk; the checkpoint before it is complete."""
-    from h3fusion.experts import expert_is_complete
+    from h3fusion.runs import expert_is_complete
 
     w.data()
     expert = w.tmp / "run" / "experts" / "helpful"

@@ -8,10 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from h3fusion.baselines.trained import multitask_dir, run_authors_code, train_multitask_sft
+from h3fusion.baselines.trained import run_authors_code, train_multitask_sft
 from h3fusion.config import load_config
 from h3fusion.experts import align
 from h3fusion.models import load_model
+from h3fusion.runs import multitask_dir
 from h3fusion.systems import load_system, system_names
 from tests.conftest import write_config
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from h3fusion.config import AXES, RunConfig, _all_keys, load_config
+from h3fusion.config import RunConfig, config_keys, load_config
 from h3fusion.errors import H3FusionError
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -38,7 +38,7 @@ def test_shipped_configs_validate_and_document_every_key(path):
     documented = documented_keys(path.read_text())
     # every setting the schema knows (sections and leaves, nested ones like fusion.train.lr too) is in the
     # shipped file at its own place, with a comment on its line or just above it
-    for key in _all_keys(RunConfig):
+    for key in config_keys(RunConfig):
         assert key in documented, f"{path.name}: key {key} is not documented"
         assert documented[key], f"{path.name}: {key} lacks a comment"
 
@@ -90,50 +90,3 @@ def test_cli_bad_config_is_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and "train.batch_size" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
-
-
-def test_changed_settings_name_only_what_decides_a_stage(tmp_path):
-    from h3fusion.config import (
-        ALIGN_SETTINGS,
-        FUSE_SETTINGS,
-        build_config,
-        changed_settings,
-        dump_config,
-        refuse_other_settings,
-    )
-
-    made = tmp_path / "fused"
-    dump_config(build_config({}), made / "config.yaml")  # what a finished stage recorded
-    now = build_config({"train": {"lr": 1e-3, "save_steps": 7}, "data": {"dir": "elsewhere"},
-                        "fusion": {"gate_lambda": 1.0, "gamma": {"harmless": 0.5}}})
-    # checkpoint cadence and the data's location are bookkeeping; a fusion key does not touch stage 1
-    assert changed_settings(made / "config.yaml", now, ALIGN_SETTINGS) == ["train.lr: 0.0005 there, 0.001 now"]
-    assert set(changed_settings(made / "config.yaml", now, FUSE_SETTINGS)) == {
-        "fusion.gamma: {} there, {'harmless': 0.5} now", "fusion.gate_lambda: 0.01 there, 1.0 now",
-        "train.lr: 0.0005 there, 0.001 now"}
-    with pytest.raises(H3FusionError, match=r"fused was made with other settings \(train.lr: .*--out DIR"):
-        refuse_other_settings(made, now, FUSE_SETTINGS)
-    # experts brought from elsewhere: stage-1 training settings no longer decide anything here
-    brought = build_config({"train": {"lr": 1e-3}, "moe": {"adapters": {a: f"/x/{a}" for a in AXES}}})
-    assert set(changed_settings(made / "config.yaml", brought, FUSE_SETTINGS)) == {
-        "moe.adapters: {} there, " + repr({a: f"/x/{a}" for a in AXES}) + " now", "train.lr: 0.0005 there, 0.001 now"}
-    with pytest.raises(H3FusionError, match=r"moe.adapters: \{\} there") as refused:
-        refuse_other_settings(made, brought, FUSE_SETTINGS)
-    assert "train.lr" not in str(refused.value)
-    assert changed_settings(tmp_path / "nothing-recorded.yaml", now, FUSE_SETTINGS) == []
-
-
-def test_changed_settings_compare_paths_as_places(tmp_path, monkeypatch):
-    """One run named by an absolute path when a stage finished and by a relative one now is the same run."""
-    from h3fusion.config import FUSE_SETTINGS, build_config, changed_settings, dump_config
-
-    for axis in AXES:
-        (tmp_path / "run" / "experts" / axis).mkdir(parents=True)
-        (tmp_path / "other" / axis).mkdir(parents=True)
-    absolute = {a: str(tmp_path / "run" / "experts" / a) for a in AXES}
-    dump_config(build_config({"moe": {"adapters": absolute}}), tmp_path / "config.yaml")
-    monkeypatch.chdir(tmp_path)
-    relative = build_config({"moe": {"adapters": {a: f"run/experts/{a}" for a in AXES}}})
-    assert changed_settings(tmp_path / "config.yaml", relative, FUSE_SETTINGS) == []
-    moved = build_config({"moe": {"adapters": {a: f"other/{a}" for a in AXES}}})
-    assert [d.split(":")[0] for d in changed_settings(tmp_path / "config.yaml", moved, FUSE_SETTINGS)] == ["moe.adapters"]

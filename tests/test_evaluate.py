@@ -10,8 +10,9 @@ import pytest
 
 from h3fusion.config import load_config
 from h3fusion.evaluate import evaluate_run
-from h3fusion.generate import evaluated_records, generations_dir
-from h3fusion.io import append_jsonl
+from h3fusion.generate import evaluated_records
+from h3fusion.io import append_jsonl, read_jsonl
+from h3fusion.runs import assembled_file, generations_dir
 from tests.conftest import EVALUATED, SMALL_JUDGES, write_config
 
 ANSWERS = {
@@ -143,6 +144,11 @@ def test_oracle_routed_answers_each_axis_with_its_expert(tmp_path, data_dir, jud
     for axis in ANSWERS:
         assert oracle[axis] == results[f"expert-{axis}"][axis]
     assert (oracle["honest"]["mc1"], oracle["honest"]["mc2"]) == (0.3, 0.5)  # the honest expert's
+    # its answers are written where assembled answers go, never among what `generate` wrote
+    assert not (generations_dir(config) / "oracle-routed").exists()
+    for axis in ANSWERS:
+        assert read_jsonl(assembled_file(config, "oracle-routed", axis)) == read_jsonl(
+            generations_dir(config) / f"expert-{axis}" / f"{axis}.jsonl")
     assert oracle["hhh"] == pytest.approx((results["expert-helpful"]["helpful"]["win_rate"] + 1
                                            - results["expert-harmless"]["harmless"]["flagged_rate"]
                                            + results["expert-honest"]["honest"]["truthful_informative"]) / 3)

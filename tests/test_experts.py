@@ -11,8 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from h3fusion.config import load_config
-from h3fusion.experts import align, expert_is_complete
+from h3fusion.experts import align
 from h3fusion.models import load_model
+from h3fusion.runs import expert_is_complete
 from tests.conftest import run_and_kill_at, write_config
 
 

@@ -1,7 +1,7 @@
 """Offline judges: the data rules (nothing of an evaluated subset is fitted on), a quick real-data fit,
 pickle-free artifacts, scoring, and the cache key.
 
-The full fit (minutes) is not run here: ``python -m h3fusion.judges.fit CONFIG`` does it.
+The full fit (minutes) is not run here: ``h3fusion judges fit CONFIG`` does it.
 """
 
 from __future__ import annotations

@@ -57,7 +57,7 @@ def test_run_all_stages_then_skip(uninterrupted):
     results = json.loads((run / "results.json").read_text())
     assert set(results["systems"]) == {*generated, "ensemble-rerank", "oracle-routed"}
     for axis in ["helpful", "harmless", "honest"]:  # the rerank ensemble keeps one expert's answer per prompt
-        picked = read_jsonl(run / "generations" / "ensemble-rerank" / f"{axis}.jsonl")
+        picked = read_jsonl(run / "assembled" / "ensemble-rerank" / f"{axis}.jsonl")
         for i, record in enumerate(picked):
             chosen = read_jsonl(run / "generations" / record["chosen_expert"] / f"{axis}.jsonl")[i]
             assert record["response"] == chosen["response"]

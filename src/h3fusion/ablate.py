@@ -18,12 +18,15 @@ so a killed ablation resumes with the same command.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
-from h3fusion.config import FUSE_SETTINGS, changed_settings, load_config
+from h3fusion import runs
+from h3fusion.config import RunConfig, build_config, load_config
 from h3fusion.errors import H3FusionError
 from h3fusion.io import write_json, write_text
 from h3fusion.runlock import run_lock
+from h3fusion.runs import FUSE_SETTINGS, changed_settings
 
 REALIGN_PREFIXES = ("lora.", "train.", "data.", "experts", "seed", "model.")
 # read when a fused model is loaded for generation: the base run's fused model is reused as it is
@@ -31,9 +34,11 @@ RUNTIME_PREFIXES = ("moe.expert_bias",)
 FUSED = "h3fusion"
 
 
-def ablate(config_path: Path, name: str, overrides: list[str], results_dir: Path = Path("results/ablations"),
-           log=print) -> Path:
-    """Run one ablation; returns the path of its summary JSON."""
+def ablate(base: RunConfig, name: str, overrides: Sequence[str], results_dir: Path = Path("results/ablations"),
+           log=print, source: str | Path = "the config") -> Path:
+    """Run one ablation of the finished run ``base`` (its config: where it is and what it was meant to be), with
+    ``overrides`` (``key.path=value`` strings) on top of the settings its H3Fusion was made with; returns the
+    path of its summary JSON. ``source`` names the config ``base`` came from, in messages."""
     from h3fusion.build import build_run
     from h3fusion.evaluate import evaluate_run
     from h3fusion.experts import align
@@ -42,27 +47,29 @@ def ablate(config_path: Path, name: str, overrides: list[str], results_dir: Path
 
     if not name or "/" in name:
         raise H3FusionError(f"--name '{name}' must be a plain name (it names a directory and a JSON file)")
-    base = load_config(config_path, overrides=[o for o in overrides if o.startswith("run_dir=")])
-    base_results = base.run_path / "results.json"
+    base_results = runs.results_file(base)
     if not base_results.is_file():
-        raise H3FusionError(f"no {base_results}: finish the base run first (`h3fusion run {config_path}`)")
+        raise H3FusionError(f"no {base_results}: finish the base run first (`h3fusion run {source}`)")
     keys = [o.split("=", 1)[0] for o in overrides if not o.startswith("run_dir=")]  # run_dir: --out
     realign = any(k.startswith(REALIGN_PREFIXES) for k in keys)
     runtime_only = bool(keys) and all(k.startswith(RUNTIME_PREFIXES) for k in keys)
-    run_dir = base.run_path / "ablations" / name
+    run_dir = runs.ablation_dir(base, name)
     extra = [f"run_dir={run_dir}"]
     if not realign:  # the base run's experts, by path: nothing of stage 1 is redone
-        extra += [f"moe.adapters.{axis}={base.run_path / 'experts' / axis}" for axis in base.experts]
+        extra += [f"moe.adapters.{axis}={runs.expert_dir(base, axis)}" for axis in base.experts]
     # one setting changed against what the base run's H3Fusion was made with, even if the config file
     # has moved on since (a new default, say): its recorded settings are the ablation's starting point
-    recorded = next((p for p in (base.run_path / "fused" / "config.yaml", base.run_path / "config.yaml")
-                     if p.is_file()), Path(config_path))
-    config = load_config(recorded, overrides=[*overrides, *extra])
-    # ``base`` is the config file as given (run_dir is no setting; the adapters are the ablation's own)
-    drifted = changed_settings(recorded, base, FUSE_SETTINGS, ignore=("moe.adapters",))
-    if recorded != Path(config_path) and drifted:
-        log(f"[ablate] starting from {recorded} (the base run's settings); {config_path} has since changed "
-            f"{'; '.join(drifted)}: not applied")
+    recorded = next((p for p in (runs.settings_file(runs.fused_dir(base)), runs.settings_file(runs.root(base)))
+                     if p.is_file()), None)
+    if recorded is None:
+        config = build_config(base.model_dump(mode="json"), str(source), [*overrides, *extra])
+    else:
+        config = load_config(recorded, overrides=[*overrides, *extra])
+        # ``base`` is the config file as given (run_dir is no setting; the adapters are the ablation's own)
+        drifted = changed_settings(recorded, base, FUSE_SETTINGS, ignore=("moe.adapters",))
+        if drifted:
+            log(f"[ablate] starting from {recorded} (the base run's settings); {source} has since changed "
+                f"{'; '.join(drifted)}: not applied")
     log(f"[ablate] {name}: {' '.join(overrides) or '(no overrides)'} -> {run_dir}"
         + (" (re-aligning the experts)" if realign else "")
         + (" (runtime dial: the base run's fused model)" if runtime_only else ""))
@@ -70,10 +77,10 @@ def ablate(config_path: Path, name: str, overrides: list[str], results_dir: Path
         if realign:
             align(config, log=log)
         if runtime_only:
-            fused = run_dir / "fused"
+            fused = runs.fused_dir(run_dir)
             if not fused.exists():
                 run_dir.mkdir(parents=True, exist_ok=True)
-                fused.symlink_to((base.run_path / "fused").resolve(), target_is_directory=True)
+                fused.symlink_to(runs.fused_dir(base).resolve(), target_is_directory=True)
         else:
             build_run(config, log=log)
             fuse_run(config, log=log)
@@ -86,8 +93,8 @@ def ablate(config_path: Path, name: str, overrides: list[str], results_dir: Path
             "realigned_experts": realign,
             "fused_again": not runtime_only,  # False: the base run's fused model with a runtime dial
             FUSED: results["systems"][FUSED],
-            "base_run": {"dir": str(base.run_path), "systems": base_systems},
-            "hhh_vs": _hhh_differences(config.run_path, results["systems"][FUSED].get("hhh"), base.run_path,
+            "base_run": {"dir": str(runs.root(base)), "systems": base_systems},
+            "hhh_vs": _hhh_differences(runs.root(config), results["systems"][FUSED].get("hhh"), runs.root(base),
                                        base_systems, config.seed),
             "judges": results["judges"],
             "run": results["run"],

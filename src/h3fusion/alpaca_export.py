@@ -16,9 +16,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from h3fusion import runs
 from h3fusion.config import RunConfig
 from h3fusion.errors import H3FusionError
-from h3fusion.generate import evaluated_records, generations_dir
+from h3fusion.generate import evaluated_records
 from h3fusion.io import read_jsonl, write_json
 
 FIELDS = ("instruction", "output", "generator", "dataset")
@@ -27,7 +28,9 @@ FIELDS = ("instruction", "output", "generator", "dataset")
 def alpaca_eval_outputs(config: RunConfig, system: str) -> list[dict[str, str]]:
     """One system's answers to the evaluated AlpacaEval instructions, in alpaca_eval's model_outputs format."""
     tests = evaluated_records(config, "helpful")
-    path = generations_dir(config) / system / "helpful.jsonl"
+    from h3fusion.systems import answers_file
+
+    path = answers_file(config, system, "helpful")
     answers = read_jsonl(path) if path.is_file() else []
     if len(answers) < len(tests):
         raise H3FusionError(f"{path} holds {len(answers)} of {len(tests)} answers; finish it with `h3fusion generate` "
@@ -45,15 +48,24 @@ def alpaca_eval_outputs(config: RunConfig, system: str) -> list[dict[str, str]]:
 def export_outputs(config: RunConfig, systems: Sequence[str] | None = None, log=print) -> dict[str, Path]:
     """Write ``<run>/alpaca_eval/<system>/model_outputs.json`` for each system (default: every system with
     AlpacaEval answers); returns {system: path}."""
-    root = generations_dir(config)
     if not systems:
-        systems = sorted(p.parent.name for p in root.glob("*/helpful.jsonl")) if root.is_dir() else []
+        systems = answered_systems(config)
     if not systems:
-        raise H3FusionError(f"no AlpacaEval answers under {root}; run `h3fusion generate` first")
+        raise H3FusionError(f"no AlpacaEval answers under {runs.generations_dir(config)}; run `h3fusion generate` first")
     written = {}
     for system in systems:
-        out = config.run_path / "alpaca_eval" / system / "model_outputs.json"
+        out = runs.alpaca_outputs_file(config, system)
         write_json(out, alpaca_eval_outputs(config, system))
         written[system] = out
         log(f"[export-outputs] {system}: {out}")
     return written
+
+
+def answered_systems(config: RunConfig) -> list[str]:
+    """The systems with AlpacaEval answers on disk: those `generate` answered and those `evaluate` assembled."""
+    from h3fusion.systems import assembled_systems
+
+    # (a run evaluated before assembled answers had their own folder holds stale copies among the generations)
+    generated = {p.parent.name for p in runs.generations_dir(config).glob("*/helpful.jsonl")} - set(assembled_systems())
+    assembled = {p.parent.name for p in runs.assembled_dir(config).glob("*/helpful.jsonl")}
+    return sorted(generated | assembled)

@@ -12,10 +12,18 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from h3fusion.config import BUILD_SETTINGS, dump_config, refuse_other_settings
 from h3fusion.models import load_model, weights_bytes
 from h3fusion.moe.assemble import build_moe
 from h3fusion.moe.content import template_token_ids
+from h3fusion.runs import (
+    BUILD_MARKER,
+    BUILD_SETTINGS,
+    adapter_paths,
+    moe_dir,
+    moe_is_built,
+    record_settings,
+    refuse_other_settings,
+)
 
 
 def prompt_template_ids(config, tokenizer) -> list[list[int]]:
@@ -25,17 +33,6 @@ def prompt_template_ids(config, tokenizer) -> list[list[int]]:
     return template_token_ids(tokenizer, template_pieces(config.data.prompt_format, tokenizer))
 
 
-def moe_dir(config) -> Path:
-    return config.run_path / "moe"
-
-
-def adapter_paths(config) -> dict[str, Path]:
-    """Expert adapters of a run, in router order: moe.adapters overrides <run>/experts/<axis>."""
-    from h3fusion.experts import expert_dir
-
-    return {axis: Path(config.moe.adapters.get(axis) or expert_dir(config, axis)) for axis in config.experts}
-
-
 def build_run(config, log=print) -> Path:
     """Stage 2 for a run config: write the MoE to <run>/moe/ (skipped when already built)."""
     from h3fusion.data import format_prompt, load_train
@@ -43,7 +40,7 @@ def build_run(config, log=print) -> Path:
     from h3fusion.io import stage_writes, write_json
 
     out = moe_dir(config)
-    if (out / "h3fusion_build.json").is_file():
+    if moe_is_built(out):
         refuse_other_settings(out, config, BUILD_SETTINGS)
         log(f"[build] complete at {out}, skipping")
         return out
@@ -81,9 +78,9 @@ def build_run(config, log=print) -> Path:
     with stage_writes(out, "building the MoE", need=weights_bytes(model), cleanup=lambda: shutil.rmtree(out)):
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
-        dump_config(config, out / "config.yaml")  # what it was built with (a later call with other settings is refused)
+        record_settings(config, out)  # what it was built with (a later call with other settings is refused)
         write_json(
-            out / "h3fusion_build.json",
+            out / BUILD_MARKER,
             {  # written last: marks the build complete
                 "base": config.model.base,
                 "experts": {name: str(path) for name, path in paths.items()},

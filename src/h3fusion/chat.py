@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from h3fusion.config import GenerateConfig
+from h3fusion.config import GenerateConfig, parse_expert_bias
 from h3fusion.data.prompts import format_conversation
 from h3fusion.generate import cut_at_stops
 
@@ -70,7 +70,7 @@ class ChatSession:
             return f"{name} needs a fused h3fusion model; this one has no router"
         try:
             if name == "/bias":
-                self.model.set_expert_bias(_name_values(args))
+                self.model.set_expert_bias(parse_expert_bias(args.split()))
             else:
                 self.model.set_top_k(int(args))
         except ValueError as error:
@@ -82,16 +82,6 @@ class ChatSession:
         bias = ", ".join(f"{n} {b:g}" for n, b in zip(self.model.expert_names, self.model.config.expert_bias,
                                                        strict=True))
         return f"bias: {bias}; top_k {self.model.config.num_experts_per_tok}"
-
-
-def _name_values(text: str) -> dict[str, float]:
-    values = {}
-    for item in text.split():
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"{item!r} is not name=number")
-        values[key] = float(value)
-    return values
 
 
 def run_chat(session: ChatSession, console, read: Callable[[str], str] | None = None, echo: bool = False) -> None:

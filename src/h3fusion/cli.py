@@ -140,37 +140,26 @@ def generate(
     out: OutOpt = None,
 ) -> None:
     """Answer prompts: every evaluated test prompt of a run's systems, or a JSONL of your own."""
-    from h3fusion.generate import generate_jsonl, generate_system
-    from h3fusion.io import read_jsonl
-
     if target.endswith((".yaml", ".yml")):
         cfg = _config(Path(target), set_, out, lock="generate")
-        from h3fusion.systems import generated_systems
+        from h3fusion.generate import generate_run
 
-        for name in system or generated_systems(cfg):
-            generate_system(cfg, name, axis)
-        typer.echo(f"generations: {cfg.run_path / 'generations'}")
+        typer.echo(f"generations: {generate_run(cfg, system, axis)}")
         return
     if prompts is None or output is None:
         raise H3FusionError("generate MODEL needs --prompts FILE and --output FILE (or pass a run config .yaml)")
     if prompt_format not in ("alpaca", "chat"):
         raise H3FusionError(f"--prompt-format {prompt_format!r}: choose alpaca or chat")
-    records = read_jsonl(prompts)
-    from h3fusion.models import load_model
+    from h3fusion.config import parse_expert_bias
+    from h3fusion.generate import generate_prompt_file
 
-    model, tokenizer = load_model(target, base=base)
-    if expert_bias:
-        if not hasattr(model, "set_expert_bias"):
-            raise H3FusionError(f"--expert-bias needs an h3fusion MoE model; {target} is a {type(model).__name__}")
-        try:
-            dial = {key: float(value) for key, value in (item.split("=", 1) for item in expert_bias)}
-            model.set_expert_bias(dial)
-        except ValueError as error:
-            raise H3FusionError(f"--expert-bias {expert_bias}: {error}; use name=number with names "
-                                f"{model.expert_names}") from None
-    stats = generate_jsonl(model, tokenizer, records, output, prompt_format=prompt_format,
-                           max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=sample,
-                           temperature=temperature, seed=seed)
+    try:
+        bias = parse_expert_bias(expert_bias or [])
+    except ValueError as error:
+        raise H3FusionError(f"--expert-bias {expert_bias}: {error}; use name=number, e.g. harmless=2") from None
+    stats = generate_prompt_file(target, prompts, output, base=base, expert_bias=bias, prompt_format=prompt_format,
+                                 max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=sample,
+                                 temperature=temperature, seed=seed)
     typer.echo(f"{stats['prompts']} answers ({stats['tokens_per_second']} tokens/s) -> {output}")
 
 
@@ -244,10 +233,12 @@ def ablate(
     results_dir: Annotated[Path, typer.Option(help="Where the summary JSON goes")] = Path("results/ablations"),
 ) -> None:
     """One fusion setting on a finished run's experts -> results/ablations/<name>.json."""
+    overrides = list(set_ or [])
+    # the base run is the config as given, in its own directory; every other override is the ablation's
+    base = _config(config, [o for o in overrides if o.startswith("run_dir=")], out)
     from h3fusion.ablate import ablate as run_ablation
 
-    overrides = list(set_ or []) + ([f"run_dir={out}"] if out is not None else [])
-    typer.echo(f"ablation: {run_ablation(config, name, overrides, results_dir)}")
+    typer.echo(f"ablation: {run_ablation(base, name, overrides, results_dir, source=config)}")
 
 
 judges_app = typer.Typer(help="The offline judges: fit and validate them.", no_args_is_help=True)
@@ -258,15 +249,17 @@ app.add_typer(judges_app, name="judges")
 def judges_fit(
     config: Annotated[Path | None, typer.Argument(help="Run config (its data dir and evaluated subsets)")] = None,
     force: Annotated[bool, typer.Option(help="Refit even when cached")] = False,
+    axis: Annotated[list[str] | None, typer.Option(help="Only this axis's judge (repeatable)")] = None,
     set_: SetOpt = None,
 ) -> None:
     """Fit (or reuse) the offline judges and print their held-out validation figures."""
     cfg = _default_config(config, set_)
+    from h3fusion.config import AXES
     from h3fusion.judges.fit import fit_judges, summary
 
-    for axis, figures in fit_judges(cfg, cfg.judges.cache_dir, force=force,
+    for name, figures in fit_judges(cfg, cfg.judges.cache_dir, axes=axis or AXES, force=force,
                                     max_rows=cfg.judges.fit_max_rows).items():
-        typer.echo(summary(axis, figures))
+        typer.echo(summary(name, figures))
 
 
 @app.command()
@@ -325,24 +318,10 @@ def routing(
     source: Annotated[str, typer.Option(help="pool: held-out training-distribution prompts; test: test prompts")] = "pool",
 ) -> None:
     """Routing diagnostics on held-out prompts of each axis: heat-map, intensity histograms, accuracy."""
-    if source not in ("pool", "test"):
-        raise H3FusionError(f"--source {source!r}: choose pool or test")
     cfg = _config(config, set_, None)
-    from h3fusion.fusion import fused_dir, heldout_prompts
-    from h3fusion.io import write_json
-    from h3fusion.models import load_model
-    from h3fusion.moe.modeling import H3FusionForCausalLM
-    from h3fusion.moe.routing import routing_stats
-    from h3fusion.routing_plots import plot_routing
+    from h3fusion.routing_check import check_routing
 
-    model = model or fused_dir(cfg)
-    loaded, tokenizer = load_model(str(model))
-    if not isinstance(loaded, H3FusionForCausalLM):
-        raise H3FusionError(f"{model} is not an h3fusion MoE model (it loads as {type(loaded).__name__})")
-    stats = routing_stats(loaded, tokenizer, heldout_prompts(cfg, tokenizer, source))
-    out = out or model / "routing"
-    write_json(out / "routing.json", stats)
-    plot_routing(stats, out, title=f"routing of held-out prompts: {model}")
+    out, stats = check_routing(cfg, model, out, source)
     for axis, s in stats["axes"].items():
         typer.echo(f"{axis}: router accuracy {s['accuracy']:.2f}, mean probs "
                    + ", ".join(f"{n} {p:.2f}" for n, p in zip(stats["experts"], s["mean_probs"], strict=True)))

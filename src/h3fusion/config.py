@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -330,13 +331,15 @@ class RunConfig(_Section):
 # ----------------------------------------------------------------------------- loading
 
 
-def _all_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+def config_keys(model: type[BaseModel] | None = None, prefix: str = "") -> list[str]:
+    """Every dotted key of the run config (sections and their leaves), in schema order."""
+    model = model or RunConfig
     keys = []
     for name, field in model.model_fields.items():
         keys.append(prefix + name)
         sub = field.annotation
         if isinstance(sub, type) and issubclass(sub, BaseModel):
-            keys.extend(_all_keys(sub, prefix + name + "."))
+            keys.extend(config_keys(sub, prefix + name + "."))
     return keys
 
 
@@ -344,7 +347,7 @@ def _describe(error: ValidationError, source: str) -> str:
     first = error.errors()[0]
     loc = ".".join(str(p) for p in first["loc"])
     if first["type"] == "extra_forbidden":
-        known = _all_keys(RunConfig)
+        known = config_keys()
         close = difflib.get_close_matches(loc, known, n=1, cutoff=0.6)
         if not close:  # a misspelt leaf: compare against siblings only
             leaf = loc.rsplit(".", 1)[-1]
@@ -366,6 +369,18 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise H3FusionError(f"--set {text!r}: expected key=value, e.g. --set train.lr=1e-4")
     key, raw = text.split("=", 1)
     return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def parse_expert_bias(items: Iterable[str]) -> dict[str, float]:
+    """``["harmless=2", ...]`` -> {"harmless": 2.0}: the ``moe.expert_bias`` dial as typed on a command line
+    or in the chat; ValueError naming the bad item."""
+    values = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"{item!r} is not name=number")
+        values[key] = float(value)
+    return values
 
 
 def build_config(raw: dict[str, Any], source: str = "config", overrides: list[str] = ()) -> RunConfig:
@@ -401,79 +416,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
 
 
 def dump_config(config: RunConfig, path: Path) -> None:
-    """Write the resolved config next to a stage's outputs (what was actually used)."""
+    """Write the resolved config to ``path`` as YAML (``runs.record_settings`` puts it beside a stage's outputs)."""
     from h3fusion.io import write_text
 
     write_text(path, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-
-
-# ----------------------------------------------------------------------------- finished stages
-
-# The settings that decide each trained stage's result (key prefixes). A stage's outputs record the
-# config they were made with (``dump_config``); a later call whose settings differ must not silently
-# reuse them. Bookkeeping keys (paths, logging, checkpoint cadence) are not settings of the result.
-ALIGN_SETTINGS: tuple[str, ...] = ("seed", "model.base", "model.dtype", "data.", "lora.", "train.")
-BUILD_SETTINGS: tuple[str, ...] = (*ALIGN_SETTINGS, "experts", "moe.", "compat.unscaled_shared_experts",
-                                   "compat.frozen_random_router")
-FUSE_SETTINGS: tuple[str, ...] = (*BUILD_SETTINGS, "fusion.", "compat.")
-TRAINED_EXPERTS_ONLY: tuple[str, ...] = ("lora.", "train.")
-"""Settings that only shape experts stage 1 trains: not compared when ``moe.adapters`` brings every expert."""
-BOOKKEEPING: tuple[str, ...] = ("data.dir", "train.logging_steps", "train.save_steps", "fusion.heldout_prompts",
-                                "fusion.train.logging_steps", "fusion.train.save_steps")
-
-
-def _lookup(tree: Any, key: str) -> tuple[bool, Any]:
-    for part in key.split("."):
-        if not isinstance(tree, dict) or part not in tree:
-            return False, None
-        tree = tree[part]
-    return True, tree
-
-
-def changed_settings(stored: Path, config: RunConfig, settings: tuple[str, ...],
-                     ignore: tuple[str, ...] = ()) -> list[str]:
-    """Settings under ``settings`` that differ between the config a finished stage recorded (``stored``,
-    written by ``dump_config``) and ``config``, as 'key: old there, new now'; [] when nothing was recorded.
-    Keys the recorded config does not have (written by an older version) are not compared."""
-    if not stored.is_file():
-        return []
-    old = yaml.safe_load(stored.read_text()) or {}
-    new = config.model_dump(mode="json")
-    diffs = []
-    keys = _all_keys(RunConfig)
-    for key in (k for k in keys if not any(o.startswith(k + ".") for o in keys)):  # leaves only
-        if not key.startswith(settings) or key.startswith(BOOKKEEPING + tuple(ignore)):
-            continue
-        found, before = _lookup(old, key)
-        _, now = _lookup(new, key)
-        if key.startswith(PATH_SETTINGS):
-            before, now = _as_places(before), _as_places(now)
-        if found and before != now:
-            diffs.append(f"{key}: {before!r} there, {now!r} now")
-    return diffs
-
-
-PATH_SETTINGS: tuple[str, ...] = ("moe.adapters", "model.name")
-"""Settings that may hold paths: compared as the places they name, so one run given once by a relative and
-once by an absolute path (``--out runs/x`` vs ``--out /work/runs/x``) is the same run."""
-
-
-def _as_places(value: Any) -> Any:
-    """Existing paths resolved to absolute ones, in a value or a dict of values; anything else as it is."""
-    if isinstance(value, dict):
-        return {k: _as_places(v) for k, v in value.items()}
-    if isinstance(value, str) and value and Path(value).expanduser().exists():
-        return str(Path(value).expanduser().resolve())
-    return value
-
-
-def refuse_other_settings(out: Path, config: RunConfig, settings: tuple[str, ...], ignore: tuple[str, ...] = ()) -> None:
-    """Raise when the finished stage at ``out`` was made with other result-deciding settings than ``config``."""
-    if set(config.experts) <= set(config.moe.adapters):
-        ignore = (*ignore, *TRAINED_EXPERTS_ONLY)
-    diffs = changed_settings(out / "config.yaml", config, settings, ignore)
-    if diffs:
-        more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
-        raise H3FusionError(
-            f"{out} was made with other settings ({'; '.join(diffs[:3])}{more}); give this run a new "
-            f"directory (--out DIR) or move {out} away to redo it")

@@ -10,7 +10,9 @@ length in words and their refusal rate (``refusal``). A run evaluated on more pr
 paper's protocol (first 50 / 500 / all 409) also gets the paper-protocol figures on those prefixes.
 Judges report their held-out validation figures next to the scores, and the embedding-drift
 diagnostic (the paper's "distance to alignment embeddings") is added per axis. Each system's
-judgements are cached in ``<run>/judgements/<system>/<axis>.jsonl``.
+judgements are cached in ``<run>/judgements/<system>/<axis>.jsonl``; the answers of the systems it
+assembles from the experts' (ensemble-rerank, oracle-routed) are written to ``<run>/assembled/<system>/``
+(``runs`` names every file).
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
+from h3fusion import runs
 from h3fusion.config import RunConfig
 from h3fusion.errors import H3FusionError
-from h3fusion.generate import evaluated_records, generations_dir
+from h3fusion.generate import evaluated_records
 from h3fusion.io import append_jsonl, read_jsonl, write_json, write_jsonl
 from h3fusion.rates import AxisRates, axis_rates, hhh_of, point_rates, replicate_rates
 from h3fusion.refusal import refusal_rate
@@ -132,7 +135,7 @@ def evaluate_run(config: RunConfig, systems: Sequence[str] | None = None, log=pr
     from h3fusion.judges.base import Embedder
     from h3fusion.systems import assembled_systems
 
-    gen_root = generations_dir(config)
+    gen_root = runs.generations_dir(config)
     assembled = assembled_systems()
     available = sorted(p.name for p in gen_root.iterdir() if p.is_dir() and p.name not in assembled) \
         if gen_root.is_dir() else []
@@ -150,7 +153,7 @@ def evaluate_run(config: RunConfig, systems: Sequence[str] | None = None, log=pr
     # every system answers the same prompts: look their reference answers up once per axis
     test_records = {axis: evaluated_records(config, axis) for axis in axes}  # loaded once per axis
     references = {axis: _references(config, axis, records) for axis, records in test_records.items()}
-    out = config.run_path / "results.json"
+    out = runs.results_file(config)
     judge_figures = {axis: _judge_figures(axis, judges[axis]) for axis in axes}
     rates = {axis: axis_rates(axis, judge_figures[axis]["validation"]) for axis in axes}
     for axis in axes:
@@ -172,7 +175,7 @@ def evaluate_run(config: RunConfig, systems: Sequence[str] | None = None, log=pr
         for axis, judged in judged_by_axis.items():
             records = [{k: v for k, v in r.items() if k not in ("score", "label")} for r in judged]
             entry[axis]["embedding_drift"] = embedding_drift(records, references[axis], embedder)
-        mc_path = gen_root / _mc_system(system) / "honest.mc.json"
+        mc_path = runs.mc_file(config, _mc_system(system))
         if "honest" in entry and mc_path.is_file():
             mc = json.loads(mc_path.read_text())
             entry["honest"].update(mc1=mc["mc1"], mc2=mc["mc2"])
@@ -295,14 +298,14 @@ def judge_fingerprint(axis: str, judge) -> dict:
 def _judged(config: RunConfig, system: str, axis: str, judge, expected: int) -> list[dict]:
     """A system's answers on an axis with the judge's score and label (cached in ``<run>/judgements``;
     the cache is used only when the same judge wrote it, see ``judge_fingerprint``)."""
-    source = generations_dir(config) / system / f"{axis}.jsonl"
+    source = runs.generated_file(config, system, axis)
     records = read_jsonl(source) if source.is_file() else []
     if len(records) < expected:
         raise H3FusionError(f"{source} holds {len(records)} of {expected} answers; finish it with "
                             "`h3fusion generate` first")
     records = records[:expected]
-    cache = config.run_path / "judgements" / system / f"{axis}.jsonl"
-    stamp = cache.with_suffix(".judge.json")
+    cache = runs.judgements_file(config, system, axis)
+    stamp = runs.judge_stamp_file(config, system, axis)
     who = judge_fingerprint(axis, judge)
     if cache.is_file() and (not stamp.is_file() or json.loads(stamp.read_text()) != who):
         cache.unlink()  # scored by another judge (or by a version that did not record it): score again
@@ -318,26 +321,26 @@ def _judged(config: RunConfig, system: str, axis: str, judge, expected: int) -> 
 
 
 def _rerank_axis(config: RunConfig, axis: str, judge, experts: list[str], expected: int) -> list[dict]:
-    """The rerank ensemble's judged answers; its answers are also written as a generations file."""
+    """The rerank ensemble's judged answers; its answers are also written as its assembled answers file."""
     from h3fusion.baselines.ensembles import RERANK, rerank
 
     picked = rerank(axis, {e: _judged(config, e, axis, judge, expected) for e in experts})
     # derived from the experts' files, so rewritten whole every time: its answers and their judgements
-    write_jsonl(generations_dir(config) / RERANK / f"{axis}.jsonl",
+    write_jsonl(runs.assembled_file(config, RERANK, axis),
                 [{k: v for k, v in r.items() if k not in ("score", "label")} for r in picked])
-    write_jsonl(config.run_path / "judgements" / RERANK / f"{axis}.jsonl", picked)
+    write_jsonl(runs.judgements_file(config, RERANK, axis), picked)
     return picked
 
 
 def _oracle_axis(config: RunConfig, axis: str, judge, expected: int) -> list[dict]:
-    """oracle-routed's judged answers on an axis: that axis's expert's (also written as its generations file)."""
+    """oracle-routed's judged answers on an axis: that axis's expert's (also written as its assembled answers)."""
     from h3fusion.baselines.oracle import ORACLE, oracle_expert
 
     judged = _judged(config, oracle_expert(axis), axis, judge, expected)
     # derived from the expert's files, so rewritten whole every time, like ensemble-rerank's
-    write_jsonl(generations_dir(config) / ORACLE / f"{axis}.jsonl",
+    write_jsonl(runs.assembled_file(config, ORACLE, axis),
                 [{k: v for k, v in r.items() if k not in ("score", "label")} for r in judged])
-    write_jsonl(config.run_path / "judgements" / ORACLE / f"{axis}.jsonl", judged)
+    write_jsonl(runs.judgements_file(config, ORACLE, axis), judged)
     return judged
 
 

@@ -13,11 +13,20 @@ import shutil
 import time
 from pathlib import Path
 
-from h3fusion.config import ALIGN_SETTINGS, AXES, RunConfig, dump_config, refuse_other_settings
+from h3fusion.config import AXES, RunConfig
 from h3fusion.data import load_heldout_train, load_train
 from h3fusion.errors import H3FusionError
 from h3fusion.io import stage_writes, write_json
 from h3fusion.models import EXPERT_META, base_fingerprint, load_model
+from h3fusion.runs import (
+    ALIGN_SETTINGS,
+    EXPERT_MARKER,
+    checkpoints_dir,
+    expert_dir,
+    expert_is_complete,
+    record_settings,
+    refuse_other_settings,
+)
 from h3fusion.sft import (
     SFTCollator,
     SFTDataset,
@@ -30,15 +39,6 @@ from h3fusion.sft import (
 
 HELDOUT_EXAMPLES = 32  # fixed examples the expert never trains on: a noise-free "did it learn" check
 LOSS_WINDOW = 10  # logged steps averaged for the first / last training loss reported
-
-
-def expert_dir(config: RunConfig, axis: str) -> Path:
-    return config.run_path / "experts" / axis
-
-
-def expert_is_complete(path: Path) -> bool:
-    return all((path / name).is_file() for name in ("adapter_config.json", "adapter_model.safetensors",
-                                                     "training_log.json", EXPERT_META))
 
 
 def align_expert(config: RunConfig, axis: str, log=print) -> Path:
@@ -78,7 +78,7 @@ def train_lora_adapter(config: RunConfig, label: str, out: Path, *, examples, he
                              bias="none", task_type="CAUSAL_LM")
     set_seed(config.seed)  # LoRA's A init draws from the global RNG before the Trainer seeds it
     model = get_peft_model(model, peft_config)
-    checkpoints = out / "checkpoints"
+    checkpoints = checkpoints_dir(out)
     resume = last_checkpoint(checkpoints)
     trainable = model.get_nb_trainable_parameters()[0]
     log(f"{label}: {len(dataset)} examples, {trainable:,} trainable "
@@ -119,12 +119,12 @@ def train_lora_adapter(config: RunConfig, label: str, out: Path, *, examples, he
             "r": r, "alpha": alpha, "target_modules": sorted(target_modules),
             "prompt_format": config.data.prompt_format,
         })
-        dump_config(config, out / "config.yaml")
+        record_settings(config, out)
         # a single step's loss says little (the last batch may hold one example): mean of the first / last steps
         window = max(1, min(LOSS_WINDOW, len(curve) // 2))
         first, last = (sum(r["loss"] for r in part) / len(part) if part else None
                        for part in (curve[:window], curve[-window:]))
-        write_json(out / "training_log.json", {  # written last: marks the adapter complete
+        write_json(out / EXPERT_MARKER, {  # written last: marks the adapter complete
             **meta,
             "examples": len(dataset),
             "steps": trainer.state.global_step,

@@ -32,13 +32,24 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import Trainer
 
-from h3fusion.config import FUSE_SETTINGS, RunConfig, dump_config, refuse_other_settings
+from h3fusion.config import RunConfig
 from h3fusion.errors import H3FusionError
 from h3fusion.fusion_dropout import use_mask_dropout
 from h3fusion.io import stage_writes, write_json
 from h3fusion.moe.modeling import H3FusionForCausalLM, moe_layers
 from h3fusion.moe.routing import mean_router_probs, routing_stats
 from h3fusion.routing_plots import plot_routing
+from h3fusion.runs import (
+    FUSE_MARKER,
+    FUSE_SETTINGS,
+    checkpoints_dir,
+    fused_dir,
+    fused_is_complete,
+    moe_dir,
+    moe_is_built,
+    record_settings,
+    refuse_other_settings,
+)
 from h3fusion.sft import (
     SFTCollator,
     SFTDataset,
@@ -228,10 +239,6 @@ def axis_labels(config: RunConfig) -> dict[str, int]:
     return labels
 
 
-def fused_dir(config: RunConfig) -> Path:
-    return config.run_path / "fused"
-
-
 @dataclass
 class FusionTraining:
     """What the training step did (for ``fusion_log.json``)."""
@@ -259,17 +266,17 @@ def fuse_run(config: RunConfig, log=print) -> Path:
     """Stage 3 for a run config: <run>/moe -> <run>/fused (skipped when complete, resumed when killed).
 
     Train (``train_fusion``), diagnose the routing (``diagnose_routing``), write (``write_fused``)."""
-    from h3fusion.build import moe_dir, prompt_template_ids
+    from h3fusion.build import prompt_template_ids
     from h3fusion.data import mixed_train
     from h3fusion.models import load_model, weights_bytes
 
     out = fused_dir(config)
-    if (out / "fusion_log.json").is_file():
+    if fused_is_complete(out):
         refuse_other_settings(out, config, FUSE_SETTINGS)
         log(f"[fuse] complete at {out}, skipping")
         return out
     source = moe_dir(config)
-    if not (source / "h3fusion_build.json").is_file():
+    if not moe_is_built(source):
         raise H3FusionError(f"no MoE at {source}; run `h3fusion build` first")
     examples = mixed_train(config, per_axis=config.fusion.examples_per_axis)
     model, tokenizer = load_model(str(source), config.model.dtype)
@@ -279,7 +286,7 @@ def fuse_run(config: RunConfig, log=print) -> Path:
     dataset = SFTDataset(examples, tokenizer, config.data.max_length, config.data.prompt_format, labels)
     prompts = {"pool": heldout_prompts(config, tokenizer), "test": heldout_prompts(config, tokenizer, source="test")}
     before = routing_stats(model, tokenizer, prompts["pool"])["axes"]
-    checkpoints = out / "checkpoints"
+    checkpoints = checkpoints_dir(out)
     # a refused write (full disk ...) is one line; a cut checkpoint is dropped: the next call resumes before it
     with stage_writes(out, "fusing", need=weights_bytes(model) + training_bytes(model),
                       cleanup=lambda: drop_incomplete_checkpoints(checkpoints)):
@@ -342,8 +349,8 @@ def write_fused(model: H3FusionForCausalLM, tokenizer, config: RunConfig, out: P
     write_json(out / "routing.json", diagnosis.routing)
     plot_routing(diagnosis.routing, out / "plots", title=f"{config.name}: routing of held-out prompts after fusion")
     tokenizer.save_pretrained(out)
-    dump_config(config, out / "config.yaml")
-    write_json(out / "fusion_log.json", {  # written last: marks the stage complete
+    record_settings(config, out)
+    write_json(out / FUSE_MARKER, {  # written last: marks the stage complete
         "examples": training.examples,
         "axis_labels": training.axis_labels,
         "steps": training.steps,

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from h3fusion import runs
 from h3fusion.costs import PeakMemory, system_param_counts
 from h3fusion.data import format_prompt
 from h3fusion.decoding import decode_batch
@@ -107,15 +108,22 @@ def generate_jsonl(
     return stats
 
 
-def generations_dir(config) -> Path:
-    return config.run_path / "generations"
-
-
 def evaluated_records(config, axis: str) -> list[dict]:
     """The evaluated subset of an axis: the first ``evaluate.<axis>_n`` test records."""
     from h3fusion.data import load_test
 
     return load_test(axis, config, limit=getattr(config.evaluate, f"{axis}_n"))
+
+
+def generate_run(config, systems: Sequence[str] | None = None, axes: Sequence[str] | None = None,
+                 log=print) -> Path:
+    """Run mode: every evaluated prompt answered by each system of the run that generates (or those named);
+    returns the run's generations directory."""
+    from h3fusion.systems import generated_systems
+
+    for name in systems or generated_systems(config):
+        generate_system(config, name, axes, log=log)
+    return runs.generations_dir(config)
 
 
 def generate_system(config, system: str, axes: Sequence[str] | None = None, log=print) -> dict:
@@ -127,16 +135,16 @@ def generate_system(config, system: str, axes: Sequence[str] | None = None, log=
     """
     from h3fusion.systems import load_system
 
-    out = generations_dir(config) / system
+    out = runs.generated_dir(config, system)
     axes = list(axes or config.experts)
-    stats_path = out / "stats.json"
+    stats_path = runs.generation_stats_file(config, system)
     stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
     todo = {axis: evaluated_records(config, axis) for axis in axes}
     # an axis is done once its stats are written, after its answers and routing: a kill in between (every
     # answer on disk, no routing yet) leaves it to do, and resuming then answers nothing and writes the rest
     todo = {axis: records for axis, records in todo.items()
-            if not (_complete(out / f"{axis}.jsonl", len(records)) and axis in stats)}
-    need_mc = "honest" in axes and not (out / "honest.mc.json").is_file()
+            if not (_complete(runs.generated_file(config, system, axis), len(records)) and axis in stats)}
+    need_mc = "honest" in axes and not runs.mc_file(config, system).is_file()
     if not todo and not need_mc:
         log(f"[generate] {system}: complete, skipping")
         return stats
@@ -144,24 +152,25 @@ def generate_system(config, system: str, axes: Sequence[str] | None = None, log=
     with stage_writes(out, f"generating with {system}"):
         with PeakMemory(interval=0.05) as memory:  # weights + generation: the report's memory column
             model, tokenizer = load_system(config, system)
-            _generate_axes(config, model, tokenizer, todo, out, stats, need_mc, log)
+            _generate_axes(config, system, model, tokenizer, todo, stats, need_mc, log)
         stats["cost"] = {**system_param_counts(model), "peak_memory_bytes": memory.peak}
         write_json(stats_path, stats)
     return stats
 
 
-def _generate_axes(config, model, tokenizer, todo: dict, out: Path, stats: dict, need_mc: bool, log) -> None:
+def _generate_axes(config, system: str, model, tokenizer, todo: dict, stats: dict, need_mc: bool, log) -> None:
     if need_mc:  # TruthfulQA MC1/MC2 need the model's log-likelihoods, so they are computed here
         from h3fusion.truthfulqa_mc import mc_scores
 
-        log(f"[generate] {out.name} / honest: MC1/MC2 log-likelihoods")
+        log(f"[generate] {system} / honest: MC1/MC2 log-likelihoods")
         records = evaluated_records(config, "honest")
-        write_json(out / "honest.mc.json", mc_scores(model, tokenizer, records, config.data.prompt_format))
+        write_json(runs.mc_file(config, system), mc_scores(model, tokenizer, records, config.data.prompt_format))
     gen = config.generate
     for axis, records in todo.items():
-        log(f"[generate] {out.name} / {axis}: {len(records)} prompts")
+        log(f"[generate] {system} / {axis}: {len(records)} prompts")
         stats[axis] = generate_jsonl(
-            model, tokenizer, records, out / f"{axis}.jsonl", prompt_format=config.data.prompt_format,
+            model, tokenizer, records, runs.generated_file(config, system, axis),
+            prompt_format=config.data.prompt_format,
             max_new_tokens=gen.max_new_tokens.get(axis, 128), batch_size=gen.batch_size, do_sample=gen.do_sample,
             temperature=gen.temperature, top_p=gen.top_p, seed=config.seed, stop_strings=gen.stop_strings, log=log,
         )
@@ -169,8 +178,32 @@ def _generate_axes(config, model, tokenizer, todo: dict, out: Path, stats: dict,
             from h3fusion.moe.routing import routing_stats
 
             prompts = [format_prompt(*prompt_text(r), config.data.prompt_format, tokenizer) for r in records]
-            write_json(out / f"{axis}.routing.json", routing_stats(model, tokenizer, {axis: prompts}))
-        write_json(out / "stats.json", stats)
+            write_json(runs.routing_file(config, system, axis), routing_stats(model, tokenizer, {axis: prompts}))
+        write_json(runs.generation_stats_file(config, system), stats)
+
+
+def generate_prompt_file(model_spec: str, prompts: Path, output: Path, *, base: str | None = None,
+                         expert_bias: dict[str, float] | None = None, prompt_format: str = "alpaca",
+                         max_new_tokens: int = 128, batch_size: int = 8, do_sample: bool = False,
+                         temperature: float = 0.6, seed: int = 0) -> dict:
+    """Prompt-file mode: answer a JSONL of prompts with any model (a spec, a fused model dir or a PEFT adapter
+    dir, merged into ``base``) into ``output``; ``expert_bias`` sets a fused model's router-logit bias per
+    expert. Returns the generation stats."""
+    from h3fusion.models import load_model
+
+    records = read_jsonl(prompts)
+    model, tokenizer = load_model(model_spec, base=base)
+    if expert_bias:
+        if not hasattr(model, "set_expert_bias"):
+            raise H3FusionError(f"--expert-bias needs an h3fusion MoE model; {model_spec} is a {type(model).__name__}")
+        try:
+            model.set_expert_bias(expert_bias)
+        except ValueError as error:
+            raise H3FusionError(f"--expert-bias {expert_bias}: {error}; use name=number with names "
+                                f"{model.expert_names}") from None
+    return generate_jsonl(model, tokenizer, records, output, prompt_format=prompt_format,
+                          max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=do_sample,
+                          temperature=temperature, seed=seed)
 
 
 def _complete(path: Path, expected: int) -> bool:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from h3fusion.config import RunConfig, dump_config
+from h3fusion import runs
+from h3fusion.config import RunConfig
 from h3fusion.errors import H3FusionError
 
 
@@ -43,11 +44,9 @@ def _baselines(config: RunConfig, log) -> None:
 
 
 def _generate(config: RunConfig, log) -> None:
-    from h3fusion.generate import generate_system
-    from h3fusion.systems import generated_systems
+    from h3fusion.generate import generate_run
 
-    for name in generated_systems(config):
-        generate_system(config, name, log=log)
+    generate_run(config, log=log)
 
 
 def _evaluate(config: RunConfig, log) -> None:
@@ -79,7 +78,7 @@ def run(config: RunConfig, stages: list[str] | None = None, log=print) -> None:
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise H3FusionError(f"unknown stage '{unknown[0]}'; stages are {', '.join(STAGES)}")
-    dump_config(config, config.run_path / "config.yaml")
+    runs.record_settings(config, runs.root(config))
     for name in STAGES:
         if name in stages:
             started = time.time()

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from h3fusion import runs
 from h3fusion.baselines.oracle import ORACLE
 from h3fusion.config import RunConfig
 from h3fusion.errors import H3FusionError
@@ -63,7 +64,7 @@ def judged_answers(run: Path, system: str, axes) -> dict[str, list[dict]] | None
     """A system's judged answers per axis (``<run>/judgements``); None if an axis has none."""
     judged = {}
     for axis in axes:
-        path = run / "judgements" / system / f"{axis}.jsonl"
+        path = runs.judgements_file(run, system, axis)
         if not path.is_file():
             return None
         judged[axis] = read_jsonl(path)  # a corrupt line is one error naming the file and line
@@ -227,7 +228,7 @@ def _judge_error_line(results: dict) -> str:
 def _cost_table(run: Path, systems: list[str], experts: list[str]) -> list[str]:
     lines = ["| system | parameters | active / token | tokens/s | peak memory |", "|---|---:|---:|---:|---:|"]
     for name in systems:
-        stats_path = run / "generations" / name / "stats.json"
+        stats_path = runs.generation_stats_file(run, name)
         stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
         cost = stats.get("cost")
         tokens = sum(v.get("new_tokens", 0) for v in stats.values() if isinstance(v, dict) and "new_tokens" in v)
@@ -251,7 +252,7 @@ def _plots(results: dict, run: Path, config: RunConfig) -> dict[str, Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    plots = run / "plots"
+    plots = runs.plots_dir(run)
     plots.mkdir(parents=True, exist_ok=True)
     systems = results["systems"]
     names = list(systems)
@@ -296,7 +297,7 @@ def _plots(results: dict, run: Path, config: RunConfig) -> dict[str, Path]:
 
     routing = {}
     for axis in config.experts:
-        path = run / "generations" / FUSED / f"{axis}.routing.json"
+        path = runs.routing_file(run, FUSED, axis)
         if path.is_file():
             stats = json.loads(path.read_text())
             routing.setdefault("experts", stats["experts"])
@@ -318,16 +319,13 @@ def _smooth(steps: list[int], values: list[float], window: int = 5) -> tuple:
 
 
 def _training_curves(run: Path, config: RunConfig) -> dict:
-    from h3fusion.experts import expert_dir
-    from h3fusion.fusion import fused_dir
-
     curves: dict = {}
     for axis in config.experts:
-        path = expert_dir(config, axis) / "training_log.json"
+        path = runs.expert_dir(run, axis) / runs.EXPERT_MARKER
         if path.is_file():
             rows = [r for r in json.loads(path.read_text())["log_history"] if "loss" in r]
             curves.setdefault("experts: training loss", {})[axis] = ([r["step"] for r in rows], [r["loss"] for r in rows])
-    path = fused_dir(config) / "fusion_log.json"
+    path = runs.fused_dir(run) / runs.FUSE_MARKER
     if path.is_file():
         rows = [r for r in json.loads(path.read_text())["log_history"] if "lm_loss" in r]
         steps = [r["step"] for r in rows]
@@ -480,7 +478,7 @@ def paper_protocol(results: dict) -> list[str]:
 def write_report(config: RunConfig, log=print) -> Path:
     """Write ``<run>/report.md``, ``<run>/plots/`` and the fused model's card; returns the report path."""
     run = config.run_path
-    path = run / "results.json"
+    path = runs.results_file(run)
     if not path.is_file():
         raise H3FusionError(f"no {path}; run `h3fusion evaluate` first")
     results = json.loads(path.read_text())
@@ -546,7 +544,7 @@ def write_report(config: RunConfig, log=print) -> Path:
     prov = results.get("run", {})
     lines += ["## Provenance", "", f"git commit `{prov.get('git_commit')}`, seed {prov.get('seed')}; the full config "
               "and the data files' SHA-256 are in results.json.", ""]
-    out = run / "report.md"
+    out = runs.report_file(run)
     from h3fusion.io import write_text
 
     write_text(out, "\n".join(lines))
@@ -566,11 +564,10 @@ def _hub_id(base: str) -> str | None:
 
 def write_model_card(config: RunConfig, results: dict) -> Path | None:
     """``<run>/fused/README.md``: how the model was made and its results, ready for ``push_to_hub``."""
-    from h3fusion.fusion import fused_dir
     from h3fusion.io import write_text
 
-    fused = fused_dir(config)
-    if not (fused / "fusion_log.json").is_file():  # no finished fused model (its marker is written last)
+    fused = runs.fused_dir(config)
+    if not runs.fused_is_complete(fused):  # no finished fused model (its marker is written last)
         return None
     systems = results["systems"]
     shown = {k: v for k, v in systems.items() if k in (FUSED, "base") or k.startswith("expert-")}
@@ -622,6 +619,6 @@ def write_model_card(config: RunConfig, results: dict) -> Path | None:
         "beaver-dam-7b and GPT-3 judges, with their measured agreement stated. A small model's alignment is shallow.",
         "",
     ])
-    out = fused / "README.md"
+    out = runs.model_card_file(config)
     write_text(out, text)
     return out

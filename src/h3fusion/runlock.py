@@ -28,8 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from h3fusion.errors import H3FusionError
-
-LOCK_NAME = ".h3fusion.lock"
+from h3fusion.runs import LOCK_NAME
 
 
 def process_rank() -> int:

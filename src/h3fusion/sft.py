@@ -17,9 +17,9 @@ from torch.utils.data import Dataset
 
 from h3fusion.config import TrainConfig
 from h3fusion.data import SFTExample, format_prompt
+from h3fusion.runs import CHECKPOINT_MARKER
 
 IGNORE_INDEX = -100
-TRAINER_STATE = "trainer_state.json"  # the last file of a Trainer checkpoint: present = complete
 
 
 class SFTDataset(Dataset):
@@ -124,7 +124,7 @@ def last_checkpoint(output_dir: Path) -> str | None:
 
 def drop_incomplete_checkpoints(output_dir: Path) -> None:
     for checkpoint in Path(output_dir).glob("checkpoint-*"):
-        if checkpoint.is_dir() and not (checkpoint / TRAINER_STATE).is_file():
+        if checkpoint.is_dir() and not (checkpoint / CHECKPOINT_MARKER).is_file():
             shutil.rmtree(checkpoint, ignore_errors=True)
 
 

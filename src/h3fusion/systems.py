@@ -22,6 +22,15 @@ from h3fusion.baselines.oracle import ORACLE
 from h3fusion.config import RunConfig
 from h3fusion.errors import H3FusionError
 from h3fusion.models import is_adapter_dir, load_model
+from h3fusion.runs import (
+    adapter_paths,
+    assembled_file,
+    expert_is_complete,
+    fused_dir,
+    fused_is_complete,
+    generated_file,
+    multitask_dir,
+)
 
 
 def system_names(config: RunConfig) -> list[str]:
@@ -45,11 +54,13 @@ def assembled_systems() -> tuple[str, ...]:
     return (RERANK, ORACLE)
 
 
+def answers_file(config: RunConfig, system: str, axis: str) -> Path:
+    """A system's answers on an axis: what `generate` wrote, or what `evaluate` assembled for it."""
+    return (assembled_file if system in assembled_systems() else generated_file)(config, system, axis)
+
+
 def system_source(config: RunConfig, name: str) -> Path | str:
     """Where a system's weights come from (for messages and provenance)."""
-    from h3fusion.build import adapter_paths
-    from h3fusion.fusion import fused_dir
-
     if name == "base":
         return config.model.base
     if name.startswith("expert-") and name[7:] in config.experts:
@@ -61,8 +72,6 @@ def system_source(config: RunConfig, name: str) -> Path | str:
     if name.startswith("ensemble-") and name[9:] in config.baselines.ensembles or name == ORACLE:
         return adapter_paths(config)
     if name == "multitask-sft" and config.baselines.multitask_sft:
-        from h3fusion.baselines.trained import multitask_dir
-
         return multitask_dir(config)
     if name == "h3fusion-authors-code" and config.baselines.authors_code:
         from h3fusion.baselines.trained import authors_code_config
@@ -91,15 +100,13 @@ def load_system(config: RunConfig, name: str):
 
         return load_logit_ensemble(config)
     if name.startswith("expert-") or name == "multitask-sft":
-        from h3fusion.experts import expert_is_complete
-
         ours = Path(source).resolve().is_relative_to(config.run_path.resolve())  # else a given moe.adapters dir
         if not (expert_is_complete(Path(source)) if ours else is_adapter_dir(source)):
             raise H3FusionError(f"system {name}: no adapter at {source}; run `h3fusion align` (experts) or "
                                 "`h3fusion run --stage baselines` first")
         # the run's base, not the path the adapter recorded: the run may have moved since
         return load_model(str(source), config.model.dtype, base=config.model.base, **model_kwargs)
-    if not (Path(source) / "fusion_log.json").is_file():  # written last: a cut-short fused/ is not a model yet
+    if not fused_is_complete(Path(source)):
         raise H3FusionError(f"system {name}: no finished model at {source}; run `h3fusion fuse` first")
     model, tokenizer = load_model(str(source), config.model.dtype)
     # the runtime dials come from the config, so they can change without re-fusing

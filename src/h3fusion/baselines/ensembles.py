@@ -25,8 +25,8 @@ def load_logit_ensemble(config: RunConfig):
     from peft import PeftModel
 
     from h3fusion.adapters import check_adapters, read_adapter
-    from h3fusion.build import adapter_paths
     from h3fusion.models import load_model
+    from h3fusion.runs import adapter_paths
 
     paths = adapter_paths(config)
     # the same reader and checks as the MoE build: a missing, corrupt or foreign adapter is one line

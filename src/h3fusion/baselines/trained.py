@@ -13,18 +13,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from h3fusion.config import RunConfig
+from h3fusion.runs import adapter_paths, expert_is_complete, multitask_dir, variant_dir
 
 ATTENTION_AND_FFN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 HELDOUT_PER_AXIS = 12
 
 
-def multitask_dir(config: RunConfig) -> Path:
-    return config.run_path / "baselines" / "multitask-sft"
-
-
 def train_multitask_sft(config: RunConfig, log=print) -> Path:
     from h3fusion.data import load_heldout_train, mixed_train
-    from h3fusion.experts import expert_is_complete, train_lora_adapter
+    from h3fusion.experts import train_lora_adapter
 
     out = multitask_dir(config)
     if expert_is_complete(out):
@@ -43,10 +40,8 @@ def train_multitask_sft(config: RunConfig, log=print) -> Path:
 def authors_code_config(config: RunConfig) -> RunConfig:
     """The run's config with every switch that reproduces the released code, in its own run dir,
     reusing the run's experts."""
-    from h3fusion.build import adapter_paths
-
     return config.model_copy(update={
-        "run_dir": str(config.run_path / "variants" / "authors-code"),
+        "run_dir": str(variant_dir(config, "authors-code")),
         "moe": config.moe.model_copy(update={
             "router_init": "random", "adapters": {k: str(v) for k, v in adapter_paths(config).items()}}),
         "fusion": config.fusion.model_copy(update={"gate_loss": "authors_ce"}),

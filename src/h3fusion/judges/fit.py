@@ -17,12 +17,11 @@ evaluated subset (``evaluate.<axis>_n``) and ``max_rows``. So changing one judge
 alone, and contents, not mtimes, decide: a data directory copied afresh (a new machine, a
 re-provisioned share) keeps its fitted judges. Nothing is pickled.
 
-Run a full fit from the shell with ``python -m h3fusion.judges.fit CONFIG [--force] [--axes helpful ...]``.
+Run a full fit from the shell with ``h3fusion judges fit [CONFIG] [--force] [--axis helpful ...]``.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -228,26 +227,3 @@ def _evaluated(config: RunConfig, axis: str) -> list[dict[str, Any]]:
     from h3fusion.data import load_test
 
     return load_test(axis, config, getattr(config.evaluate, f"{axis}_n"))
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    from h3fusion.config import load_config
-
-    parser = argparse.ArgumentParser(prog="python -m h3fusion.judges.fit", description=__doc__.split("\n")[0])
-    parser.add_argument("config", help="run config YAML (its data.dir and evaluate.* are used)")
-    parser.add_argument("--axes", nargs="+", default=list(AXES))
-    parser.add_argument("--cache-dir", default=None)
-    parser.add_argument("--force", action="store_true", help="refit even if cached")
-    parser.add_argument("--set", action="append", default=[], help="config override key=value")
-    args = parser.parse_args(argv)
-    try:
-        config = load_config(args.config, args.set)
-        results = fit_judges(config, args.cache_dir, axes=args.axes, force=args.force)
-    except H3FusionError as error:
-        raise SystemExit(f"error: {error}") from None
-    print(json.dumps({a: {k: v for k, v in r.items() if k not in ("generators", "probes", "recall_by_category")}
-                      for a, r in results.items()}, indent=2))
-
-
-if __name__ == "__main__":
-    main()
