@@ -5,6 +5,7 @@ shared/data) or, when none is set, the Hugging Face hub. Knows nothing of models
 
     load_train(axis, config) -> list[SFTExample]
     load_test(axis, config, limit=None) -> list[dict]   # records in test order, ids 0..n-1
+    load_evaluated(axis, config) -> list[dict]          # the first evaluate.<axis>_n of them
     mixed_train(config, axes=None) -> list[SFTExample]  # the fusion stage's shuffled mix
 
 h3fusion.data.contrastive holds the hand-written contrastive set that tests the harmless judge
@@ -17,11 +18,11 @@ import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from h3fusion.config import AXES, RunConfig
-from h3fusion.data import harmless, helpful, honest
+from h3fusion.axes import data_module
+from h3fusion.config import RunConfig
 from h3fusion.data.examples import SFTExample
 from h3fusion.data.harmless import load_labelled_test_responses
-from h3fusion.data.prompts import format_prompt
+from h3fusion.data.prompts import format_prompt, prompt_text
 from h3fusion.data.sources import seed_of
 from h3fusion.errors import H3FusionError
 
@@ -29,19 +30,17 @@ __all__ = [
     "SFTExample",
     "format_prompt",
     "load_labelled_test_responses",
+    "load_evaluated",
     "load_heldout_train",
     "load_test",
     "load_train",
     "mixed_train",
+    "prompt_text",
 ]
-
-_MODULES = {"helpful": helpful, "harmless": harmless, "honest": honest}
 
 
 def _module(axis: str) -> Any:
-    if axis not in _MODULES:
-        raise H3FusionError(f"unknown axis {axis!r}; choose from {list(AXES)}")
-    return _MODULES[axis]
+    return data_module(axis)  # the axis's data module (an unknown axis: one error naming the known ones)
 
 
 def load_train(axis: str, config: RunConfig) -> list[SFTExample]:
@@ -70,6 +69,12 @@ def load_test(axis: str, config: RunConfig, limit: int | None = None) -> list[di
         raise H3FusionError(f"test limit must be >= 0 (or None for all), got {limit}")
     records = _module(axis).load_test(config)
     return records if limit is None else records[:limit]
+
+
+def load_evaluated(axis: str, config: RunConfig) -> list[dict[str, Any]]:
+    """The evaluated subset of an axis: the first ``evaluate.<axis>_n`` test records (all where the config
+    sizes no subset for the axis)."""
+    return load_test(axis, config, limit=getattr(config.evaluate, f"{axis}_n", None))
 
 
 def mixed_train(config: RunConfig, axes: Sequence[str] | None = None, per_axis: int | None = None) -> list[SFTExample]:

@@ -18,6 +18,10 @@ TEST_FILE = "alpaca_eval/text_davinci_003_outputs.json"
 # config alpaca_eval / split eval is built by a loading script, which datasets >= 4 refuses to run;
 # alpaca_eval.json is the file that script reads.
 TEST_HUB = HubSource("tatsu-lab/alpaca_eval", "alpaca_eval", "eval", file="alpaca_eval.json")
+PROMPT_FIELD = "instruction"
+TEST_SET = "AlpacaEval instructions"
+PAPER_N = 50
+"""The paper scores the first 50 AlpacaEval instructions."""
 
 
 def load_test(config: RunConfig) -> list[dict[str, Any]]:
@@ -48,3 +52,8 @@ def train_pool(config: RunConfig) -> list[SFTExample]:
 def load_train(config: RunConfig) -> list[SFTExample]:
     """A seeded sample of ``data.helpful_train_size`` examples of the pool (None: all), in file order."""
     return sample(train_pool(config), config.data.helpful_train_size, seed_of(config), "helpful examples")
+
+
+def references(config: RunConfig, records: list[dict[str, Any]]) -> list[str | None]:
+    """The aligned reference answer of each test record: text-davinci-003's (None where it is empty)."""
+    return [r.get("reference") or None for r in records]
