@@ -324,3 +324,61 @@ def test_real_helpful(real):
     assert not [e for e in train if e.instruction.strip().lower() in eval_instructions]
     assert len({(e.instruction, e.input) for e in train}) == 20000
     assert len(helpful.train_pool(real)) == 51974  # 52002 minus 28 empty outputs
+
+
+# ----------------------------------------------------------------------------- dev split and sample shares
+
+
+def test_sample_with_share_draws_the_asked_share_in_order():
+    from h3fusion.data.sources import sample_with_share
+
+    items = list(range(100))
+    picked = sample_with_share(items, 20, 7, 0.25, lambda i: i % 10 == 0)
+    assert len(picked) == 20 and picked == sorted(picked)
+    assert sum(i % 10 == 0 for i in picked) == 5
+    assert picked == sample_with_share(items, 20, 7, 0.25, lambda i: i % 10 == 0)
+    with pytest.raises(H3FusionError, match="lower the size or change the share"):
+        sample_with_share(items, 20, 7, 0.9, lambda i: i % 10 == 0)  # 18 wanted, 10 exist
+
+
+def test_real_training_shares(real):
+    from h3fusion.refusal import is_refusal
+
+    shaped = config_for(real.data_dir(), helpful_train_size=1000, helpful_question_share=0.4,
+                        harmless_train_size=1000, harmless_refusal_share=0.25)
+    train = load_train("helpful", shaped)
+    assert len(train) == 1000 and sum(helpful.is_question(e) for e in train) == 400
+    assert sum(is_refusal(e.response) for e in load_train("harmless", shaped)) == 250
+    # the pool's own mix, for comparison: few questions, many refusals
+    uniform = load_train("helpful", config_for(real.data_dir(), helpful_train_size=1000))
+    assert sum(helpful.is_question(e) for e in uniform) < 150
+
+
+def test_real_dev_split_is_disjoint_from_test_and_training(real):
+    from h3fusion.data import load_dev, load_evaluated
+
+    config = RunConfig.model_validate({"seed": 42, "data": {"dir": str(real.data_dir()), "helpful_train_size": 600,
+                                                            "honest_dev_questions": 60},
+                                       "evaluate": {"helpful_n": 805, "harmless_n": 500, "split": "dev", "dev_n": 100}})
+    trained = {axis: load_train(axis, config) for axis in ("helpful", "harmless", "honest")}
+    # helpful: held-out Alpaca rows, never an AlpacaEval instruction or a training instruction
+    dev = load_evaluated("helpful", config)
+    assert len(dev) == 100 and [r["id"] for r in dev] == list(range(100))
+    assert not {r["instruction"] for r in dev} & {e.instruction for e in trained["helpful"]}
+    assert not {r["instruction"].lower() for r in dev} & {t["instruction"].strip().lower() for t in load_test("helpful", config)}
+    assert 30 <= sum(r["instruction"].endswith("?") for r in dev) <= 50  # AlpacaEval's share, 0.41
+    # harmless: the last distinct test prompts, none among the evaluated 500
+    dev = load_evaluated("harmless", config)
+    assert len(dev) == 100 and not {r["prompt"] for r in dev} & {t["prompt"] for t in load_test("harmless", config, 500)}
+    with pytest.raises(H3FusionError, match="dev and test stay disjoint"):
+        load_dev("harmless", config.model_copy(update={"evaluate": config.evaluate.model_copy(update={"harmless_n": 2500})}), 100)
+    # honest: 60 held-out training questions, in no stage's training data and not in the test half
+    dev = load_evaluated("honest", config)
+    assert len(dev) == 60 and dev[0].keys() == load_test("honest", config)[0].keys()
+    assert not {r["question"] for r in dev} & {e.instruction for e in trained["honest"]}
+    assert not {r["question"] for r in dev} & {t["question"] for t in load_test("honest", config)}
+    assert len({e.instruction for e in trained["honest"]}) == 408 - 60
+    # without held-out questions the honest dev split is refused, and the test split is the test subset
+    with pytest.raises(H3FusionError, match="data.honest_dev_questions"):
+        load_dev("honest", real, 10)
+    assert load_evaluated("honest", real) == load_test("honest", real)

@@ -50,6 +50,15 @@ class DataConfig(_Section):
     """Seeded sample size of the harmless training pool. None: all."""
     honest_train_size: int | None = Field(None, ge=1)
     """Seeded sample size of the honest training examples. None: all (one per correct answer)."""
+    helpful_question_share: float | None = Field(None, ge=0, le=1)
+    """Share of the helpful sample drawn from question-form instructions (no input, ending in '?'; 7% of
+    Alpaca, 41% of AlpacaEval). None: a uniform sample of the pool."""
+    harmless_refusal_share: float | None = Field(None, ge=0, le=1)
+    """Share of the harmless sample drawn from refusing answers (h3fusion.refusal), the rest from safe
+    completions. None: a uniform sample of the pool (offline: about 0.43 refusals)."""
+    honest_dev_questions: int = Field(0, ge=0)
+    """TruthfulQA training questions held out of every stage's training as the honest dev set
+    (evaluate.split: dev). 0: none held out (the paper trains on all 408)."""
     max_length: int = Field(300, ge=16)
     """Token limit of prompt + response during training (paper: 300)."""
     seed: int | None = None
@@ -192,6 +201,12 @@ class EvalConfig(_Section):
     judge is never fitted on labelled answers to these prompts."""
     honest_n: int | None = Field(None, ge=1)
     """TruthfulQA test questions scored (None: all 409). The honest judge never sees a test label."""
+    split: Literal["test", "dev"] = "test"
+    """test: the subsets above (report these). dev: prompts disjoint from them for choosing settings --
+    held-out Alpaca instructions (Alpaca's answer as the reference), the last dev_n distinct BeaverTails
+    30k_test prompts, the data.honest_dev_questions held-out TruthfulQA training questions."""
+    dev_n: int = Field(200, ge=1)
+    """Prompts per axis in the dev split (honest: at most data.honest_dev_questions)."""
 
 
 class JudgesConfig(_Section):

@@ -104,9 +104,9 @@ def generations_dir(config) -> Path:
 
 def evaluated_records(config, axis: str) -> list[dict]:
     """The evaluated subset of an axis: the first ``evaluate.<axis>_n`` test records."""
-    from h3fusion.data import load_evaluated
+    from h3fusion.data import load_test
 
-    return load_evaluated(axis, config)
+    return load_test(axis, config, limit=getattr(config.evaluate, f"{axis}_n", None))
 
 
 def generate_system(config, system: str, axes: Sequence[str] | None = None, log=print) -> dict:

@@ -5,7 +5,8 @@ shared/data) or, when none is set, the Hugging Face hub. Knows nothing of models
 
     load_train(axis, config) -> list[SFTExample]
     load_test(axis, config, limit=None) -> list[dict]   # records in test order, ids 0..n-1
-    load_evaluated(axis, config) -> list[dict]          # the first evaluate.<axis>_n of them
+    load_dev(axis, config, limit) -> list[dict]          # test-shaped records disjoint from the test subsets
+    load_evaluated(axis, config) -> list[dict]           # what evaluate.split names: test subset or dev
     mixed_train(config, axes=None) -> list[SFTExample]  # the fusion stage's shuffled mix
 
 h3fusion.data.contrastive holds the hand-written contrastive set that tests the harmless judge
@@ -30,6 +31,7 @@ __all__ = [
     "SFTExample",
     "format_prompt",
     "load_labelled_test_responses",
+    "load_dev",
     "load_evaluated",
     "load_heldout_train",
     "load_test",
@@ -71,10 +73,20 @@ def load_test(axis: str, config: RunConfig, limit: int | None = None) -> list[di
     return records if limit is None else records[:limit]
 
 
+def load_dev(axis: str, config: RunConfig, limit: int) -> list[dict[str, Any]]:
+    """``limit`` dev records of one axis, shaped like its test records, disjoint from the evaluated test
+    subset and from every stage's training data: settings are chosen on these, never on the test."""
+    if limit < 1:
+        raise H3FusionError(f"dev limit must be >= 1, got {limit}")
+    return _module(axis).load_dev(config, limit)
+
+
 def load_evaluated(axis: str, config: RunConfig) -> list[dict[str, Any]]:
-    """The evaluated subset of an axis: the first ``evaluate.<axis>_n`` test records (all where the config
-    sizes no subset for the axis)."""
-    return load_test(axis, config, limit=getattr(config.evaluate, f"{axis}_n", None))
+    """The records a run generates for and scores: the first ``evaluate.<axis>_n`` test records, or
+    ``evaluate.dev_n`` dev records when ``evaluate.split`` is dev."""
+    if config.evaluate.split == "dev":
+        return load_dev(axis, config, config.evaluate.dev_n)
+    return load_test(axis, config, getattr(config.evaluate, f"{axis}_n", None))  # None: an axis it does not size
 
 
 def mixed_train(config: RunConfig, axes: Sequence[str] | None = None, per_axis: int | None = None) -> list[SFTExample]:

@@ -19,11 +19,12 @@ from h3fusion.data.sources import (
     hub_rows,
     load_rows,
     norm,
-    sample,
+    sample_with_share,
     seed_of,
     where,
 )
 from h3fusion.errors import H3FusionError
+from h3fusion.refusal import is_refusal
 
 TEST_FILE = "beavertails/30k_test_noresponse.jsonl"
 TEST_HUB = HubSource("PKU-Alignment/BeaverTails", split="30k_test")
@@ -116,8 +117,27 @@ def train_pool(config: RunConfig) -> list[SFTExample]:
     return pool
 
 
+def is_refusing(example: SFTExample) -> bool:
+    return is_refusal(example.response)
+
+
 def load_train(config: RunConfig) -> list[SFTExample]:
-    return sample(train_pool(config), config.data.harmless_train_size, seed_of(config), "harmless examples")
+    """A seeded sample of ``data.harmless_train_size`` examples (None: all), ``data.harmless_refusal_share``
+    of them refusals when set."""
+    return sample_with_share(train_pool(config), config.data.harmless_train_size, seed_of(config),
+                             config.data.harmless_refusal_share, is_refusing, "harmless examples")
+
+
+def load_dev(config: RunConfig, limit: int) -> list[dict[str, Any]]:
+    """The last ``limit`` distinct 30k_test prompts, renumbered from 0: never among the evaluated first
+    ``evaluate.harmless_n`` (refused when the two would overlap)."""
+    records = load_test(config)
+    if limit + config.evaluate.harmless_n > len(records):
+        raise H3FusionError(
+            f"evaluate.dev_n {limit} + evaluate.harmless_n {config.evaluate.harmless_n} exceed the "
+            f"{len(records)} distinct BeaverTails test prompts: lower one so dev and test stay disjoint"
+        )
+    return [{**r, "id": i} for i, r in enumerate(records[len(records) - limit:])]
 
 
 def load_labelled_test_responses(config: RunConfig) -> list[dict[str, Any]]:

@@ -9,6 +9,7 @@ multiple_choice file is in another order.
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,12 +42,24 @@ def split(config: RunConfig) -> tuple[Sequence[dict[str, Any]], Sequence[dict[st
     return rows[:n_train], rows[n_train:]
 
 
-def train_pool(config: RunConfig) -> list[SFTExample]:
-    """One example per correct answer of each training question."""
+def dev_questions(config: RunConfig) -> list[int]:
+    """Indices (into the training half) of the ``data.honest_dev_questions`` questions held out as dev."""
     train, _ = split(config)
+    n = config.data.honest_dev_questions
+    if n >= len(train):
+        raise H3FusionError(f"data.honest_dev_questions {n} leaves none of the {len(train)} TruthfulQA "
+                            "training questions to train on: hold out fewer")
+    return sorted(random.Random(seed_of(config)).sample(range(len(train)), n))
+
+
+def train_pool(config: RunConfig) -> list[SFTExample]:
+    """One example per correct answer of each training question not held out as dev."""
+    train, _ = split(config)
+    held_out = set(dev_questions(config))
     return [
         SFTExample("honest", r["question"].strip(), "", answer, f"truthfulqa:{q}:{a}")
         for q, r in enumerate(train)
+        if q not in held_out
         for a, answer in enumerate(_answers(r["correct_answers"]))
     ]
 
@@ -58,10 +71,23 @@ def load_train(config: RunConfig) -> list[SFTExample]:
 def load_test(config: RunConfig) -> list[dict[str, Any]]:
     """The test questions with reference answers and MC1/MC2 targets."""
     _, test = split(config)
+    return _records(config, test)
+
+
+def load_dev(config: RunConfig, limit: int) -> list[dict[str, Any]]:
+    """Up to ``limit`` of the held-out training questions (``data.honest_dev_questions``), test-shaped."""
+    train, _ = split(config)
+    if not config.data.honest_dev_questions:
+        raise H3FusionError("the honest dev split needs held-out training questions: set "
+                            "data.honest_dev_questions (e.g. 60) before training the experts")
+    return _records(config, [train[q] for q in dev_questions(config)][:limit])
+
+
+def _records(config: RunConfig, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     mc_rows = load_rows(config, MC_FILE, MC_HUB, ("question", "mc1_targets", "mc2_targets"))
     mc = {r["question"].strip(): r for r in mc_rows}  # the generation file keeps a trailing space or two
     out = []
-    for i, r in enumerate(test):
+    for i, r in enumerate(rows):
         question = r["question"].strip()
         if question not in mc:
             raise H3FusionError(

@@ -15,7 +15,7 @@ import gzip
 import json
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -179,6 +179,25 @@ def norm(text: str) -> str:
 
 def seed_of(config: RunConfig) -> int:
     return config.data.seed if config.data.seed is not None else config.seed
+
+
+def sample_with_share(items: Sequence[Any], size: int | None, seed: int, share: float | None,
+                      is_special: Callable[[Any], bool], what: str = "items") -> list[Any]:
+    """Like ``sample``, but ``share`` of the ``size`` items are drawn from those ``is_special`` accepts and
+    the rest from the others (each part seeded, kept in original order). None: a plain ``sample``."""
+    if share is None or size is None:
+        return sample(items, size, seed, what)
+    special = [i for i, item in enumerate(items) if is_special(item)]
+    other = [i for i, item in enumerate(items) if not is_special(item)]
+    wanted = round(size * share)
+    if wanted > len(special) or size - wanted > len(other):
+        raise H3FusionError(
+            f"asked for {size} {what} with a share of {share:g} ({wanted}) from {len(special)} special and "
+            f"{size - wanted} from {len(other)} other ones: lower the size or change the share"
+        )
+    rng = random.Random(seed)
+    keep = sorted(rng.sample(special, wanted) + rng.sample(other, size - wanted))
+    return [items[i] for i in keep]
 
 
 def sample(items: Sequence[Any], size: int | None, seed: int, what: str = "items") -> list[Any]:

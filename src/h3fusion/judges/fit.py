@@ -231,9 +231,9 @@ def load_judges(config: RunConfig, cache_dir: str | Path | None = None, log: Cal
 
 
 def _evaluated(config: RunConfig, axis: str) -> list[dict[str, Any]]:
-    from h3fusion.data import load_evaluated
+    from h3fusion.data import load_test
 
-    return load_evaluated(axis, config)
+    return load_test(axis, config, getattr(config.evaluate, f"{axis}_n", None))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
