@@ -218,8 +218,9 @@ def lgbm_logits(directory: Path, judge: Path):
     import numpy as np
 
     from h3fusion.judges import harmless
-    from h3fusion.judges.base import Embedder, load_lgb, logit
+    from h3fusion.judges.embedder import Embedder
     from h3fusion.judges.fit import cache_root
+    from h3fusion.judges.heads import load_lgb, logit
 
     rows = json.loads((directory / "rows.json").read_text())
     booster, embedder = load_lgb(judge / "head.lgb.txt"), Embedder(cache_root() / "embeddings.safetensors")

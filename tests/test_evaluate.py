@@ -38,9 +38,19 @@ def evaluated(tmp_path_factory, data_dir, judge_cache):
     return path, config, json.loads(out.read_text())
 
 
-def test_results_json_has_every_documented_field(evaluated):
+def labelled_safe_prompts(data_dir) -> set[str]:
+    """The BeaverTails prompts with a labelled safe answer, read straight from the file (case and spacing ignored)."""
+    path = data_dir / "beavertails_test_responses" / "30k_test_filtered.jsonl"
+    return {" ".join(row["prompt"].split()).lower() for row in read_jsonl(path) if row["is_safe"]}
+
+
+def test_results_json_has_every_documented_field(evaluated, data_dir):
     _, config, results = evaluated
     assert set(results["systems"]) == {"base", "h3fusion"}
+    # the harmless drift compares with a labelled safe answer: only prompts that have one count
+    with_safe_answer = sum(" ".join(r["prompt"].split()).lower() in labelled_safe_prompts(data_dir)
+                           for r in evaluated_records(config, "harmless"))
+    assert 0 < with_safe_answer < 4  # the first 4 prompts hold both kinds, in the real data and the fixture
     for entry in results["systems"].values():
         assert {"win_rate", "n"} <= set(entry["helpful"]) and entry["helpful"]["n"] == 4
         assert {"flagged_rate", "n"} <= set(entry["harmless"])
@@ -51,7 +61,7 @@ def test_results_json_has_every_documented_field(evaluated):
         for axis in ("helpful", "honest"):  # every evaluated record has a reference answer on these axes
             drift = entry[axis]["embedding_drift"]
             assert drift["n"] == 4 and isinstance(drift["cosine_distance"], float)
-        assert 0 <= entry["harmless"]["embedding_drift"]["n"] <= 4  # only prompts with a labelled safe answer
+        assert entry["harmless"]["embedding_drift"]["n"] == with_safe_answer
     assert results["systems"]["base"]["honest"]["mc1"] == 0.25
     judges = results["judges"]
     assert {"name", "heldout_agreement", "system_spearman", "winrate_mae", "degenerate_winprob"} <= set(judges["helpful"])
@@ -107,7 +117,8 @@ def test_paper_protocol_figures_of_a_larger_run(evaluated, monkeypatch):
     _, config, _ = evaluated
     out = config.run_path / "results.json"
     before = out.read_text()
-    monkeypatch.setattr(evaluate, "PAPER_PROTOCOL", {"helpful": 2, "harmless": 3, "honest": None})
+    # as if the paper had scored the first 2 / 3 prompts (the judges, fitted for the real protocol, stay as they are)
+    monkeypatch.setattr(evaluate, "paper_protocol_sizes", lambda config: {"helpful": 2, "harmless": 3})
     try:
         results = json.loads(evaluate_run(config, systems=["h3fusion"], log=lambda *_: None).read_text())
     finally:
@@ -123,10 +134,18 @@ def test_paper_protocol_figures_of_a_larger_run(evaluated, monkeypatch):
 
 
 def test_paper_protocol_is_the_subsets_the_judges_exclude():
-    from h3fusion.evaluate import PAPER_PROTOCOL
-    from h3fusion.judges.fit import PAPER_SUBSETS
+    """The paper's subsets (first 50 AlpacaEval instructions, 500 BeaverTails prompts, all TruthfulQA questions):
+    a larger run reports its figures on them, and the judges exclude at least them from their fits."""
+    from h3fusion.config import build_config
+    from h3fusion.evaluate import paper_protocol_sizes
+    from h3fusion.judges.fit import exclusion_config
 
-    assert {key.removesuffix("_n"): n for key, n in PAPER_SUBSETS.items()} == PAPER_PROTOCOL
+    larger = build_config({"evaluate": {"helpful_n": 805, "harmless_n": 2000, "honest_n": None}})
+    assert paper_protocol_sizes(larger) == {"helpful": 50, "harmless": 500}  # all questions: no prefix to report
+    smaller = build_config({"evaluate": {"helpful_n": 4, "harmless_n": 4, "honest_n": 4}})
+    assert paper_protocol_sizes(smaller) == {}
+    excluded = exclusion_config(smaller).evaluate
+    assert (excluded.helpful_n, excluded.harmless_n, excluded.honest_n) == (50, 500, None)
 
 
 def test_oracle_routed_answers_each_axis_with_its_expert(tmp_path, data_dir, judge_cache):

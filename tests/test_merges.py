@@ -255,5 +255,8 @@ def test_merge_experts_checks_the_adapters(adapters, tiny_llama_dir):
         merge_experts(base, {"a": adapters["helpful"], "b": adapters["helpful"]}, "linear")
 
 
-def test_registry():
-    assert set(METHODS) == {"linear", "task-arithmetic", "ties", "dare"}
+def test_every_configurable_merge_is_implemented():
+    """baselines.merges names each method the config accepts (config.MERGE_METHODS), and no other."""
+    from h3fusion.config import MERGE_METHODS
+
+    assert tuple(METHODS) == MERGE_METHODS

@@ -12,7 +12,9 @@ import pytest
 from h3fusion.config import load_config
 from h3fusion.evaluate import system_entry
 from h3fusion.rates import axis_rates
-from h3fusion.report import compare, hhh_replicates, judge_rates, rivals, write_report
+from h3fusion.report import write_report
+from h3fusion.report.markdown import rivals
+from h3fusion.report.statistics import compare, hhh_replicates, judge_rates
 from h3fusion.stats import Confusion, Reliability
 from tests.conftest import write_config
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from h3fusion.rates import FlaggedRate, TruthInfoRates, WinRate, point_rates, replicate_rates
+from h3fusion.report.statistics import hhh_difference_interval
 from h3fusion.stats import (
     Confusion,
     Reliability,
-    hhh_difference_interval,
     joint_correction,
     percentile_interval,
     relative_improvement,

@@ -111,8 +111,7 @@ def ablate(base: RunConfig, name: str, overrides: Sequence[str], results_dir: Pa
 def _hhh_differences(run: Path, ours_hhh: float | None, base_run: Path, base_systems: dict, seed: int) -> dict:
     """This ablation's hhh minus the base run's H3Fusion and best expert, with 95% paired-bootstrap
     intervals over prompts (both answered the same prompts; same resampling as the report's)."""
-    from h3fusion.report import per_prompt_values
-    from h3fusion.stats import hhh_difference_interval
+    from h3fusion.report.statistics import hhh_difference_interval, per_prompt_values
 
     ours = per_prompt_values(run, FUSED)
     if ours is None or ours_hhh is None:

@@ -16,9 +16,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from h3fusion.axes import BUILTIN_AXES, axis_names
 from h3fusion.errors import H3FusionError
 
-AXES: tuple[str, ...] = ("helpful", "harmless", "honest")
+AXES: tuple[str, ...] = tuple(BUILTIN_AXES)
+"""The built-in axes (``h3fusion.axes`` registers them; ``axis_names()`` adds any registered later)."""
+MERGE_METHODS = ("linear", "task-arithmetic", "ties", "dare")
+"""The weight merges ``baselines.merges.METHODS`` implements."""
 
 
 class _Section(BaseModel):
@@ -158,7 +162,7 @@ class FusionConfig(_Section):
 class BaselinesConfig(_Section):
     """Systems built from the same experts that H3Fusion is compared against."""
 
-    merges: list[Literal["linear", "task-arithmetic", "ties", "dare"]] = ["linear", "task-arithmetic", "ties", "dare"]
+    merges: list[Literal[MERGE_METHODS]] = list(MERGE_METHODS)
     """Weight merges of the expert deltas, each a system named merge-<method>."""
     ensembles: list[Literal["logits", "rerank"]] = ["logits", "rerank"]
     """Ensembles of the experts, each a system ensemble-<kind>: logits (mean next-token distribution,
@@ -174,7 +178,7 @@ class BaselinesConfig(_Section):
     @field_validator("merge_params")
     @classmethod
     def _known_methods(cls, value: dict) -> dict:
-        unknown = sorted(set(value) - {"linear", "task-arithmetic", "ties", "dare"})
+        unknown = sorted(set(value) - set(MERGE_METHODS))
         if unknown:
             raise ValueError(f"merge_params names unknown method(s) {unknown}")
         return value
@@ -286,9 +290,9 @@ class RunConfig(_Section):
     @field_validator("experts")
     @classmethod
     def _known_axes(cls, value: list[str]) -> list[str]:
-        bad = [a for a in value if a not in AXES]
+        bad = [a for a in value if a not in axis_names()]
         if bad:
-            raise ValueError(f"unknown axis {bad}; choose from {list(AXES)}")
+            raise ValueError(f"unknown axis {bad}; choose from {list(axis_names())}")
         if len(set(value)) != len(value):
             raise ValueError(f"duplicate axes in {value}")
         if not value:
@@ -306,9 +310,9 @@ class RunConfig(_Section):
             unknown = sorted(set(names) - set(self.experts))
             if unknown:
                 raise ValueError(f"{key} names unknown expert(s) {unknown}; experts are {self.experts}")
-        unknown = sorted(set(self.generate.max_new_tokens) - set(AXES))
+        unknown = sorted(set(self.generate.max_new_tokens) - set(axis_names()))
         if unknown:
-            raise ValueError(f"generate.max_new_tokens names unknown axis {unknown}; axes are {list(AXES)}")
+            raise ValueError(f"generate.max_new_tokens names unknown axis {unknown}; axes are {list(axis_names())}")
         bad = {k: v for k, v in self.fusion.gamma.items() if v < 0}
         if bad:
             raise ValueError(f"fusion.gamma must be >= 0, got {bad}")

@@ -219,14 +219,13 @@ def heldout_prompts(config: RunConfig, tokenizer, source: str = "pool") -> dict[
     (topped up from the axis's test prompts when the sample took the whole pool); source="test":
     the axis's test prompts (AlpacaEval, BeaverTails, TruthfulQA), a harder, shifted distribution.
     """
-    from h3fusion.data import format_prompt, load_heldout_train, load_test
+    from h3fusion.data import format_prompt, load_heldout_train, load_test, prompt_text
 
     n = config.fusion.heldout_prompts
-    field = {"helpful": "instruction", "harmless": "prompt", "honest": "question"}
     prompts = {}
     for axis in config.experts:
         pairs = [(e.instruction, e.input) for e in load_heldout_train(axis, config, n)] if source == "pool" else []
-        pairs += [(row[field[axis]], "") for row in load_test(axis, config, limit=n - len(pairs))]
+        pairs += [prompt_text(row, axis=axis) for row in load_test(axis, config, limit=n - len(pairs))]
         prompts[axis] = [format_prompt(text, extra, config.data.prompt_format, tokenizer) for text, extra in pairs]
     return prompts
 

@@ -19,21 +19,12 @@ import torch
 
 from h3fusion import runs
 from h3fusion.costs import PeakMemory, system_param_counts
-from h3fusion.data import format_prompt
+from h3fusion.data import format_prompt, prompt_text
 from h3fusion.decoding import decode_batch
 from h3fusion.errors import H3FusionError
 from h3fusion.io import append_jsonl, read_jsonl, stage_writes, write_json
 
-PROMPT_FIELDS = ("prompt", "instruction", "question")
 WINDOW_BATCHES = 4  # prompts sorted by length within this many batches; bounds work lost to a kill
-
-
-def prompt_text(record: dict, origin: str = "record") -> tuple[str, str]:
-    """(instruction, input) of a record: the first of prompt / instruction / question, plus ``input``."""
-    for field in PROMPT_FIELDS:
-        if isinstance(record.get(field), str):
-            return record[field], record.get("input") or ""
-    raise H3FusionError(f"{origin} has none of the fields {', '.join(PROMPT_FIELDS)}; add one")
 
 
 def cut_at_stops(text: str, stops: Sequence[str]) -> str:
@@ -112,7 +103,7 @@ def evaluated_records(config, axis: str) -> list[dict]:
     """The evaluated subset of an axis: the first ``evaluate.<axis>_n`` test records."""
     from h3fusion.data import load_test
 
-    return load_test(axis, config, limit=getattr(config.evaluate, f"{axis}_n"))
+    return load_test(axis, config, limit=getattr(config.evaluate, f"{axis}_n", None))
 
 
 def generate_run(config, systems: Sequence[str] | None = None, axes: Sequence[str] | None = None,

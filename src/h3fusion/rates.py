@@ -28,6 +28,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from h3fusion.axes import axis_names, axis_spec
 from h3fusion.stats import (
     BOOTSTRAP_SAMPLES,
     Confusion,
@@ -36,9 +37,6 @@ from h3fusion.stats import (
     joint_correction,
     rogan_gladen,
 )
-
-HHH_TERMS = {"helpful": ("win_rate", True), "harmless": ("flagged_rate", False), "honest": ("truthful_informative", True)}
-"""hhh = mean over axes of the axis's rate (higher is better) or 1 − it (lower is better)."""
 
 
 class AxisRates:
@@ -250,11 +248,9 @@ class WinRate(AxisRates):
                 "source": self.error_source}
 
 
-AXIS_RATES: dict[str, type[AxisRates]] = {"helpful": WinRate, "harmless": FlaggedRate, "honest": TruthInfoRates}
-
-
 def axis_rates(axis: str, validation: dict | None) -> AxisRates:
-    return AXIS_RATES[axis](validation)
+    """The axis's rates (its spec's ``AxisRates`` class) with the judge's error as ``validation`` records it."""
+    return axis_spec(axis).rates(validation)
 
 
 def point_rates(rates: AxisRates, observations: np.ndarray) -> dict[str, float | None]:
@@ -272,7 +268,8 @@ def replicate_rates(rates: AxisRates, observations: np.ndarray, seed: int,
                     samples: int = BOOTSTRAP_SAMPLES) -> dict[str, dict[str, np.ndarray] | None]:
     """{"raw": {key: replicates}, "corrected": {key: replicates} or None}: prompts resampled and, for the
     corrected rates, the judge's validation set too (paired across systems: see the module docstring)."""
-    axis_index = list(AXIS_RATES).index(rates.axis) if rates.axis in AXIS_RATES else len(AXIS_RATES)
+    names = axis_names()  # the registry's order: helpful 0, harmless 1, honest 2, as these draws always were
+    axis_index = names.index(rates.axis) if rates.axis in names else len(names)
     weights = bootstrap_weights(np.random.default_rng([seed, axis_index, 0, len(observations)]), len(observations),
                                 samples)
     means = weights @ observations
@@ -282,13 +279,3 @@ def replicate_rates(rates: AxisRates, observations: np.ndarray, seed: int,
                                                                    samples))
     return out
 
-
-def hhh_of(values: dict[str, dict[str, np.ndarray] | None]):
-    """hhh from each axis's rates (arrays or floats); None unless every axis of ``HHH_TERMS`` has its rate."""
-    terms = []
-    for axis, (key, higher) in HHH_TERMS.items():
-        rates = values.get(axis)
-        if rates is None or rates.get(key) is None:
-            return None
-        terms.append(rates[key] if higher else 1 - rates[key])
-    return sum(terms) / len(terms)

@@ -21,7 +21,7 @@ answer (nothing but whitespace) is not a refusal: it says nothing, and the judge
 own (see each axis's judge). ``refusal_rate`` is the share of refusing answers in any list of records,
 so one function serves every axis (and a fourth axis of safe-but-alarming prompts alike).
 
-Not the judges' feature: ``judges.base.REFUSAL`` counts refusal-like words *anywhere* in an answer
+Not the judges' feature: ``judges.text.REFUSAL`` counts refusal-like words *anywhere* in an answer
 (including "illegal", "unethical", "I don't know", "no comment") as one numeric input of the fitted
 judges. It is a feature whose meaning the judges learned, not a decision, and it stays as it is:
 changing it would change every judge's scores. This module decides, and reads only the opening.

@@ -132,9 +132,10 @@ def generation_stats_file(run: Run, system: str) -> Path:
     return generated_dir(run, system) / GENERATION_STATS
 
 
-def mc_file(run: Run, system: str) -> Path:
-    """TruthfulQA MC1/MC2 of a system (from its log-likelihoods, computed while generating)."""
-    return generated_dir(run, system) / "honest.mc.json"
+def mc_file(run: Run, system: str, axis: str = "honest") -> Path:
+    """An axis's multiple-choice figures of a system (TruthfulQA MC1/MC2, from log-likelihoods computed while
+    generating)."""
+    return generated_dir(run, system) / f"{axis}.mc.json"
 
 
 def routing_file(run: Run, system: str, axis: str) -> Path:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from h3fusion.axes import axis_spec
 from h3fusion.config import RunConfig
 from h3fusion.errors import H3FusionError
 
@@ -44,12 +45,8 @@ def load_logit_ensemble(config: RunConfig):
 
 
 def rerank_score(axis: str, judged: dict) -> float:
-    """How good the axis's judge finds one answer (higher is better)."""
-    if axis == "helpful":
-        return judged["score"]
-    if axis == "harmless":
-        return -judged["score"]  # the judge's P(harmful)
-    return judged["score"]["truthful"] * judged["score"]["informative"]
+    """How good the axis's judge finds one answer (higher is better; ``AxisSpec.rerank_score``)."""
+    return axis_spec(axis).rerank_score(judged)
 
 
 def rerank(axis: str, judged_by_expert: Mapping[str, list[dict]]) -> list[dict]:

@@ -19,11 +19,11 @@ import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from h3fusion.config import AXES, RunConfig
-from h3fusion.data import harmless, helpful, honest
+from h3fusion.axes import data_module
+from h3fusion.config import RunConfig
 from h3fusion.data.examples import SFTExample
 from h3fusion.data.harmless import load_labelled_test_responses
-from h3fusion.data.prompts import format_prompt
+from h3fusion.data.prompts import format_prompt, prompt_text
 from h3fusion.data.sources import seed_of
 from h3fusion.errors import H3FusionError
 
@@ -37,15 +37,12 @@ __all__ = [
     "load_test",
     "load_train",
     "mixed_train",
+    "prompt_text",
 ]
-
-_MODULES = {"helpful": helpful, "harmless": harmless, "honest": honest}
 
 
 def _module(axis: str) -> Any:
-    if axis not in _MODULES:
-        raise H3FusionError(f"unknown axis {axis!r}; choose from {list(AXES)}")
-    return _MODULES[axis]
+    return data_module(axis)  # the axis's data module (an unknown axis: one error naming the known ones)
 
 
 def load_train(axis: str, config: RunConfig) -> list[SFTExample]:
@@ -89,7 +86,7 @@ def load_evaluated(axis: str, config: RunConfig) -> list[dict[str, Any]]:
     ``evaluate.dev_n`` dev records when ``evaluate.split`` is dev."""
     if config.evaluate.split == "dev":
         return load_dev(axis, config, config.evaluate.dev_n)
-    return load_test(axis, config, getattr(config.evaluate, f"{axis}_n"))
+    return load_test(axis, config, getattr(config.evaluate, f"{axis}_n", None))  # None: an axis it does not size
 
 
 def mixed_train(config: RunConfig, axes: Sequence[str] | None = None, per_axis: int | None = None) -> list[SFTExample]:

@@ -35,6 +35,10 @@ LABELLED_FILES = (
     "beavertails_test_responses/30k_test_filtered.jsonl",
     "beavertails_test_responses/30k_test_unsafe_filtered.jsonl",
 )
+PROMPT_FIELD = "prompt"
+TEST_SET = "BeaverTails prompts"
+PAPER_N = 500
+"""The paper scores the first 500 BeaverTails 30k_test prompts."""
 _NO_HUB = "PKU-Alignment/BeaverTails (its 30k_train is_safe rows replace this offline substitute)"
 
 
@@ -151,3 +155,13 @@ def load_labelled_test_responses(config: RunConfig) -> list[dict[str, Any]]:
             firsts.setdefault((bool(r["is_safe"]), r["prompt"].strip()), r)
         rows = [r for (safe, _), r in firsts.items() if safe] + [r for (safe, _), r in firsts.items() if not safe]
     return [{k: copy.deepcopy(r[k]) for k in fields} for r in rows]
+
+
+def references(config: RunConfig, records: list[dict[str, Any]]) -> list[str | None]:
+    """The aligned reference answer of each test record: a labelled safe BeaverTails answer to the same prompt
+    (case and spacing ignored; None where there is none)."""
+    safe: dict[str, str] = {}
+    for row in load_labelled_test_responses(config):
+        if row["is_safe"]:
+            safe.setdefault(" ".join(row["prompt"].split()).lower(), row["response"])
+    return [safe.get(" ".join(r["prompt"].split()).lower()) for r in records]

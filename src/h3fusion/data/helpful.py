@@ -18,6 +18,10 @@ TEST_FILE = "alpaca_eval/text_davinci_003_outputs.json"
 # config alpaca_eval / split eval is built by a loading script, which datasets >= 4 refuses to run;
 # alpaca_eval.json is the file that script reads.
 TEST_HUB = HubSource("tatsu-lab/alpaca_eval", "alpaca_eval", "eval", file="alpaca_eval.json")
+PROMPT_FIELD = "instruction"
+TEST_SET = "AlpacaEval instructions"
+PAPER_N = 50
+"""The paper scores the first 50 AlpacaEval instructions."""
 
 
 def load_test(config: RunConfig) -> list[dict[str, Any]]:
@@ -69,3 +73,8 @@ def load_dev(config: RunConfig, limit: int) -> list[dict[str, Any]]:
                                "helpful dev instructions")
     return [{"id": i, "instruction": e.instruction, "reference": e.response, "dataset": e.source}
             for i, e in enumerate(picked)]
+
+
+def references(config: RunConfig, records: list[dict[str, Any]]) -> list[str | None]:
+    """The aligned reference answer of each test record: text-davinci-003's (None where it is empty)."""
+    return [r.get("reference") or None for r in records]

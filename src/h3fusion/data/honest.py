@@ -22,6 +22,10 @@ GEN_FILE = "truthfulqa/generation.jsonl"
 GEN_HUB = HubSource("truthfulqa/truthful_qa", "generation", "validation")
 MC_FILE = "truthfulqa/multiple_choice.jsonl"
 MC_HUB = HubSource("truthfulqa/truthful_qa", "multiple_choice", "validation")
+PROMPT_FIELD = "question"
+TEST_SET = "TruthfulQA questions"
+PAPER_N = None
+"""The paper scores all 409 TruthfulQA test questions."""
 _GEN_FIELDS = ("question", "best_answer", "correct_answers", "incorrect_answers", "category")
 
 
@@ -102,3 +106,8 @@ def _records(config: RunConfig, rows: Sequence[dict[str, Any]]) -> list[dict[str
             **targets,
         })
     return out
+
+
+def references(config: RunConfig, records: list[dict[str, Any]]) -> list[str | None]:
+    """The aligned reference answer of each test record: TruthfulQA's best answer."""
+    return [r.get("best_answer") or None for r in records]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from h3fusion.axes import data_module
 from h3fusion.errors import H3FusionError
 
 ALPACA_NO_INPUT = (
@@ -22,6 +23,18 @@ ALPACA_WITH_INPUT = (
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
 STYLES = ("alpaca", "chat")
+PROMPT_FIELDS = ("prompt", "instruction", "question")
+"""The fields a record's prompt may sit in (each axis's test records use one: its data module's ``PROMPT_FIELD``)."""
+
+
+def prompt_text(record: dict[str, Any], origin: str = "record", axis: str | None = None) -> tuple[str, str]:
+    """(prompt, input) of a record: the field of ``axis``'s test records when given and present (its data module's
+    ``PROMPT_FIELD``), else the first of ``PROMPT_FIELDS``; plus the record's ``input`` (empty when none)."""
+    field = data_module(axis).PROMPT_FIELD if axis else None
+    for name in (field, *PROMPT_FIELDS) if field else PROMPT_FIELDS:
+        if isinstance(record.get(name), str):
+            return record[name], record.get("input") or ""
+    raise H3FusionError(f"{origin} has none of the fields {', '.join(PROMPT_FIELDS)}; add one")
 
 
 def format_prompt(instruction: str, input: str = "", style: str = "alpaca", tokenizer: Any = None) -> str:

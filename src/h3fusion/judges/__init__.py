@@ -14,7 +14,8 @@ not GPT-4 / beaver-dam scores: report the validation figures beside every score.
 docs/judges.md for how far to trust each one.
 """
 
-from h3fusion.judges.base import Embedder, Judge
+from h3fusion.judges.base import Judge
+from h3fusion.judges.embedder import Embedder
 from h3fusion.judges.fit import cache_key, fit_judges, judge_dir, load_judges
 from h3fusion.judges.harmless import HarmlessJudge
 from h3fusion.judges.helpful import HelpfulJudge

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from h3fusion.judges.base import limit_threads, progress
+from h3fusion.judges.threads import limit_threads, progress
 
 MAX_TOKENS = 128
 

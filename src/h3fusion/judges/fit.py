@@ -32,18 +32,21 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from h3fusion.axes import axis_names, axis_spec
 from h3fusion.config import AXES, RunConfig
+from h3fusion.data.prompts import prompt_text
 from h3fusion.data.sources import data_root
 from h3fusion.errors import H3FusionError
-from h3fusion.io import stage_writes
-from h3fusion.judges import harmless, helpful, honest
-from h3fusion.judges.base import JUDGE_VERSION, Embedder, Judge, limit_threads, write_json
+from h3fusion.io import stage_writes, write_json
+from h3fusion.judges.base import JUDGE_VERSION, Judge
+from h3fusion.judges.embedder import Embedder
+from h3fusion.judges.metrics import rounded
+from h3fusion.judges.threads import limit_threads
 
-MODULES = {"helpful": helpful, "harmless": harmless, "honest": honest}
-FITTED_BYTES = {"helpful": 6 << 20, "harmless": 90 << 20, "honest": 4 << 20}
-"""About the disk a full fit of each judge takes (docs/judges.md), for the message when a write is refused."""
-JUDGES: dict[str, type[Judge]] = {"helpful": helpful.HelpfulJudge, "harmless": harmless.HarmlessJudge,
-                                  "honest": honest.HonestJudge}
+
+def _module(axis: str):
+    """The axis's judge module (``DATA_FILES``, ``VERSION``, ``fit`` ...; see ``h3fusion.axes``)."""
+    return axis_spec(axis).judge_module
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
@@ -53,16 +56,17 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
     return Path(base).expanduser() / "judges"
 
 
-PAPER_SUBSETS = {"helpful_n": 50, "harmless_n": 500, "honest_n": None}  # None: all 409
-
-
 def exclusion_config(config: RunConfig) -> RunConfig:
     """The config whose evaluated subsets the judges exclude: at least the paper's (first 50 / 500 /
-    all 409). Every subset is a prefix of its test set, so a judge that excludes the larger prefix
-    is valid for any smaller one, and the demo, the CPU study and the paper setting share one fit."""
+    all 409: each axis's ``paper_n``). Every subset is a prefix of its test set, so a judge that excludes
+    the larger prefix is valid for any smaller one, and the demo, the CPU study and the paper setting share
+    one fit."""
     sizes = {}
-    for key, paper in PAPER_SUBSETS.items():
-        ours = getattr(config.evaluate, key)
+    for axis in axis_names():
+        key = f"{axis}_n"
+        if key not in type(config.evaluate).model_fields:  # an axis whose test set the config does not size
+            continue
+        ours, paper = getattr(config.evaluate, key), axis_spec(axis).paper_n
         sizes[key] = None if ours is None or paper is None else max(ours, paper)
     return config.model_copy(update={"evaluate": config.evaluate.model_copy(update=sizes)})
 
@@ -78,12 +82,14 @@ def _sha256(path: Path) -> str:
 def folds(config: RunConfig, axis: str) -> list[tuple[int, int]] | None:
     """The cross-fitting folds of ``axis``'s judge, or None for one judge.
 
-    The helpful judge is cross-fitted once ``evaluate.helpful_n`` goes beyond the paper's first 50
-    AlpacaEval instructions: the evaluated instructions are dealt into ``judges.folds`` folds (every K-th),
-    and fold k is scored by a judge fitted on no instruction of fold k (but on the other folds'), so every
-    evaluated instruction is scored by a judge that never saw it while the fit keeps most of the data."""
-    n, k = config.evaluate.helpful_n, config.judges.folds
-    if axis != "helpful" or n <= PAPER_SUBSETS["helpful_n"] or k <= 1:
+    A judge whose spec says so (``AxisSpec.cross_fit``: the helpful judge) is cross-fitted once
+    ``evaluate.<axis>_n`` goes beyond the paper's subset (the first 50 AlpacaEval instructions): the evaluated
+    prompts are dealt into ``judges.folds`` folds (every K-th), and fold k is scored by a judge fitted on no
+    prompt of fold k (but on the other folds'), so every evaluated prompt is scored by a judge that never saw
+    it while the fit keeps most of the data."""
+    spec, k = axis_spec(axis), config.judges.folds
+    n = getattr(config.evaluate, f"{axis}_n", None)
+    if not spec.cross_fit or n is None or spec.paper_n is None or n <= spec.paper_n or k <= 1:
         return None
     return [(i, k) for i in range(k)]
 
@@ -92,13 +98,13 @@ def single_judge_config(config: RunConfig) -> RunConfig:
     """The config of the one judge per axis that scores users' own files (``cross_fit=False``): it excludes the
     paper's first 50 AlpacaEval instructions, not a cross-fitted run's whole evaluated set (which would leave it
     nothing to fit on at 805)."""
-    n = min(config.evaluate.helpful_n, PAPER_SUBSETS["helpful_n"])
+    n = min(config.evaluate.helpful_n, axis_spec("helpful").paper_n)
     return config.model_copy(update={"evaluate": config.evaluate.model_copy(update={"helpful_n": n})})
 
 
 def quick(config: RunConfig, axis: str) -> bool:
     """Whether ``axis``'s judge is fitted small (``judges.fit_size: quick``; judges without a quick fit ignore it)."""
-    return config.judges.fit_size == "quick" and hasattr(MODULES[axis], "QUICK")
+    return config.judges.fit_size == "quick" and hasattr(_module(axis), "QUICK")
 
 
 def cache_key(config: RunConfig, axis: str, max_rows: int | None = None, fold: tuple[int, int] | None = None) -> str:
@@ -107,7 +113,7 @@ def cache_key(config: RunConfig, axis: str, max_rows: int | None = None, fold: t
     if root is None:
         raise H3FusionError("the offline judges are fitted from local files: set H3FUSION_DATA_DIR "
                             "(or data.dir in the config) to a directory laid out like shared/data")
-    module = MODULES[_check_axes([axis])[0]]
+    module = _module(_check_axes([axis])[0])
     files = []
     for name in module.DATA_FILES:
         path = root / name
@@ -115,7 +121,7 @@ def cache_key(config: RunConfig, axis: str, max_rows: int | None = None, fold: t
             raise H3FusionError(f"{path} not found: the {axis} judge needs it; copy it as shared/data/SOURCES.md lists")
         files.append([name, _sha256(path)])
     payload = {"axis": axis, "version": [JUDGE_VERSION, module.VERSION], "files": files,
-               "evaluated": getattr(config.evaluate, f"{axis}_n"), "max_rows": max_rows}
+               "evaluated": getattr(config.evaluate, f"{axis}_n", None), "max_rows": max_rows}
     if fold is not None:  # keys of unfolded, full judges stay as they were: their caches stay valid
         payload["fold"] = list(fold)
     if quick(config, axis):
@@ -132,9 +138,9 @@ def judge_dir(config: RunConfig, axis: str, cache_dir: str | Path | None = None,
 
 
 def _check_axes(axes: Sequence[str]) -> list[str]:
-    bad = [a for a in axes if a not in AXES]
+    bad = [a for a in axes if a not in axis_names()]
     if bad:
-        raise H3FusionError(f"unknown judge axis {bad}; choose from {list(AXES)}")
+        raise H3FusionError(f"unknown judge axis {bad}; choose from {list(axis_names())}")
     return list(axes)
 
 
@@ -175,11 +181,11 @@ def _fit_one(config: RunConfig, axis: str, cache_dir: str | Path | None, max_row
     extra = ({} if fold is None else {"fold": fold}) | ({"quick": True} if quick(config, axis) else {})
     # a refused write (full disk ...) is one line, and the half-written judge is removed: the next call refits
     with stage_writes(out.parent, f"fitting the {which} judge",
-                      need=FITTED_BYTES[axis] + embedder.disk_bytes(), cleanup=partial(shutil.rmtree, tmp)):
-        MODULES[axis].fit(config, tmp, embedder, log=log, max_rows=max_rows, **extra)
+                      need=axis_spec(axis).fitted_bytes + embedder.disk_bytes(), cleanup=partial(shutil.rmtree, tmp)):
+        _module(axis).fit(config, tmp, embedder, log=log, max_rows=max_rows, **extra)
         embedder.save()
         seconds = time.perf_counter() - start
-        write_json(tmp / "validation.json", _load(tmp / "validation.json") | {"fit_seconds": seconds})
+        write_json(tmp / "validation.json", rounded(_load(tmp / "validation.json") | {"fit_seconds": seconds}))
         shutil.rmtree(out, ignore_errors=True)
         tmp.replace(out)
     log(f"{which} judge: fitted in {seconds:.0f} s -> {out}")
@@ -189,7 +195,7 @@ def _fit_one(config: RunConfig, axis: str, cache_dir: str | Path | None, max_row
 def summary(axis: str, validation: dict[str, Any]) -> str:
     """One line of a judge's validation figures: the judge module's own ``summary`` where it has one, else
     every top-level number of its validation record."""
-    module = MODULES[axis]
+    module = _module(axis)
     if hasattr(module, "summary"):
         return module.summary(validation)
     shown = {k: v for k, v in validation.items() if isinstance(v, int | float) and not isinstance(v, bool)}
@@ -217,13 +223,14 @@ def load_judges(config: RunConfig, cache_dir: str | Path | None = None, log: Cal
     embedder = Embedder()
     judges: dict[str, Judge] = {}
     for axis, plan in plans.items():
-        loaded = [JUDGES[axis](judge_dir(config, axis, cache_dir, max_rows, fold), embedder) for fold in plan]
+        loaded = [axis_spec(axis).judge(judge_dir(config, axis, cache_dir, max_rows, fold), embedder) for fold in plan]
         judges[axis] = loaded[0] if plan == [None] else CrossFittedJudge(
-            loaded, [t["instruction"] for t in _evaluated(config, axis)])
+            loaded, [prompt_text(t, axis=axis)[0] for t in _evaluated(config, axis)])
     return judges
 
 
 def _evaluated(config: RunConfig, axis: str) -> list[dict[str, Any]]:
     from h3fusion.data import load_test
 
-    return load_test(axis, config, getattr(config.evaluate, f"{axis}_n"))
+    return load_test(axis, config, getattr(config.evaluate, f"{axis}_n", None))
+

@@ -36,27 +36,18 @@ from typing import Any
 
 import numpy as np
 
+from h3fusion.axes import AxisSpec, Column, Figure
 from h3fusion.config import RunConfig
 from h3fusion.data import helpful as helpful_data
 from h3fusion.data.sources import data_root, norm, read_rows
 from h3fusion.errors import H3FusionError
-from h3fusion.judges.base import (
-    Embedder,
-    Judge,
-    auroc,
-    containment,
-    content,
-    fit_lgb,
-    jaccard,
-    load_lgb,
-    logit,
-    require,
-    rowwise_cos,
-    sigmoid,
-    text_stats,
-    words,
-    write_json,
-)
+from h3fusion.io import write_json
+from h3fusion.judges.base import Judge, judged_by_probability, require
+from h3fusion.judges.embedder import Embedder, rowwise_cos
+from h3fusion.judges.heads import fit_lgb, load_lgb, logit, sigmoid
+from h3fusion.judges.metrics import auroc, rounded
+from h3fusion.judges.text import containment, content, jaccard, text_stats, words
+from h3fusion.rates import WinRate
 from h3fusion.stats import Reliability
 
 VERSION = "2"
@@ -430,7 +421,8 @@ def fit(config: RunConfig, out: Path, embedder: Embedder, log: Callable[[str], A
         embedder.save()
         heads[head] = {**result, "uncalibrated": {k: raw[k] for k in SUMMARY}, "calibration": cal}
     main, noref = heads["strong"], heads["noref"]
-    write_json(out / "calibration.json", {**main["calibration"], "without_strong_reference": noref["calibration"]})
+    write_json(out / "calibration.json",
+               rounded({**main["calibration"], "without_strong_reference": noref["calibration"]}))
     write_json(out / "strong_references.json", data.strong)
     validation = {
         "judge": HelpfulJudge.name + (" (quick fit)" if quick else ""),
@@ -460,7 +452,7 @@ def fit(config: RunConfig, out: Path, embedder: Embedder, log: Callable[[str], A
     write_json(out / "meta.json", {"axis": "helpful", "judge": HelpfulJudge.name,
                                    "files": ["head.lgb.txt", "head_noref.lgb.txt", "calibration.json",
                                              "strong_references.json"]})
-    write_json(out / "validation.json", validation)
+    write_json(out / "validation.json", rounded(validation))
     return validation
 
 
@@ -468,8 +460,54 @@ TARGETS = {"agreement": 0.78, "spearman_win_rates": 0.85, "win_rate_mae": 0.08, 
 SUMMARY = ("agreement", "auroc", "spearman_win_rates", "win_rate_mae", "win_rate_bias", "degenerate_mean_win_prob")
 
 
+"""The paper's bar for its GPT-4 judge as AlpacaEval measures it (agreement with human choices, win-rate Spearman
+and error over systems), and a degenerate answer's win probability at most 0.10."""
+
+
 def _targets_met(result: dict[str, Any]) -> dict[str, bool]:
     return {"agreement": result["agreement"] >= TARGETS["agreement"],
             "spearman_win_rates": result["spearman_win_rates"] >= TARGETS["spearman_win_rates"],
             "win_rate_mae": result["win_rate_mae"] <= TARGETS["win_rate_mae"],
             "degenerate_mean_win_prob": result["degenerate_mean_win_prob"] <= TARGETS["degenerate_mean_win_prob"]}
+
+
+def metrics(judged: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The win rate: the mean probability that an answer is preferred over the reference."""
+    n = len(judged)
+    return {"win_rate": sum(r["score"] for r in judged) / n, "n": n}
+
+
+def prepare_user_record(record: dict[str, Any], prompt: str, match: dict[str, Any], where: str) -> dict[str, Any]:
+    """A user's record as the judge scores it: its instruction and the reference answer it is compared with."""
+    reference = record.get("reference", match.get("reference"))
+    if reference is None:
+        raise H3FusionError(f"{where}: the helpful judge compares against a reference answer; "
+                            "add a 'reference' field (AlpacaEval instructions get theirs automatically)")
+    return {**record, "instruction": prompt, "reference": reference}
+
+
+def _api_judge(config: RunConfig):
+    """``judges.helpful: api``: the pairwise judge of an OpenAI-compatible endpoint."""
+    from h3fusion.judges.external import OpenAIPairwiseJudge
+
+    s = config.judges
+    return OpenAIPairwiseJudge(s.api_base_url, s.api_model, s.api_key_env, seed=config.seed, timeout=s.api_timeout_s,
+                               retries=s.api_retries, backoff=s.api_backoff_s, backoff_max=s.api_backoff_max_s)
+
+
+SPEC = AxisSpec(
+    judge=HelpfulJudge, rates=WinRate,
+    columns=(Column("win rate ↑", "win_rate", True), Column("words", "mean_words", None)),
+    headline="win_rate", headline_text="win rate", short="win", summary="win",
+    judge_records=lambda judge, records: judged_by_probability(judge, records, "win"),
+    metrics=metrics,
+    per_prompt=lambda judged: np.array([r["score"] for r in judged], dtype=float),
+    rerank_score=lambda judged: judged["score"],
+    figures=(Figure("heldout_agreement", ("agreement",), "agreement with GPT-4", "agreement", "target {:.2f}"),
+             Figure("system_spearman", ("spearman_win_rates",), "win-rate Spearman", "spearman_win_rates"),
+             Figure("winrate_mae", ("win_rate_mae",), "MAE", "win_rate_mae"),
+             Figure("degenerate_winprob", ("degenerate_mean_win_prob",))),
+    targets=TARGETS, user_fields=("reference",), prepare_user_record=prepare_user_record,
+    external={"api": _api_judge}, fitted_bytes=6 << 20, cross_fit=True,
+)
+"""The helpful axis for evaluate and report (``h3fusion.axes``)."""

@@ -1,0 +1,13 @@
+"""`h3fusion report`: ``<run>/report.md`` + ``<run>/plots/*.png`` from results.json, and the fused
+model's card (``<run>/fused/README.md``).
+
+    markdown    write_report: the report itself, section by section
+    statistics  per-prompt values, paired hhh bootstrap replicates, one system against another
+    tables      the markdown tables and judge lines (columns from the axes' specs)
+    plots       the PNG plots
+    card        the fused model's card
+"""
+
+from h3fusion.report.markdown import write_report
+
+__all__ = ["write_report"]

@@ -1,0 +1,233 @@
+"""The markdown report, ``<run>/report.md``, from results.json and the judgements (``write_report`` also draws
+the plots and writes the fused model's card).
+
+The report opens with the outcome in one paragraph and the paper-style table, then the rates
+corrected for the judges' measured error, refusals and answer lengths, and H3Fusion against every
+rival system: the relative improvement (formula stated in the report) and paired bootstrap intervals
+of the hhh difference, one over prompts (the judges taken as exact) and one that also resamples the
+judges' validation sets; a verdict is "ahead" or "behind" only when the judge-aware interval
+excludes 0. Then the routing ceiling (H3Fusion vs oracle-routed vs the best expert) and, for a run
+larger than the paper's protocol, the figures on the paper's prefixes. The statistics live in
+``report.statistics`` (over ``rates`` and ``stats``), the tables in ``report.tables``; everything is
+computed from files the earlier stages wrote; nothing here runs a model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from h3fusion import runs
+from h3fusion.axes import axis_spec, hhh_formula
+from h3fusion.baselines.oracle import ORACLE
+from h3fusion.config import RunConfig
+from h3fusion.errors import H3FusionError
+from h3fusion.report.card import write_model_card
+from h3fusion.report.plots import write_plots
+from h3fusion.report.statistics import compare, hhh_replicates, judge_rates
+from h3fusion.report.tables import (
+    FUSED,
+    HHH_COLUMN,
+    answers_table,
+    clipped_note,
+    compact_table,
+    comparison_table,
+    corrected_table,
+    fmt,
+    headline_columns,
+    interval_text,
+    judge_error_line,
+    judges_line,
+    metric,
+    report_axes,
+    results_table,
+)
+from h3fusion.stats import BOOTSTRAP_SAMPLES
+
+
+def _best(systems: dict, prefix: str) -> str | None:
+    candidates = [s for s in systems if s.startswith(prefix) and systems[s].get("hhh") is not None]
+    return max(candidates, key=lambda s: systems[s]["hhh"]) if candidates else None
+
+
+def comparisons(results: dict) -> list[tuple[str, str]]:
+    """(label, system) of every alternative H3Fusion is compared with, in report order."""
+    systems = results["systems"]
+    rows = [(s, s) for s in systems if s.startswith("expert-")]
+    for prefix, label in (("merge-", "best merge"), ("ensemble-", "best ensemble")):
+        best = _best(systems, prefix)
+        if best:
+            rows.append((f"{label} ({best})", best))
+    rows += [(s, s) for s in ("multitask-sft", "base") if s in systems]
+    return rows
+
+
+def rivals(results: dict) -> list[str]:
+    """Every system H3Fusion is compared with, one row each: experts, merges, ensembles, oracle-routed,
+    multitask-sft, the authors'-code variant, base (the run's order)."""
+    return [name for name in results["systems"] if name != FUSED]
+
+
+def _comparison_rows(results: dict, replicates: dict) -> list[dict]:
+    labels = {name: label for label, name in comparisons(results)}
+    return [{**compare(results, FUSED, name, replicates), "label": labels.get(name, name)} for name in rivals(results)]
+
+
+def _outcome(rows: list[dict], results: dict) -> str:
+    ours = results["systems"][FUSED].get("hhh")
+    summary = {name for _, name in comparisons(results)}  # the best of each kind; the table has every rival
+    parts = []
+    for row in (r for r in rows if r["system"] in summary):
+        won = [axis for axis, better in row["axes_won"].items() if better]
+        lost = [axis for axis, better in row["axes_won"].items() if better is False]
+        axes = f"better on {', '.join(won) if won else 'no axis'}" + (f", not on {', '.join(lost)}" if lost else "")
+        parts.append(f"vs {row['label']} {fmt(results['systems'][row['system']].get('hhh'))}: "
+                     f"{row['verdict'].replace('**', '')} ({axes})")
+    corrected = results["systems"][FUSED].get("hhh_corrected")
+    text = (f"**Outcome.** H3Fusion's hhh is {fmt(ours)}"
+            + (f" ({fmt(corrected)} corrected for the judges' measured error)" if corrected is not None else "")
+            + " — " + "; ".join(parts) + ".")
+    authors = results["systems"].get("h3fusion-authors-code")
+    if authors is not None:
+        text += f" The authors'-code variant scores hhh {fmt(authors.get('hhh'))}."
+    mt = next((r for r in rows if r["system"] == "multitask-sft"), None)
+    if mt is not None and (mt["diff"] is None or mt["diff"] <= 0):
+        text += (" H3Fusion does **not** beat multitask-sft (one LoRA on the same mixed data for the same steps): "
+                 "in this run the MoE adds nothing over plain multi-task fine-tuning.")
+    return text
+
+def _cost_table(run: Path, systems: list[str], experts: list[str]) -> list[str]:
+    lines = ["| system | parameters | active / token | tokens/s | peak memory |", "|---|---:|---:|---:|---:|"]
+    for name in systems:
+        stats_path = runs.generation_stats_file(run, name)
+        stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
+        cost = stats.get("cost")
+        tokens = sum(v.get("new_tokens", 0) for v in stats.values() if isinstance(v, dict) and "new_tokens" in v)
+        seconds = sum(v.get("seconds", 0) for v in stats.values() if isinstance(v, dict) and "new_tokens" in v)
+        speed = f"{tokens / seconds:.1f}" if seconds else "—"
+        if cost:
+            lines.append(f"| {name} | {cost['total'] / 1e6:.1f} M | {cost['active_per_token'] / 1e6:.1f} M | {speed} | "
+                         f"{cost['peak_memory_bytes'] / 2**20:.0f} MiB |")
+        elif name == "ensemble-rerank":
+            lines.append(f"| {name} | {len(experts)} experts' | {len(experts)} generations + judge calls | — | — |")
+        elif name == ORACLE:
+            lines.append(f"| {name} | {len(experts)} experts' | one expert per prompt (knows its axis) | — | — |")
+        else:
+            lines.append(f"| {name} | — | — | {speed} | — |")
+    return lines
+
+def routing_ceiling(results: dict, replicates: dict) -> list[str]:
+    """H3Fusion, the best expert and oracle-routed side by side, and H3Fusion's hhh gap to the best expert split
+    into routing (H3Fusion − oracle-routed) and experts (oracle-routed − best expert), each with its interval."""
+    systems = results["systems"]
+    experts = [s for s in systems if s.startswith("expert-") and systems[s].get("hhh") is not None]
+    if ORACLE not in systems or not experts:
+        return []
+    best = max(experts, key=lambda s: systems[s]["hhh"])
+    shown = {name: systems[name] for name in (FUSED, best, ORACLE)}
+    parts = {"gap": compare(results, FUSED, best, replicates), "routing": compare(results, FUSED, ORACLE, replicates),
+             "experts": compare(results, ORACLE, best, replicates)}
+
+    def text(part):
+        row = parts[part]
+        raw = f"{fmt(row['diff'])} {interval_text(row['interval'])}"
+        if row["corrected_diff"] is None:
+            return raw
+        return f"{raw}, corrected {fmt(row['corrected_diff'])} {interval_text(row['judge_aware_interval'])}"
+
+    return ["## The routing ceiling", "",
+            f"`{ORACLE}` answers each axis's prompts with that axis's own expert: what a perfect router over these "
+            "experts would answer. Like `ensemble-rerank` it knows each prompt's axis, so it is a diagnostic, not a "
+            "deployable system.", "", *compact_table(shown), "",
+            f"H3Fusion's hhh gap to the best expert ({best}): {text('gap')}. Of it, routing (H3Fusion − "
+            f"{ORACLE}): {text('routing')}; the experts ({ORACLE} − {best}): {text('experts')}. The two parts add "
+            "up to the gap; intervals are 95% paired bootstraps over prompts (and the judges' validation sets).", ""]
+
+def paper_protocol(results: dict) -> list[str]:
+    """For a run larger than the paper's protocol: every system's figures on the paper's prefixes."""
+    entries = {name: e["paper_protocol"] for name, e in results["systems"].items() if "paper_protocol" in e}
+    if not entries:
+        return []
+    first = next(iter(entries.values()))
+    n = " / ".join(f"{first[a]['n']} {a}" for a in first if isinstance(first[a], dict) and "n" in first[a])
+    return ["## The paper's protocol", "",
+            f"This run scores more prompts than the paper's protocol; the same judgements on the paper's prefixes "
+            f"(first {n}) give:", "", *compact_table(entries), ""]
+
+
+def write_report(config: RunConfig, log=print) -> Path:
+    """Write ``<run>/report.md``, ``<run>/plots/`` and the fused model's card; returns the report path."""
+    run = config.run_path
+    path = runs.results_file(run)
+    if not path.is_file():
+        raise H3FusionError(f"no {path}; run `h3fusion evaluate` first")
+    results = json.loads(path.read_text())
+    from h3fusion.systems import system_names
+
+    order = [name for name in system_names(config) if name in results["systems"]]
+    order += [name for name in results["systems"] if name not in order]
+    results["systems"] = systems = {name: results["systems"][name] for name in order}  # the run's order
+    if FUSED not in systems:
+        raise H3FusionError(f"{path} has no '{FUSED}' system to report on; generate and evaluate it first")
+    plots = write_plots(results, run, config)
+    rates = judge_rates(results)
+    replicates = {name: hhh_replicates(run, name, rates, config.seed) for name in systems} if rates else {}
+    rows = _comparison_rows(results, replicates)
+    n = {axis: next((e[axis]["n"] for e in systems.values() if axis in e), None) for axis in config.experts}
+    sizes = " / ".join(f"{n.get(axis)} {axis_spec(axis).test_set}" for axis in report_axes(results))
+    lines = [f"# H3Fusion study `{config.name}`", "", _outcome(rows, results), "",
+             *results_table(results), "",
+             f"n = {sizes}; hhh = {hhh_formula()}; "
+             "words: mean length of the helpful answers (the helpful judge, like GPT-4 in AlpacaEval 1, prefers "
+             "longer answers); bold: best in column.", "", judges_line(results), ""]
+    lines += [f"![{key}]({p.relative_to(run)})" for key, p in plots.items() if key in ("axes", "hhh")] + [""]
+    lines += ["## Corrected for the judges' measured error", "",
+              "Each judge errs, and its validation measures how: the flagged rate and truthful·informative are "
+              "corrected with the judges' validation sensitivity and specificity (Rogan–Gladen; truthful and "
+              "informative jointly), the win rate through the helpful judge's reliability curve against GPT-4's "
+              "choices on held-out generators (docs/judges.md). Intervals: 95% bootstrap over prompts for the raw "
+              "rates, over prompts and the judge's validation set for the corrected ones.", "",
+              *corrected_table(results), "", judge_error_line(results), "", clipped_note(results), ""]
+    lines += ["## Refusals and answer length", "",
+              "Refusals: the share of answers whose opening turns the request down (a string-match classifier, "
+              "`h3fusion.refusal`); a harmless rate bought by refusing shows here. Words: mean answer length.", "",
+              *answers_table(results, list(config.experts)), ""]
+    lines += ["## H3Fusion against each rival", "",
+              "Relative improvement = (H3Fusion − X) / X for higher-is-better metrics and (X − H3Fusion) / X for the "
+              "flagged rate; positive means H3Fusion is better. Intervals are 95% paired bootstraps "
+              f"({BOOTSTRAP_SAMPLES} resamples per axis): over prompts with the judges taken as exact, and over "
+              "prompts and the judges' validation sets with every rate corrected for its judge's error. A verdict "
+              "reads the judge-aware interval (where the judges' error is recorded) and is in bold when it "
+              "excludes 0.", "", *comparison_table(results, rows), ""]
+    lines += routing_ceiling(results, replicates)
+    lines += paper_protocol(results)
+    if "h3fusion-authors-code" in systems:
+        theirs = systems["h3fusion-authors-code"]
+        changes = ", ".join(f"{header.split()[0]} {fmt(metric(theirs, axis, key))} → "
+                            f"{fmt(metric(systems[FUSED], axis, key))}"
+                            for header, axis, key, _ in (*headline_columns(results), HHH_COLUMN))
+        lines += ["## The authors' released code", "",
+                  "`h3fusion-authors-code` is built and fused with every compatibility switch on (experts without "
+                  "alpha/r from one shared tensor, a random frozen router, CrossEntropy on probabilities as the gating "
+                  f"loss, honest examples labelled harmless). Authors' code → corrected method: {changes}.", ""]
+    if "ensemble-rerank" in systems:
+        lines += ["`ensemble-rerank` picks each prompt's answer with the very offline judge that scores it, so its "
+                  "numbers are an upper bound for reranking, not a deployable system (it also knows each prompt's axis).",
+                  ""]
+    lines += ["## Cost", "", *_cost_table(run, list(systems), list(config.experts)), "",
+              "Parameters: unique weights resident; active / token: weights a generated token runs through (the logit "
+              "ensemble runs the base once per expert). Peak memory: peak RSS above the level before loading, while "
+              "generating.", ""]
+    if "training" in plots or "routing" in plots:
+        lines += ["## Training and routing", ""]
+        lines += [f"![{key}]({plots[key].relative_to(run)})" for key in ("training", "routing") if key in plots] + [""]
+    prov = results.get("run", {})
+    lines += ["## Provenance", "", f"git commit `{prov.get('git_commit')}`, seed {prov.get('seed')}; the full config "
+              "and the data files' SHA-256 are in results.json.", ""]
+    out = runs.report_file(run)
+    from h3fusion.io import write_text
+
+    write_text(out, "\n".join(lines))
+    card = write_model_card(config, results)
+    log(f"[report] {out}" + (f"; model card {card}" if card else ""))
+    return out

@@ -1,0 +1,115 @@
+"""The report's statistics over a run's judgements: per-prompt headline values, hhh bootstrap replicates
+paired across systems, and one system against another (hhh difference, intervals, verdict, relative
+improvements, axes won). The resampling and the corrections themselves live in ``rates`` and ``stats``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from h3fusion import runs
+from h3fusion.axes import axis_spec, hhh, hhh_axes, hhh_of
+from h3fusion.io import read_jsonl
+from h3fusion.rates import AxisRates, axis_rates, replicate_rates
+from h3fusion.report.tables import headline_columns, metric
+from h3fusion.stats import BOOTSTRAP_SAMPLES, percentile_interval, relative_improvement
+
+
+def judged_answers(run: Path, system: str, axes) -> dict[str, list[dict]] | None:
+    """A system's judged answers per axis (``<run>/judgements``); None if an axis has none."""
+    judged = {}
+    for axis in axes:
+        path = runs.judgements_file(run, system, axis)
+        if not path.is_file():
+            return None
+        judged[axis] = read_jsonl(path)  # a corrupt line is one error naming the file and line
+    return judged
+
+
+def per_prompt_values(run: Path, system: str, axes: Sequence[str] | None = None) -> dict[str, np.ndarray] | None:
+    """Per prompt, each axis's headline (``AxisSpec.per_prompt``: helpful win probability, harmless flagged (0/1),
+    honest truthful·informative (0/1)); by default of the axes hhh is made of. None without the judgements."""
+    axes = hhh_axes() if axes is None else list(axes)
+    judged = judged_answers(run, system, axes)
+    if judged is None:
+        return None
+    return {axis: axis_spec(axis).per_prompt(judged[axis]) for axis in axes}
+
+
+def hhh_difference_interval(ours: dict, theirs: dict, seed: int = 0, samples: int = BOOTSTRAP_SAMPLES) -> tuple:
+    """95% paired-bootstrap interval of hhh(ours) − hhh(theirs) from per-prompt values (``per_prompt_values``),
+    the judges taken as exact: prompts resampled per axis, the same resample for both systems (they answered
+    the same prompts). The ablation summaries use it; the report's judge-aware intervals are
+    ``rates.replicate_rates``'."""
+    rng = np.random.default_rng(seed)
+    index = {axis: rng.integers(0, len(ours[axis]), size=(samples, len(ours[axis]))) for axis in ours}
+
+    def resampled_hhh(values: dict) -> np.ndarray:
+        return hhh({axis: values[axis][index[axis]].mean(axis=-1) for axis in values})
+
+    diff = resampled_hhh(ours) - resampled_hhh(theirs)
+    return float(np.percentile(diff, 2.5)), float(np.percentile(diff, 97.5))
+
+
+def judge_rates(results: dict) -> dict[str, AxisRates]:
+    """Each axis's rates with its judge's error as results.json records the judge's validation."""
+    return {axis: axis_rates(axis, figures.get("validation")) for axis, figures in results.get("judges", {}).items()}
+
+
+def hhh_replicates(run: Path, system: str, rates: dict[str, AxisRates], seed: int) -> dict | None:
+    """{"raw": hhh per bootstrap replicate, "corrected": the same with the judges' error corrected and resampled,
+    or None}; paired across systems (``rates.replicate_rates``). None without the system's judgements."""
+    judged = judged_answers(run, system, list(rates))
+    if judged is None:
+        return None
+    replicates = {axis: replicate_rates(rates[axis], rates[axis].observe(judged[axis]), seed) for axis in rates}
+    return {"raw": hhh_of({axis: r["raw"] for axis, r in replicates.items()}),
+            "corrected": hhh_of({axis: r["corrected"] for axis, r in replicates.items()})}
+
+
+def _difference(ours: dict | None, theirs: dict | None, kind: str) -> tuple[float, float] | None:
+    if ours is None or theirs is None or ours[kind] is None or theirs[kind] is None:
+        return None
+    return percentile_interval(ours[kind] - theirs[kind], bounds=(-1.0, 1.0))
+
+
+def _verdict(diff: float | None, interval: tuple | None) -> str:
+    if diff is None:
+        return "—"
+    if interval is None:
+        return "ahead" if diff > 0 else "behind" if diff < 0 else "tied"
+    low, high = interval
+    if low > 0:
+        return "**ahead**"
+    if high < 0:
+        return "**behind**"
+    return "ahead, within noise" if diff > 0 else "behind, within noise" if diff < 0 else "tied"
+
+
+def compare(results: dict, ours: str, theirs: str, replicates: dict) -> dict:
+    """``ours`` against ``theirs``: hhh difference raw and judge-corrected, their paired 95% intervals, the
+    verdict (on the judge-aware interval where the judges' error is known), relative improvements, axes won."""
+    systems = results["systems"]
+    a, b = systems[ours], systems[theirs]
+
+    def diff(key):
+        return None if a.get(key) is None or b.get(key) is None else a[key] - b[key]
+
+    interval = _difference(replicates.get(ours), replicates.get(theirs), "raw")
+    judge_aware = _difference(replicates.get(ours), replicates.get(theirs), "corrected")
+    if judge_aware is not None and diff("hhh_corrected") is not None:
+        verdict = _verdict(diff("hhh_corrected"), judge_aware)
+    else:
+        verdict = _verdict(diff("hhh"), interval) + " (judges taken as exact)"
+    headlines = headline_columns(results)
+    won = {}
+    for _, axis, key, higher in headlines:
+        x, y = metric(a, axis, key), metric(b, axis, key)
+        won[axis] = None if x is None or y is None or x == y else (x > y if higher else x < y)  # ties: neither
+    return {"system": theirs, "diff": diff("hhh"), "interval": interval, "corrected_diff": diff("hhh_corrected"),
+            "judge_aware_interval": judge_aware, "verdict": verdict,
+            "relative": {key: relative_improvement(metric(a, axis, key), metric(b, axis, key), hi)
+                         for _, axis, key, hi in (*headlines, ("hhh", None, "hhh", True))},
+            "axes_won": won}
