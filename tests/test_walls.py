@@ -33,13 +33,9 @@ WALLS: list[tuple[str, tuple[str, ...], str]] = [  # (importing modules, importe
 DOORS = ("h3fusion.cli", "h3fusion.__main__")
 """The command line itself: the one module that parses arguments, and ``python -m h3fusion``."""
 
-PENDING: set[tuple[str, str]] = {
-    # (module, imported module) of crossings another branch removes; the coordinator deletes an entry once it lands.
-    ("h3fusion.judges.fit", "argparse"),  # branch `layout`: `judges fit` through cli.py (fit.py's argparse main)
-    ("h3fusion.moe.build", "h3fusion.config"),  # branch `moe`: the build stage leaves moe/ (stage guard, dump_config)
-    ("h3fusion.moe.build", "h3fusion.experts"),  # branch `moe`: the build stage leaves moe/ (expert_dir)
-    ("h3fusion.moe.build", "h3fusion.data"),  # branch `moe`: the build stage leaves moe/ (load_train, format_prompt)
-}
+PENDING: set[tuple[str, str]] = set()
+"""(module, imported module) of crossings another branch is about to remove, each with a comment naming it; the
+coordinator deletes an entry once that branch lands. Empty: every wall holds."""
 
 
 def _inside(name: str, package: str) -> bool:
