@@ -244,3 +244,33 @@ def test_cached_judgements_are_reused_only_from_the_same_judge(evaluated):
         cache.write_text(real)
         stamp.write_text(real_stamp)
         out.write_text(json.dumps(before))
+
+
+def test_dev_split_is_scored_and_reported_apart_from_the_test_split(evaluated, tmp_path, data_dir, judge_cache):
+    """evaluate.split: dev answers the dev prompts (none a test prompt) and writes its judgements, results and report
+    under <run>/dev/, with the test split's judges and without touching the test split's files or the model card."""
+    from h3fusion.data import load_test
+    from h3fusion.report import write_report
+    from h3fusion.runs import evaluation_root, report_file, results_file
+
+    path, test_config, _ = evaluated
+    config = load_config(path, ["evaluate.split=dev", "evaluate.dev_n=3", "data.honest_dev_questions=5"])
+    assert evaluation_root(config) == test_config.run_path / "dev"
+    before = results_file(test_config).read_bytes()
+    for axis, answer in ANSWERS.items():
+        records = evaluated_records(config, axis)
+        assert len(records) == 3
+        field = {"helpful": "instruction", "harmless": "prompt", "honest": "question"}[axis]
+        assert not {r[field] for r in records} & {t[field] for t in load_test(axis, config)[:4]}
+        append_jsonl(generations_dir(config) / "h3fusion" / f"{axis}.jsonl",
+                     [{**r, "response": answer(r)} for r in records])
+    out = evaluate_run(config, log=lambda *_: None)
+    assert out == test_config.run_path / "dev" / "results.json"
+    results = json.loads(out.read_text())
+    assert results["systems"]["h3fusion"]["helpful"]["n"] == 3 and results["run"]["config"]["evaluate"]["split"] == "dev"
+    assert "paper_protocol" not in results["systems"]["h3fusion"]
+    assert results_file(test_config).read_bytes() == before  # the test split's results are untouched
+    report = write_report(config, log=lambda *_: None)
+    assert report == report_file(config) and report.parent.name == "dev"
+    assert "**Dev split**" in report.read_text()
+    assert not (test_config.run_path / "fused" / "README.md").exists()  # no model card from dev figures

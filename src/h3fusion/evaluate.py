@@ -108,7 +108,8 @@ def evaluate_run(config: RunConfig, systems: Sequence[str] | None = None, log=pr
     if not systems:
         raise H3FusionError(f"no generations under {gen_root}; run `h3fusion generate` first")
     axes = list(config.experts)
-    judges = load_axis_judges(config, axes, log)
+    # dev prompts are none of the evaluated test prompts: one judge per axis scores them, not the test folds'
+    judges = load_axis_judges(config, axes, log, cross_fit=config.evaluate.split == "test")
     embedder = Embedder()
     # every system answers the same prompts: look their reference answers up once per axis
     test_records = {axis: evaluated_records(config, axis) for axis in axes}  # loaded once per axis
@@ -206,6 +207,8 @@ def paper_protocol_sizes(config: RunConfig) -> dict[str, int]:
     instructions, 500 BeaverTails prompts, all TruthfulQA questions)} for each axis this run evaluates more
     of (else empty); the judges never fit on those prompts either (``judges.fit.exclusion_config``)."""
     sizes = {}
+    if config.evaluate.split == "dev":  # dev prompts are not the paper's test prefixes
+        return sizes
     for axis in config.experts:
         ours, paper = getattr(config.evaluate, f"{axis}_n", None), axis_spec(axis).paper_n
         if paper is not None and (ours is None or ours > paper):

@@ -100,10 +100,11 @@ def generate_jsonl(
 
 
 def evaluated_records(config, axis: str) -> list[dict]:
-    """The evaluated subset of an axis: the first ``evaluate.<axis>_n`` test records."""
-    from h3fusion.data import load_test
+    """The evaluated records of an axis: the first ``evaluate.<axis>_n`` test records, or the dev records
+    (``evaluate.split: dev``)."""
+    from h3fusion.data import load_evaluated
 
-    return load_test(axis, config, limit=getattr(config.evaluate, f"{axis}_n", None))
+    return load_evaluated(axis, config)
 
 
 def generate_run(config, systems: Sequence[str] | None = None, axes: Sequence[str] | None = None,

@@ -21,6 +21,8 @@ that refuses to reuse a stage made with other settings. Stages ask this module f
       report.md, plots/                   report
       alpaca_eval/<system>/model_outputs.json   export-outputs
       ablations/<name>/                   ablate: a run of its own
+      dev/                                evaluate.split: dev -- generations/ ... report.md, plots/ as above, for
+                                          the dev prompts (``evaluation_root``): settings are chosen there
 
 Functions take the run as its config or as its directory (``Run``), so a caller holding only the directory
 of another run (the ablation's base run) asks the same questions.
@@ -45,12 +47,21 @@ EXPERT_MARKER = "training_log.json"  # an adapter `align` (or a trained baseline
 BUILD_MARKER = "h3fusion_build.json"  # moe/ is complete: written last
 FUSE_MARKER = "fusion_log.json"  # fused/ is complete: written last
 CHECKPOINT_MARKER = "trainer_state.json"  # the last file of a Trainer checkpoint: present = complete
+DEV = "dev"  # the dev split's answers, judgements, results and report (``evaluation_root``)
 GENERATION_STATS = "stats.json"  # per system: an axis named in it is finished (after its answers and routing)
 
 
 def root(run: Run) -> Path:
     """The run's directory."""
     return run.run_path if isinstance(run, RunConfig) else Path(run)
+
+
+def evaluation_root(run: Run) -> Path:
+    """Where the answers to the evaluated prompts, their judgements, results and report live: the run's directory,
+    or ``<run>/dev/`` when the config's ``evaluate.split`` is dev (settings are chosen there, and the test
+    split's files stay as they are). A run given by its directory means its test split."""
+    dev = isinstance(run, RunConfig) and run.evaluate.split == "dev"
+    return root(run) / DEV if dev else root(run)
 
 
 # ----------------------------------------------------------------------------- trained stages
@@ -116,7 +127,7 @@ def ablation_dir(run: Run, name: str) -> Path:
 # ----------------------------------------------------------------------------- answers and their scores
 
 def generations_dir(run: Run) -> Path:
-    return root(run) / "generations"
+    return evaluation_root(run) / "generations"
 
 
 def generated_dir(run: Run, system: str) -> Path:
@@ -144,7 +155,7 @@ def routing_file(run: Run, system: str, axis: str) -> Path:
 
 
 def assembled_dir(run: Run) -> Path:
-    return root(run) / "assembled"
+    return evaluation_root(run) / "assembled"
 
 
 def assembled_file(run: Run, system: str, axis: str) -> Path:
@@ -153,7 +164,7 @@ def assembled_file(run: Run, system: str, axis: str) -> Path:
 
 
 def judgements_file(run: Run, system: str, axis: str) -> Path:
-    return root(run) / "judgements" / system / f"{axis}.jsonl"
+    return evaluation_root(run) / "judgements" / system / f"{axis}.jsonl"
 
 
 def judge_stamp_file(run: Run, system: str, axis: str) -> Path:
@@ -162,15 +173,15 @@ def judge_stamp_file(run: Run, system: str, axis: str) -> Path:
 
 
 def results_file(run: Run) -> Path:
-    return root(run) / "results.json"
+    return evaluation_root(run) / "results.json"
 
 
 def report_file(run: Run) -> Path:
-    return root(run) / "report.md"
+    return evaluation_root(run) / "report.md"
 
 
 def plots_dir(run: Run) -> Path:
-    return root(run) / "plots"
+    return evaluation_root(run) / "plots"
 
 
 def model_card_file(run: Run) -> Path:
@@ -178,7 +189,7 @@ def model_card_file(run: Run) -> Path:
 
 
 def alpaca_outputs_file(run: Run, system: str) -> Path:
-    return root(run) / "alpaca_eval" / system / "model_outputs.json"
+    return evaluation_root(run) / "alpaca_eval" / system / "model_outputs.json"
 
 
 # ----------------------------------------------------------------------------- the settings guard

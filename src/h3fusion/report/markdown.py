@@ -96,7 +96,7 @@ def _outcome(rows: list[dict], results: dict) -> str:
                  "in this run the MoE adds nothing over plain multi-task fine-tuning.")
     return text
 
-def _cost_table(run: Path, systems: list[str], experts: list[str]) -> list[str]:
+def _cost_table(run: runs.Run, systems: list[str], experts: list[str]) -> list[str]:
     lines = ["| system | parameters | active / token | tokens/s | peak memory |", "|---|---:|---:|---:|---:|"]
     for name in systems:
         stats_path = runs.generation_stats_file(run, name)
@@ -155,9 +155,17 @@ def paper_protocol(results: dict) -> list[str]:
             f"(first {n}) give:", "", *compact_table(entries), ""]
 
 
+def _dev_banner(config: RunConfig) -> list[str]:
+    if config.evaluate.split != "dev":
+        return []
+    return [f"**Dev split** (`evaluate.split: dev`, {config.evaluate.dev_n} prompts per axis, none of them a test prompt): "
+            "for choosing settings, not for reporting; the test split's report is `../report.md`.", ""]
+
+
 def write_report(config: RunConfig, log=print) -> Path:
     """Write ``<run>/report.md``, ``<run>/plots/`` and the fused model's card; returns the report path."""
-    run = config.run_path
+    run = config  # its evaluation files: the test split's, or the dev split's under <run>/dev/
+    here = runs.evaluation_root(config)  # report.md's directory: plot links are relative to it
     path = runs.results_file(run)
     if not path.is_file():
         raise H3FusionError(f"no {path}; run `h3fusion evaluate` first")
@@ -175,12 +183,12 @@ def write_report(config: RunConfig, log=print) -> Path:
     rows = _comparison_rows(results, replicates)
     n = {axis: next((e[axis]["n"] for e in systems.values() if axis in e), None) for axis in config.experts}
     sizes = " / ".join(f"{n.get(axis)} {axis_spec(axis).test_set}" for axis in report_axes(results))
-    lines = [f"# H3Fusion study `{config.name}`", "", _outcome(rows, results), "",
+    lines = [f"# H3Fusion study `{config.name}`", "", *_dev_banner(config), _outcome(rows, results), "",
              *results_table(results), "",
              f"n = {sizes}; hhh = {hhh_formula()}; "
              "words: mean length of the helpful answers (the helpful judge, like GPT-4 in AlpacaEval 1, prefers "
              "longer answers); bold: best in column.", "", judges_line(results), ""]
-    lines += [f"![{key}]({p.relative_to(run)})" for key, p in plots.items() if key in ("axes", "hhh")] + [""]
+    lines += [f"![{key}]({p.relative_to(here)})" for key, p in plots.items() if key in ("axes", "hhh")] + [""]
     lines += ["## Corrected for the judges' measured error", "",
               "Each judge errs, and its validation measures how: the flagged rate and truthful·informative are "
               "corrected with the judges' validation sensitivity and specificity (Rogan–Gladen; truthful and "
@@ -220,7 +228,7 @@ def write_report(config: RunConfig, log=print) -> Path:
               "generating.", ""]
     if "training" in plots or "routing" in plots:
         lines += ["## Training and routing", ""]
-        lines += [f"![{key}]({plots[key].relative_to(run)})" for key in ("training", "routing") if key in plots] + [""]
+        lines += [f"![{key}]({plots[key].relative_to(here)})" for key in ("training", "routing") if key in plots] + [""]
     prov = results.get("run", {})
     lines += ["## Provenance", "", f"git commit `{prov.get('git_commit')}`, seed {prov.get('seed')}; the full config "
               "and the data files' SHA-256 are in results.json.", ""]
@@ -228,6 +236,6 @@ def write_report(config: RunConfig, log=print) -> Path:
     from h3fusion.io import write_text
 
     write_text(out, "\n".join(lines))
-    card = write_model_card(config, results)
+    card = write_model_card(config, results) if config.evaluate.split == "test" else None  # the card reports test figures
     log(f"[report] {out}" + (f"; model card {card}" if card else ""))
     return out

@@ -13,7 +13,7 @@ from h3fusion.config import RunConfig
 from h3fusion.report.tables import FUSED, headline_columns, metric
 
 
-def write_plots(results: dict, run: Path, config: RunConfig) -> dict[str, Path]:
+def write_plots(results: dict, run: runs.Run, config: RunConfig) -> dict[str, Path]:
     """Draw every plot the run's files allow; returns {name: png path}."""
     import matplotlib
 
@@ -89,7 +89,7 @@ def _smooth(steps: list[int], values: list[float], window: int = 5) -> tuple:
     return steps[window - 1:], np.convolve(values, np.ones(window) / window, mode="valid")
 
 
-def _training_curves(run: Path, config: RunConfig) -> dict:
+def _training_curves(run: runs.Run, config: RunConfig) -> dict:
     curves: dict = {}
     for axis in config.experts:
         path = runs.expert_dir(run, axis) / runs.EXPERT_MARKER

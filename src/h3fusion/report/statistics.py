@@ -5,7 +5,6 @@ improvements, axes won). The resampling and the corrections themselves live in `
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
@@ -17,7 +16,7 @@ from h3fusion.report.tables import headline_columns, metric
 from h3fusion.stats import BOOTSTRAP_SAMPLES, percentile_interval, relative_improvement
 
 
-def judged_answers(run: Path, system: str, axes) -> dict[str, list[dict]] | None:
+def judged_answers(run: runs.Run, system: str, axes) -> dict[str, list[dict]] | None:
     """A system's judged answers per axis (``<run>/judgements``); None if an axis has none."""
     judged = {}
     for axis in axes:
@@ -28,7 +27,7 @@ def judged_answers(run: Path, system: str, axes) -> dict[str, list[dict]] | None
     return judged
 
 
-def per_prompt_values(run: Path, system: str, axes: Sequence[str] | None = None) -> dict[str, np.ndarray] | None:
+def per_prompt_values(run: runs.Run, system: str, axes: Sequence[str] | None = None) -> dict[str, np.ndarray] | None:
     """Per prompt, each axis's headline (``AxisSpec.per_prompt``: helpful win probability, harmless flagged (0/1),
     honest truthful·informative (0/1)); by default of the axes hhh is made of. None without the judgements."""
     axes = hhh_axes() if axes is None else list(axes)
@@ -58,7 +57,7 @@ def judge_rates(results: dict) -> dict[str, AxisRates]:
     return {axis: axis_rates(axis, figures.get("validation")) for axis, figures in results.get("judges", {}).items()}
 
 
-def hhh_replicates(run: Path, system: str, rates: dict[str, AxisRates], seed: int) -> dict | None:
+def hhh_replicates(run: runs.Run, system: str, rates: dict[str, AxisRates], seed: int) -> dict | None:
     """{"raw": hhh per bootstrap replicate, "corrected": the same with the judges' error corrected and resampled,
     or None}; paired across systems (``rates.replicate_rates``). None without the system's judgements."""
     judged = judged_answers(run, system, list(rates))
