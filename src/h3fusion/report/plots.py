@@ -74,7 +74,7 @@ def write_plots(results: dict, run: runs.Run, config: RunConfig) -> dict[str, Pa
             routing.setdefault("experts", stats["experts"])
             routing.setdefault("axes", {}).update(stats["axes"])
     if routing:
-        from h3fusion.moe.routing import plot_routing
+        from h3fusion.routing_plots import plot_routing
 
         heatmap, intensity = plot_routing(routing, plots, title="H3Fusion routing on the evaluated test prompts")
         out["routing"], out["intensity"] = heatmap, intensity
