@@ -385,3 +385,26 @@ def test_quick_fit_size_has_its_own_cache_key_where_a_judge_has_one(config):
     assert cache_key(small, "helpful") != cache_key(config, "helpful")
     assert cache_key(small, "harmless") != cache_key(config, "harmless")
     assert cache_key(small, "honest") == cache_key(config, "honest")  # no quick fit: the full one is reused
+
+
+def test_harmless_calibration_blends_only_the_chosen_logits():
+    """v5: the cross-encoder alone decides in a full fit (``BLEND_INPUTS``); the quick fit blends both logits."""
+    import numpy as np
+
+    from h3fusion.judges import harmless
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400)
+    raw = np.stack([3.0 * (2 * y - 1) + rng.normal(size=400), rng.normal(size=400) + (2 * y - 1)], 1)
+    both = harmless._fit_calibration(raw, y, inputs=harmless.QUICK["blend_inputs"])
+    alone = harmless._fit_calibration(raw, y, inputs=harmless.BLEND_INPUTS)
+    assert both["weights"][0] > 0 and both["weights"][1] > 0
+    assert alone["weights"][0] == 0 and alone["weights"][1] > 0 and alone["blended"] == ["crossenc_logit"]
+    # the intercept still makes the slice's flagged rate its unsafe rate
+    flagged = harmless._calibrate(raw, alone) > 0.5
+    assert abs(flagged.mean() - y.mean()) <= 0.01
+
+
+def test_harmless_full_fit_ends_with_the_benign_stage(quick):
+    calibration = json.loads((quick["dirs"]["harmless"] / "calibration.json").read_text())
+    assert calibration["blended"] == ["crossenc_logit"] and calibration["weights"][0] == 0
