@@ -41,8 +41,9 @@ def test_a_fourth_axis_runs_through_evaluate_and_report(concise_axis, tmp_path):
     import h3fusion.evaluate
     import h3fusion.report
     from h3fusion.evaluate import evaluate_run, judge_records, load_axis_judges, prepare_user_records
-    from h3fusion.generate import evaluated_records, generations_dir
+    from h3fusion.generate import evaluated_records
     from h3fusion.report import write_report
+    from h3fusion.runs import generations_dir
 
     config = build_config({"experts": ["concise"], "moe": {"top_k": 1}, "run_dir": str(tmp_path / "run"),
                            "data": {"dir": str(tmp_path)}, "judges": {"cache_dir": str(tmp_path / "judges")}})
