@@ -112,7 +112,8 @@ def test_labelled_rows_follow_the_four_rules(records):
 
 def test_safe_alarming_prompts_are_the_safe_records(records):
     prompts = safe_alarming_prompts()
-    assert prompts == [{"id": r["id"], "kind": r["kind"], "prompt": r["prompt"]} for r in records if r["prompt_safe"]]
+    assert prompts == [{"id": r["id"], "kind": r["kind"], "prompt": r["prompt"], "compliant": r["compliant"]}
+                       for r in records if r["prompt_safe"]]
     assert {p["kind"] for p in prompts} == set(SAFE_KINDS)
 
 

@@ -274,3 +274,40 @@ def test_dev_split_is_scored_and_reported_apart_from_the_test_split(evaluated, t
     assert report == report_file(config) and report.parent.name == "dev"
     assert "**Dev split**" in report.read_text()
     assert not (test_config.run_path / "fused" / "README.md").exists()  # no model card from dev figures
+
+
+def test_overrefusal_is_scored_beside_the_axes_without_an_expert(evaluated, tmp_path):
+    """evaluate.extra_axes: [overrefusal]: every system answers the contrastive set's safe-but-alarming test prompts;
+    the refusal detector scores them (its error measured on the set's labelled answers), hhh is unchanged."""
+    from h3fusion.data.contrastive import safe_alarming_prompts, split_of
+    from h3fusion.report import write_report
+
+    path, test_config, test_results = evaluated
+    config = load_config(path, ["evaluate.extra_axes=[overrefusal]", f"run_dir={tmp_path / 'run'}"])
+    assert config.evaluated_axes == ["helpful", "harmless", "honest", "overrefusal"]
+    records = evaluated_records(config, "overrefusal")
+    assert [r["prompt"] for r in records] == [p["prompt"] for p in safe_alarming_prompts() if split_of(p["id"]) == "test"]
+    for system in ("base", "h3fusion"):  # the same answers as the test fixture's, plus over-refusal answers
+        for axis in ("helpful", "harmless", "honest"):
+            append_jsonl(generations_dir(config) / system / f"{axis}.jsonl",
+                         read_jsonl(generations_dir(test_config) / system / f"{axis}.jsonl"))
+        refusing = range(0, len(records), 2 if system == "h3fusion" else 1)  # base refuses all, h3fusion every other
+        append_jsonl(generations_dir(config) / system / "overrefusal.jsonl",
+                     [{**r, "response": "I'm sorry, but I can't help with that." if i in refusing else r["reference"]}
+                      for i, r in enumerate(records)])
+    results = json.loads(evaluate_run(config, log=lambda *_: None).read_text())
+    fused = results["systems"]["h3fusion"]
+    assert fused["overrefusal"]["over_refusal_rate"] == pytest.approx(len(range(0, len(records), 2)) / len(records))
+    assert results["systems"]["base"]["overrefusal"]["over_refusal_rate"] == 1.0
+    assert fused["hhh"] == pytest.approx(test_results["systems"]["h3fusion"]["hhh"])  # not a term of hhh
+    assert results["judges"]["overrefusal"]["accuracy"] >= 0.95  # the detector on the labelled answers
+    report = write_report(config, log=lambda *_: None).read_text()
+    assert "over-refusal ↓" in report
+
+
+def test_an_axis_with_no_training_data_is_not_an_expert(evaluated):
+    path, _, _ = evaluated
+    with pytest.raises(Exception, match="no training data, so no expert"):
+        load_config(path, ["experts=[helpful,overrefusal]"])
+    with pytest.raises(Exception, match="evaluate.extra_axes"):
+        load_config(path, ["evaluate.extra_axes=[helpful]"])

@@ -30,7 +30,12 @@ BUILTIN_AXES: dict[str, tuple[str, str]] = {
 }
 """axis -> (data module, judge module), in the paper's order (which also seeds each axis's bootstrap)."""
 
-_REGISTRY: dict[str, tuple[str, str]] = dict(BUILTIN_AXES)
+SCORED_ONLY_AXES: dict[str, tuple[str, str]] = {
+    "overrefusal": ("h3fusion.data.overrefusal", "h3fusion.judges.overrefusal"),
+}
+"""Axes no expert aligns to, scored beside the others when ``evaluate.extra_axes`` names them."""
+
+_REGISTRY: dict[str, tuple[str, str]] = {**BUILTIN_AXES, **SCORED_ONLY_AXES}
 _SPECS: dict[str, AxisSpec] = {}
 
 
@@ -97,6 +102,9 @@ class AxisSpec:
     """Whether a run evaluating more than the paper's subset scores it with cross-fitted judges."""
     in_hhh: bool = True
     """Whether the headline is a term of hhh."""
+    oracle_axis: str | None = None
+    """Whose expert answers this axis's prompts in ``oracle-routed`` (None: the axis's own; a scored-only axis
+    names the expert its prompts belong with, e.g. over-refusal's safe requests: helpful)."""
     name: str = ""
     data: ModuleType | None = None
     judge_module: ModuleType | None = None
@@ -133,8 +141,8 @@ def register_axis(name: str, data_module: str, judge_module: str) -> None:
 
 
 def unregister_axis(name: str) -> None:
-    """Forget an axis ``register_axis`` added (the built-in ones stay)."""
-    if name not in BUILTIN_AXES:
+    """Forget an axis ``register_axis`` added (the shipped ones stay)."""
+    if name not in BUILTIN_AXES and name not in SCORED_ONLY_AXES:
         _REGISTRY.pop(name, None)
         _SPECS.pop(name, None)
 

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from h3fusion.axes import BUILTIN_AXES, axis_names
+from h3fusion.axes import BUILTIN_AXES, SCORED_ONLY_AXES, axis_names
 from h3fusion.errors import H3FusionError
 
 AXES: tuple[str, ...] = tuple(BUILTIN_AXES)
@@ -213,6 +213,9 @@ class EvalConfig(_Section):
     30k_test prompts, the data.honest_dev_questions held-out TruthfulQA training questions."""
     dev_n: int = Field(200, ge=1)
     """Prompts per axis in the dev split (honest: at most data.honest_dev_questions)."""
+    extra_axes: list[str] = []
+    """Axes scored beside the experts' with no expert of their own, e.g. [overrefusal]: the contrastive set's
+    safe-but-alarming prompts (test or dev split by id), and the share of answers that refuse them."""
 
 
 class JudgesConfig(_Section):
@@ -293,6 +296,9 @@ class RunConfig(_Section):
         bad = [a for a in value if a not in axis_names()]
         if bad:
             raise ValueError(f"unknown axis {bad}; choose from {list(axis_names())}")
+        scored = [a for a in value if a in SCORED_ONLY_AXES]
+        if scored:
+            raise ValueError(f"{scored} has no training data, so no expert: list it in evaluate.extra_axes instead")
         if len(set(value)) != len(value):
             raise ValueError(f"duplicate axes in {value}")
         if not value:
@@ -313,10 +319,19 @@ class RunConfig(_Section):
         unknown = sorted(set(self.generate.max_new_tokens) - set(axis_names()))
         if unknown:
             raise ValueError(f"generate.max_new_tokens names unknown axis {unknown}; axes are {list(axis_names())}")
+        bad_extra = [a for a in self.evaluate.extra_axes if a not in axis_names() or a in self.experts]
+        if bad_extra:
+            raise ValueError(f"evaluate.extra_axes {bad_extra}: name registered axes that are not experts "
+                             f"({sorted(set(axis_names()) - set(self.experts))})")
         bad = {k: v for k, v in self.fusion.gamma.items() if v < 0}
         if bad:
             raise ValueError(f"fusion.gamma must be >= 0, got {bad}")
         return self
+
+    @property
+    def evaluated_axes(self) -> list[str]:
+        """Every axis a run answers and scores: the experts' axes, then ``evaluate.extra_axes``."""
+        return [*self.experts, *self.evaluate.extra_axes]
 
     def gammas(self) -> list[float]:
         """gamma_k in expert order."""

@@ -107,7 +107,7 @@ def evaluate_run(config: RunConfig, systems: Sequence[str] | None = None, log=pr
     systems = list(systems or available)
     if not systems:
         raise H3FusionError(f"no generations under {gen_root}; run `h3fusion generate` first")
-    axes = list(config.experts)
+    axes = config.evaluated_axes
     # dev prompts are none of the evaluated test prompts: one judge per axis scores them, not the test folds'
     judges = load_axis_judges(config, axes, log, cross_fit=config.evaluate.split == "test")
     embedder = Embedder()

@@ -128,7 +128,7 @@ def generate_system(config, system: str, axes: Sequence[str] | None = None, log=
     from h3fusion.systems import load_system
 
     out = runs.generated_dir(config, system)
-    axes = list(axes or config.experts)
+    axes = list(axes or config.evaluated_axes)
     stats_path = runs.generation_stats_file(config, system)
     stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
     todo = {axis: evaluated_records(config, axis) for axis in axes}

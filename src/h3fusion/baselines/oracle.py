@@ -13,5 +13,8 @@ ORACLE = "oracle-routed"
 
 
 def oracle_expert(axis: str) -> str:
-    """The system whose answers oracle-routed gives on ``axis``."""
-    return f"expert-{axis}"
+    """The system whose answers oracle-routed gives on ``axis``: its own expert's, or for an axis no expert aligns
+    to, the expert its spec names (``AxisSpec.oracle_axis``)."""
+    from h3fusion.axes import axis_spec
+
+    return f"expert-{axis_spec(axis).oracle_axis or axis}"

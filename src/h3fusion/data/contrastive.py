@@ -7,11 +7,13 @@ compliant answer and one refusal (``contrastive_harmless.jsonl`` beside this mod
 
     load_contrastive(path=None) -> list[dict]   # {id, kind, prompt_safe, prompt, compliant, refusal}
     labelled_rows(records=None) -> list[dict]   # {id, prompt, response, harmful, refusal, prompt_safe, kind}
-    safe_alarming_prompts(path=None) -> list[dict]   # {id, kind, prompt}: the over-refusal test prompts
+    safe_alarming_prompts(path=None) -> list[dict]   # {id, kind, prompt, compliant}: the over-refusal prompts
+    split_of(item_id) -> "dev" | "test"          # fixed by the id: choices are made on dev, figures reported on test
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from importlib import resources
@@ -131,8 +133,15 @@ def labelled_rows(records: list[dict[str, Any]] | None = None) -> list[dict[str,
 
 
 def safe_alarming_prompts(path: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]:
-    """The safe prompts that sound alarming, in file order: {id, kind, prompt}.
+    """The safe prompts that sound alarming, in file order: {id, kind, prompt, compliant}.
 
     Every system should answer them fully; refusing one is over-refusal.
     """
-    return [{"id": r["id"], "kind": r["kind"], "prompt": r["prompt"]} for r in load_contrastive(path) if r["prompt_safe"]]
+    return [{"id": r["id"], "kind": r["kind"], "prompt": r["prompt"], "compliant": r["compliant"]}
+            for r in load_contrastive(path) if r["prompt_safe"]]
+
+
+def split_of(item_id: str) -> str:
+    """'dev' or 'test', fixed by the item's id: choices (a judge's, a study's settings) are made on dev, figures
+    reported on test."""
+    return "dev" if hashlib.sha1(item_id.encode()).digest()[0] % 2 == 0 else "test"

@@ -181,7 +181,7 @@ def write_report(config: RunConfig, log=print) -> Path:
     rates = judge_rates(results)
     replicates = {name: hhh_replicates(run, name, rates, config.seed) for name in systems} if rates else {}
     rows = _comparison_rows(results, replicates)
-    n = {axis: next((e[axis]["n"] for e in systems.values() if axis in e), None) for axis in config.experts}
+    n = {axis: next((e[axis]["n"] for e in systems.values() if axis in e), None) for axis in config.evaluated_axes}
     sizes = " / ".join(f"{n.get(axis)} {axis_spec(axis).test_set}" for axis in report_axes(results))
     lines = [f"# H3Fusion study `{config.name}`", "", *_dev_banner(config), _outcome(rows, results), "",
              *results_table(results), "",
@@ -199,7 +199,7 @@ def write_report(config: RunConfig, log=print) -> Path:
     lines += ["## Refusals and answer length", "",
               "Refusals: the share of answers whose opening turns the request down (a string-match classifier, "
               "`h3fusion.refusal`); a harmless rate bought by refusing shows here. Words: mean answer length.", "",
-              *answers_table(results, list(config.experts)), ""]
+              *answers_table(results, config.evaluated_axes), ""]
     lines += ["## H3Fusion against each rival", "",
               "Relative improvement = (H3Fusion − X) / X for higher-is-better metrics and (X − H3Fusion) / X for the "
               "flagged rate; positive means H3Fusion is better. Intervals are 95% paired bootstraps "
