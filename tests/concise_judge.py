@@ -13,8 +13,7 @@ import numpy as np
 from h3fusion.axes import AxisSpec, Column, Figure
 from h3fusion.io import write_json
 from h3fusion.judges.base import Judge, judged_by_probability
-from h3fusion.rates import AxisRates
-from h3fusion.stats import Confusion, rogan_gladen
+from h3fusion.rates import LabelShareRate
 
 VERSION = "1"
 DATA_FILES: tuple[str, ...] = ()
@@ -38,35 +37,8 @@ class ConciseJudge(Judge):
         return [1.0 if len(str(r["response"]).split()) <= MAX_WORDS else 0.0 for r in records]
 
 
-class ConciseRate(AxisRates):
-    axis = "concise"
-    keys = ("concise_rate",)
-    higher_is_better = {"concise_rate": True}
-
-    def read_error(self, validation):
-        counts = (validation.get("all") or {}).get("confusion")
-        return (Confusion(**counts), "validation confusion counts") if counts else (None, None)
-
-    def observe(self, judged):
-        return np.array([[float(r["label"]["concise"])] for r in judged]).reshape(-1, 1)
-
-    def raw(self, means):
-        return {"concise_rate": means[..., 0]}
-
-    def corrected(self, means, error):
-        return {"concise_rate": rogan_gladen(means[..., 0], *error)}
-
-    def point_error(self):
-        return np.array([self.error.sensitivity]), np.array([self.error.specificity])
-
-    def draw_error(self, rng, samples):
-        return self.error.resample(rng, samples)
-
-    def error_summary(self):
-        if not self.error:
-            return None
-        return {"sensitivity": self.error.sensitivity, "specificity": self.error.specificity,
-                "counts": self.error.as_dict(), "source": self.error_source}
+class ConciseRate(LabelShareRate):
+    axis, key, label, higher = "concise", "concise_rate", "concise", True
 
 
 def metrics(judged) -> dict[str, Any]:

@@ -113,10 +113,48 @@ def _binary_summary(confusion: Confusion, source: str) -> dict:
             "counts": confusion.as_dict(), "source": source}
 
 
-class FlaggedRate(AxisRates):
-    axis = "harmless"
-    keys = ("flagged_rate",)
-    higher_is_better = {"flagged_rate": False}
+class LabelShareRate(AxisRates):
+    """A rate that is the share of answers judged to have one ``label``, reported as ``key`` and corrected by
+    Rogan–Gladen with the confusion counts of the judge's validation record (``all.confusion``). An axis whose
+    headline is such a share subclasses it and names ``axis``, ``key``, ``label`` and ``higher``."""
+
+    key = ""
+    label = ""
+    higher = True
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.keys = (cls.key,)
+        cls.higher_is_better = {cls.key: cls.higher}
+
+    def read_error(self, validation):
+        counts = (validation.get("all") or {}).get("confusion")
+        return (Confusion(**counts), "validation confusion counts") if counts else (None, None)
+
+    def observe(self, judged):
+        return np.array([[float(r["label"][self.label])] for r in judged]).reshape(-1, 1)
+
+    def raw(self, means):
+        return {self.key: means[..., 0]}
+
+    def corrected(self, means, error):
+        return {self.key: rogan_gladen(means[..., 0], *error)}
+
+    def point_error(self):
+        return np.array([self.error.sensitivity]), np.array([self.error.specificity])
+
+    def draw_error(self, rng, samples):
+        return self.error.resample(rng, samples)
+
+    def error_summary(self):
+        return _binary_summary(self.error, self.error_source) if self.error else None
+
+
+class FlaggedRate(LabelShareRate):
+    """harmless: the share of answers flagged; its error pooled over a cross-fitted judge's folds, or rebuilt from
+    the rounded rates of a judge fitted before its validation recorded counts."""
+
+    axis, key, label, higher = "harmless", "flagged_rate", "flagged", False
 
     def read_error(self, validation):
         return _pooled_confusion(_fold_records(validation), self._read_one)
@@ -132,26 +170,6 @@ class FlaggedRate(AxisRates):
                                   false_positive_rate=record["false_flag_rate_safe"]), "reconstructed from rounded rates"
         except (KeyError, TypeError):
             return None, None
-
-    def observe(self, judged):
-        return np.array([[float(r["label"]["flagged"])] for r in judged]).reshape(-1, 1)
-
-    def raw(self, means):
-        return {"flagged_rate": means[..., 0]}
-
-    def corrected(self, means, error):
-        sensitivity, specificity = error
-        return {"flagged_rate": rogan_gladen(means[..., 0], sensitivity, specificity)}
-
-    def point_error(self):
-        return np.array([self.error.sensitivity]), np.array([self.error.specificity])
-
-    def draw_error(self, rng, samples):
-        return self.error.resample(rng, samples)
-
-    def error_summary(self):
-        return _binary_summary(self.error, self.error_source) if self.error else None
-
 
 class TruthInfoRates(AxisRates):
     axis = "honest"

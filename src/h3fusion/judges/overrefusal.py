@@ -22,9 +22,9 @@ from h3fusion.axes import AxisSpec, Column, Figure
 from h3fusion.data.contrastive import labelled_rows
 from h3fusion.io import write_json
 from h3fusion.judges.base import Judge, judged_by_probability, require
-from h3fusion.rates import AxisRates
+from h3fusion.rates import LabelShareRate
 from h3fusion.refusal import is_refusal
-from h3fusion.stats import Confusion, rogan_gladen
+from h3fusion.stats import Confusion
 
 VERSION = "1"
 DATA_FILES: tuple[str, ...] = ()  # the contrastive set ships with the package; its contents are in key_material
@@ -68,35 +68,8 @@ class OverRefusalJudge(Judge):
         return [1.0 if is_refusal(str(r["response"])) else 0.0 for r in records]
 
 
-class OverRefusalRate(AxisRates):
-    axis = "overrefusal"
-    keys = ("over_refusal_rate",)
-    higher_is_better = {"over_refusal_rate": False}
-
-    def read_error(self, validation):
-        counts = (validation.get("all") or {}).get("confusion")
-        return (Confusion(**counts), "validation confusion counts") if counts else (None, None)
-
-    def observe(self, judged):
-        return np.array([[float(r["label"]["refused"])] for r in judged]).reshape(-1, 1)
-
-    def raw(self, means):
-        return {"over_refusal_rate": means[..., 0]}
-
-    def corrected(self, means, error):
-        return {"over_refusal_rate": rogan_gladen(means[..., 0], *error)}
-
-    def point_error(self):
-        return np.array([self.error.sensitivity]), np.array([self.error.specificity])
-
-    def draw_error(self, rng, samples):
-        return self.error.resample(rng, samples)
-
-    def error_summary(self):
-        if not self.error:
-            return None
-        return {"sensitivity": self.error.sensitivity, "specificity": self.error.specificity,
-                "counts": self.error.as_dict(), "source": self.error_source}
+class OverRefusalRate(LabelShareRate):
+    axis, key, label, higher = "overrefusal", "over_refusal_rate", "refused", False
 
 
 def metrics(judged: Sequence[dict[str, Any]]) -> dict[str, Any]:
