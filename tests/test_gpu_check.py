@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-VARIANTS = ("base", "compact", "dense", "mixtral", "xlora")
+VARIANTS = ("base", "compact", "compact-seq", "dense", "mixtral", "xlora")
 
 
 def test_gpu_check_runs_every_step_on_cpu(tmp_path):
@@ -38,7 +38,8 @@ def test_gpu_check_runs_every_step_on_cpu(tmp_path):
     for batch in ("b1", "b8"):
         assert set(speed[batch]) == set(VARIANTS)
         assert all(v["tok_s"] > 0 for v in speed[batch].values())
-    assert {"compact/base b8", "compact/xlora b8", "compact/mixtral b1", "xlora/base b1"} <= set(speed["ratios"])
+    assert {"compact/base b8", "compact-seq/compact b8", "compact/xlora b8", "compact/mixtral b1",
+            "xlora/base b1"} <= set(speed["ratios"])
     params = speed["parameters"]
     assert params["compact"]["total"] < params["dense"]["total"] == params["mixtral"]["total"]
     for line in ("[export] ok", "| compact/xlora b8 |", "gpu_check: all steps ok"):
