@@ -1,8 +1,10 @@
 """What a system costs: parameters (total, active per token) and peak memory while it runs.
 
 Shared by the report's cost columns (recorded per system by ``generate``) and the benchmark.
-On CPU, peak memory is the peak RSS above the level at entry, sampled by a thread; on CUDA it is
-the torch allocator's peak above the allocation at entry.
+On CPU, peak memory is the peak RSS above the level at entry: the kernel's own peak mark (VmHWM, reset
+at entry through /proc/self/clear_refs), which sees an allocation however briefly it lived, and where
+that is unavailable the maximum a sampling thread saw; on CUDA it is the torch allocator's peak above
+the allocation at entry.
 """
 
 from __future__ import annotations
@@ -24,6 +26,28 @@ def rss_bytes() -> int:
             return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:
         return 0
+
+
+def _reset_peak_rss() -> bool:
+    """Set the kernel's peak-RSS mark (VmHWM) to the current RSS; False where /proc does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes() -> int:
+    """The kernel's peak-RSS mark of this process (VmHWM), 0 where it cannot be read."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def release_freed_memory_to_os() -> None:
@@ -53,6 +77,9 @@ class PeakMemory:
             return self
         if _LIBC is not None:
             _LIBC.malloc_trim(0)
+        # The sampler stays beside the kernel's mark: a nested PeakMemory resets the mark, and a
+        # sample between the two entries keeps what the outer one had seen.
+        self._kernel_peak = _reset_peak_rss()
         self.start = self._max = rss_bytes()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -72,7 +99,8 @@ class PeakMemory:
         self._stop.set()
         self._thread.join()
         now = rss_bytes()
-        self.peak = max(self._max, now) - self.start
+        kernel_peak = _peak_rss_bytes() if self._kernel_peak else 0
+        self.peak = max(self._max, kernel_peak, now) - self.start
         self.end = now - self.start
 
 
