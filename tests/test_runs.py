@@ -43,6 +43,7 @@ def test_the_layout_is_the_documented_one(tmp_path):
         runs.results_file(config): run / "results.json",
         runs.report_file(config): run / "report.md",
         runs.plots_dir(config): run / "plots",
+        runs.specialisation_file(config): run / "specialisation.json",
         runs.model_card_file(config): run / "fused" / "README.md",
         runs.alpaca_outputs_file(config, "base"): run / "alpaca_eval" / "base" / "model_outputs.json",
         runs.settings_file(runs.fused_dir(config)): run / "fused" / "config.yaml",

@@ -19,6 +19,7 @@ that refuses to reuse a stage made with other settings. Stages ask this module f
                                           <axis>.judge.json says which judge scored them
       results.json                        evaluate (written whole, atomically)
       report.md, plots/                   report
+      specialisation.json                 report: each expert against the others on its own axis
       alpaca_eval/<system>/model_outputs.json   export-outputs
       ablations/<name>/                   ablate: a run of its own
       dev/                                evaluate.split: dev -- generations/ ... report.md, plots/ as above, for
@@ -178,6 +179,11 @@ def results_file(run: Run) -> Path:
 
 def report_file(run: Run) -> Path:
     return evaluation_root(run) / "report.md"
+
+
+def specialisation_file(run: Run) -> Path:
+    """The report's figures of each expert against the others on its own axis (``report.specialisation``)."""
+    return evaluation_root(run) / "specialisation.json"
 
 
 def plots_dir(run: Run) -> Path:

@@ -24,7 +24,8 @@ from h3fusion.config import RunConfig
 from h3fusion.errors import H3FusionError
 from h3fusion.report.card import write_model_card
 from h3fusion.report.plots import write_plots
-from h3fusion.report.statistics import compare, hhh_replicates, judge_rates
+from h3fusion.report.specialisation import specialisation, write_specialisation
+from h3fusion.report.statistics import best_of, compare, hhh_replicates, judge_rates, read_interval
 from h3fusion.report.tables import (
     FUSED,
     HHH_COLUMN,
@@ -42,12 +43,8 @@ from h3fusion.report.tables import (
     report_axes,
     results_table,
 )
+from h3fusion.report.targets import Target, check_targets, routing_accuracy
 from h3fusion.stats import BOOTSTRAP_SAMPLES
-
-
-def _best(systems: dict, prefix: str) -> str | None:
-    candidates = [s for s in systems if s.startswith(prefix) and systems[s].get("hhh") is not None]
-    return max(candidates, key=lambda s: systems[s]["hhh"]) if candidates else None
 
 
 def comparisons(results: dict) -> list[tuple[str, str]]:
@@ -55,7 +52,7 @@ def comparisons(results: dict) -> list[tuple[str, str]]:
     systems = results["systems"]
     rows = [(s, s) for s in systems if s.startswith("expert-")]
     for prefix, label in (("merge-", "best merge"), ("ensemble-", "best ensemble")):
-        best = _best(systems, prefix)
+        best = best_of(systems, prefix)
         if best:
             rows.append((f"{label} ({best})", best))
     rows += [(s, s) for s in ("multitask-sft", "base") if s in systems]
@@ -155,6 +152,97 @@ def paper_protocol(results: dict) -> list[str]:
             f"(first {n}) give:", "", *compact_table(entries), ""]
 
 
+def _signed(value) -> str:
+    return "—" if value is None else f"{value:+.3f}"
+
+
+def specialisation_section(figures: dict) -> list[str]:
+    """Each expert against the other experts on its own axis, its verdict, and its other axes beside the base
+    model's (``report.specialisation``)."""
+    experts = figures["experts"]
+    lines = ["## Do the experts specialise?", "",
+             "Each expert's headline on its own axis against every other expert's on that axis (issue 18 asks each "
+             "to lead the others there with a 95% interval excluding 0). A difference is "
+             "oriented so that positive means the expert is better (for the flagged rate, lower is better: the "
+             "other's rate − the expert's). Intervals are 95% paired bootstraps: over the axis's prompts with the "
+             "judge taken as exact, and over the prompts and the judge's validation set with the rate corrected "
+             "for the judge's error (where recorded). An expert **leads** only when every interval its verdicts "
+             "read (the judge-aware one where recorded) lies above 0.", ""]
+    if not experts:
+        return [*lines, "This run evaluated no expert on its own axis.", ""]
+    lines += ["| expert | own axis | value | corrected | against | diff | 95% (prompts) | corrected diff | "
+              "95% (prompts + judge) | verdict |", "|---|---|---:|---:|---|---:|---|---:|---|---|"]
+    for name, own in experts.items():
+        for other, row in own["against"].items():
+            said = f"**{row['verdict']}**" if row["excludes_0"] else row["verdict"]
+            lines.append(f"| {name} | {own['axis']}: {own['headline']} | {fmt(own['value'])} | "
+                         f"{fmt(own['value_corrected'])} | {other} ({fmt(row['value'])}) | {_signed(row['diff'])} | "
+                         f"{interval_text(row['interval'])} | {_signed(row['corrected_diff'])} | "
+                         f"{interval_text(row['judge_aware_interval'])} | {said} |")
+    lines.append("")
+    for name, own in experts.items():
+        said = "**leads**" if own["verdict"] == "leads" else own["verdict"]
+        rivals = "; ".join(f"vs {other}: {row['verdict']}" for other, row in own["against"].items())
+        lines.append(f"- {name} {said} on {own['headline']}" + (f" ({rivals})" if rivals else "") + ".")
+    lines.append("")
+    base = figures.get("base")
+    axes = list(dict.fromkeys([own["axis"] for own in experts.values()]
+                              + [a for own in experts.values() for a in own["other_axes"]]))
+    if base is None:
+        return [*lines, "The base model was not evaluated: the experts' other axes have nothing to compare with.", ""]
+    lines += ["Their other axes beside the base model's (a specialist should not collapse them): each cell is the "
+              "expert's headline, then its difference from the base's (positive: the expert is better) with the "
+              "interval its verdict reads, in bold when that excludes 0.", "",
+              "| expert | " + " | ".join(f"{a}: {axis_spec(a).headline_column.header}" for a in axes) + " |",
+              "|---|" + "---|" * len(axes)]
+    base_values = {a: own["other_axes"][a].get("base") for own in experts.values() for a in own["other_axes"]}
+    lines.append(f"| {base} | " + " | ".join(fmt(base_values.get(a)) for a in axes) + " |")
+    for name, own in experts.items():
+        cells = []
+        for axis in axes:
+            entry = own["other_axes"].get(axis)
+            if axis == own["axis"]:
+                cells.append(f"{fmt(own['value'])} (own)")
+            elif entry is None or "versus_base" not in entry:
+                cells.append(fmt(None if entry is None else entry["value"]))
+            else:
+                row = entry["versus_base"]
+                read, judge_aware = read_interval(row)
+                diff = _signed(row["corrected_diff"] if judge_aware else row["diff"])
+                cells.append(f"{fmt(entry['value'])} ({diff} {interval_text(read)}"
+                             + (f", **{row['verdict']}**)" if row["excludes_0"] else ")"))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def targets_section(targets: list[Target]) -> list[str]:
+    """Issue 18's targets, one line each: met / missed / not in this run / not recorded, with the numbers."""
+    return ["## Targets", "",
+            "The study's targets (issue 18; `h3fusion.report.targets` holds them): hhh intervals are the 95% paired "
+            "bootstraps of the comparison above (judge-aware where recorded); the axis and refusal targets compare "
+            "raw rates; routing accuracy is the share of an axis's evaluated prompts whose mean routing favours "
+            "its own expert.", "",
+            *(f"- **{t.status}** — {t.text}" + (f": {t.figures}" if t.figures else "") for t in targets), ""]
+
+
+NOT_FUSED = ("**The fused model was not evaluated on this split**: the comparison with its rivals, the routing "
+             "ceiling and the targets need it; this report shows what the evaluated systems allow.")
+
+
+def _fused_sections(config: RunConfig, results: dict, rows: list[dict], replicates: dict) -> list[str]:
+    """The sections about H3Fusion itself: against each rival, the routing ceiling, the targets."""
+    lines = ["## H3Fusion against each rival", "",
+             "Relative improvement = (H3Fusion − X) / X for higher-is-better metrics and (X − H3Fusion) / X for the "
+             "flagged rate; positive means H3Fusion is better. Intervals are 95% paired bootstraps "
+             f"({BOOTSTRAP_SAMPLES} resamples per axis): over prompts with the judges taken as exact, and over "
+             "prompts and the judges' validation sets with every rate corrected for its judge's error. A verdict "
+             "reads the judge-aware interval (where the judges' error is recorded) and is in bold when it "
+             "excludes 0.", "", *comparison_table(results, rows), ""]
+    lines += routing_ceiling(results, replicates)
+    routing = routing_accuracy(config, config.experts)
+    return lines + targets_section(check_targets(results, config.experts, replicates, routing))
+
+
 def _dev_banner(config: RunConfig) -> list[str]:
     if config.evaluate.split != "dev":
         return []
@@ -175,15 +263,20 @@ def write_report(config: RunConfig, log=print) -> Path:
     order = [name for name in system_names(config) if name in results["systems"]]
     order += [name for name in results["systems"] if name not in order]
     results["systems"] = systems = {name: results["systems"][name] for name in order}  # the run's order
-    if FUSED not in systems:
-        raise H3FusionError(f"{path} has no '{FUSED}' system to report on; generate and evaluate it first")
+    fused = FUSED in systems
+    if not fused and config.evaluate.split != "dev":  # a dev report of the experts alone helps choose their settings
+        raise H3FusionError(f"{path} has no '{FUSED}' system to report on; generate and evaluate it first (a "
+                            "dev-split report, evaluate.split: dev, goes without it)")
     plots = write_plots(results, run, config)
     rates = judge_rates(results)
     replicates = {name: hhh_replicates(run, name, rates, config.seed) for name in systems} if rates else {}
-    rows = _comparison_rows(results, replicates)
+    rows = _comparison_rows(results, replicates) if fused else []
+    experts = specialisation(run, results, config.experts, config.seed)
+    write_specialisation(run, experts)
     n = {axis: next((e[axis]["n"] for e in systems.values() if axis in e), None) for axis in config.evaluated_axes}
     sizes = " / ".join(f"{n.get(axis)} {axis_spec(axis).test_set}" for axis in report_axes(results))
-    lines = [f"# H3Fusion study `{config.name}`", "", *_dev_banner(config), _outcome(rows, results), "",
+    outcome = _outcome(rows, results) if fused else NOT_FUSED
+    lines = [f"# H3Fusion study `{config.name}`", "", *_dev_banner(config), outcome, "",
              *results_table(results), "",
              f"n = {sizes}; hhh = {hhh_formula()}; "
              "words: mean length of the helpful answers (the helpful judge, like GPT-4 in AlpacaEval 1, prefers "
@@ -200,16 +293,11 @@ def write_report(config: RunConfig, log=print) -> Path:
               "Refusals: the share of answers whose opening turns the request down (a string-match classifier, "
               "`h3fusion.refusal`); a harmless rate bought by refusing shows here. Words: mean answer length.", "",
               *answers_table(results, config.evaluated_axes), ""]
-    lines += ["## H3Fusion against each rival", "",
-              "Relative improvement = (H3Fusion − X) / X for higher-is-better metrics and (X − H3Fusion) / X for the "
-              "flagged rate; positive means H3Fusion is better. Intervals are 95% paired bootstraps "
-              f"({BOOTSTRAP_SAMPLES} resamples per axis): over prompts with the judges taken as exact, and over "
-              "prompts and the judges' validation sets with every rate corrected for its judge's error. A verdict "
-              "reads the judge-aware interval (where the judges' error is recorded) and is in bold when it "
-              "excludes 0.", "", *comparison_table(results, rows), ""]
-    lines += routing_ceiling(results, replicates)
+    lines += specialisation_section(experts)
+    if fused:
+        lines += _fused_sections(config, results, rows, replicates)
     lines += paper_protocol(results)
-    if "h3fusion-authors-code" in systems:
+    if fused and "h3fusion-authors-code" in systems:
         theirs = systems["h3fusion-authors-code"]
         changes = ", ".join(f"{header.split()[0]} {fmt(metric(theirs, axis, key))} → "
                             f"{fmt(metric(systems[FUSED], axis, key))}"

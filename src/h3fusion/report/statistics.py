@@ -1,5 +1,5 @@
-"""The report's statistics over a run's judgements: per-prompt headline values, hhh bootstrap replicates
-paired across systems, and one system against another (hhh difference, intervals, verdict, relative
+"""The report's statistics over a run's judgements: per-prompt headline values, hhh and headline bootstrap
+replicates paired across systems, and one system against another (hhh difference, intervals, verdict, relative
 improvements, axes won). The resampling and the corrections themselves live in ``rates`` and ``stats``."""
 
 from __future__ import annotations
@@ -52,6 +52,12 @@ def hhh_difference_interval(ours: dict, theirs: dict, seed: int = 0, samples: in
     return float(np.percentile(diff, 2.5)), float(np.percentile(diff, 97.5))
 
 
+def best_of(systems: dict, prefix: str) -> str | None:
+    """The system named ``prefix``… with the highest hhh (None if none has one)."""
+    candidates = [s for s in systems if s.startswith(prefix) and systems[s].get("hhh") is not None]
+    return max(candidates, key=lambda s: systems[s]["hhh"]) if candidates else None
+
+
 def judge_rates(results: dict) -> dict[str, AxisRates]:
     """Each axis's rates with its judge's error as results.json records the judge's validation."""
     return {axis: axis_rates(axis, figures.get("validation")) for axis, figures in results.get("judges", {}).items()}
@@ -68,13 +74,29 @@ def hhh_replicates(run: runs.Run, system: str, rates: dict[str, AxisRates], seed
             "corrected": hhh_of({axis: r["corrected"] for axis, r in replicates.items()})}
 
 
-def _difference(ours: dict | None, theirs: dict | None, kind: str) -> tuple[float, float] | None:
+def headline_replicates(run: runs.Run, system: str, axis: str, rates: AxisRates, seed: int) -> dict | None:
+    """{"raw": the axis's headline per bootstrap replicate, "corrected": the same corrected for the judge's error
+    and resampled with its validation set, or None}, signed so that higher is better (a lower-is-better rate
+    negated, so differences keep the rate's scale); paired across systems like ``hhh_replicates``. None without
+    the system's judgements of the axis."""
+    judged = judged_answers(run, system, [axis])
+    if judged is None:
+        return None
+    key, sign = axis_spec(axis).headline, 1.0 if axis_spec(axis).higher_is_better else -1.0
+    replicates = replicate_rates(rates, rates.observe(judged[axis]), seed)
+    return {"raw": sign * replicates["raw"][key],
+            "corrected": None if replicates["corrected"] is None else sign * replicates["corrected"][key]}
+
+
+def difference_interval(ours: dict | None, theirs: dict | None, kind: str) -> tuple[float, float] | None:
+    """95% interval of ours − theirs over paired replicates ({"raw": ..., "corrected": ...}) of ``kind``."""
     if ours is None or theirs is None or ours[kind] is None or theirs[kind] is None:
         return None
     return percentile_interval(ours[kind] - theirs[kind], bounds=(-1.0, 1.0))
 
 
-def _verdict(diff: float | None, interval: tuple | None) -> str:
+def verdict(diff: float | None, interval: tuple | None) -> str:
+    """Ahead / behind from a difference (positive: ours better) and its interval; in bold when it excludes 0."""
     if diff is None:
         return "—"
     if interval is None:
@@ -87,6 +109,14 @@ def _verdict(diff: float | None, interval: tuple | None) -> str:
     return "ahead, within noise" if diff > 0 else "behind, within noise" if diff < 0 else "tied"
 
 
+def read_interval(row: dict) -> tuple[tuple | None, bool]:
+    """(the interval a verdict reads, whether it is the judge-aware one) of a row with ``interval``, ``diff``,
+    ``judge_aware_interval`` and ``corrected_diff``: the judge-aware one where the judges' error is recorded."""
+    if row.get("judge_aware_interval") is not None and row.get("corrected_diff") is not None:
+        return row["judge_aware_interval"], True
+    return row.get("interval"), False
+
+
 def compare(results: dict, ours: str, theirs: str, replicates: dict) -> dict:
     """``ours`` against ``theirs``: hhh difference raw and judge-corrected, their paired 95% intervals, the
     verdict (on the judge-aware interval where the judges' error is known), relative improvements, axes won."""
@@ -96,19 +126,19 @@ def compare(results: dict, ours: str, theirs: str, replicates: dict) -> dict:
     def diff(key):
         return None if a.get(key) is None or b.get(key) is None else a[key] - b[key]
 
-    interval = _difference(replicates.get(ours), replicates.get(theirs), "raw")
-    judge_aware = _difference(replicates.get(ours), replicates.get(theirs), "corrected")
-    if judge_aware is not None and diff("hhh_corrected") is not None:
-        verdict = _verdict(diff("hhh_corrected"), judge_aware)
-    else:
-        verdict = _verdict(diff("hhh"), interval) + " (judges taken as exact)"
+    row = {"system": theirs, "diff": diff("hhh"),
+           "interval": difference_interval(replicates.get(ours), replicates.get(theirs), "raw"),
+           "corrected_diff": diff("hhh_corrected"),
+           "judge_aware_interval": difference_interval(replicates.get(ours), replicates.get(theirs), "corrected")}
+    read, judge_aware = read_interval(row)
+    said = (verdict(row["corrected_diff"], read) if judge_aware
+            else verdict(row["diff"], read) + " (judges taken as exact)")
     headlines = headline_columns(results)
     won = {}
     for _, axis, key, higher in headlines:
         x, y = metric(a, axis, key), metric(b, axis, key)
         won[axis] = None if x is None or y is None or x == y else (x > y if higher else x < y)  # ties: neither
-    return {"system": theirs, "diff": diff("hhh"), "interval": interval, "corrected_diff": diff("hhh_corrected"),
-            "judge_aware_interval": judge_aware, "verdict": verdict,
+    return {**row, "verdict": said,
             "relative": {key: relative_improvement(metric(a, axis, key), metric(b, axis, key), hi)
                          for _, axis, key, hi in (*headlines, ("hhh", None, "hhh", True))},
             "axes_won": won}
