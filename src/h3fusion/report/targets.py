@@ -80,8 +80,9 @@ def _hhh_target(results: dict, label: str, name: str | None, replicates: dict) -
     if read is None:
         return Target(text, NOT_RECORDED, "no per-prompt judgements to resample")
     diff = row["corrected_diff"] if judge_aware else row["diff"]
+    diff_text = "—" if diff is None else f"{diff:+.3f}"
     figures = (f"hhh {fmt(results['systems'][FUSED].get('hhh'))} vs {fmt(results['systems'][name].get('hhh'))}; "
-               f"{'corrected ' if judge_aware else ''}diff {'—' if diff is None else f'{diff:+.3f}'} {interval_text(read)} "
+               f"{'corrected ' if judge_aware else ''}diff {diff_text} {interval_text(read)} "
                f"({'prompts + judges' if judge_aware else 'prompts, judges taken as exact'})")
     return Target(text, MET if read[0] > 0 else MISSED, figures)
 
