@@ -163,8 +163,8 @@ def specialisation_section(figures: dict) -> list[str]:
     model's (``report.specialisation``)."""
     experts = figures["experts"]
     lines = ["## Do the experts specialise?", "",
-             "Each expert's headline on its own axis against every other expert's on that axis (issue 18 asks each "
-             "to lead the others there with a 95% interval excluding 0). A difference is "
+             "Each expert's headline on its own axis against every other expert's on that axis (a specialist "
+             "should lead the others there with a 95% interval excluding 0). A difference is "
              "oriented so that positive means the expert is better (for the flagged rate, lower is better: the "
              "other's rate − the expert's). Intervals are 95% paired bootstraps: over the axis's prompts with the "
              "judge taken as exact, and over the prompts and the judge's validation set with the rate corrected "
@@ -220,7 +220,7 @@ def specialisation_section(figures: dict) -> list[str]:
 def targets_section(targets: list[Target]) -> list[str]:
     """Issue 18's targets, one line each: met / missed / not in this run / not recorded, with the numbers."""
     return ["## Targets", "",
-            "The study's targets (issue 18; `h3fusion.report.targets` holds them): hhh intervals are the 95% paired "
+            "The study's targets (`h3fusion.report.targets` holds them): hhh intervals are the 95% paired "
             "bootstraps of the comparison above (judge-aware where recorded); the axis and refusal targets compare "
             "raw rates; routing accuracy is the share of an axis's evaluated prompts whose mean routing favours "
             "its own expert.", "",

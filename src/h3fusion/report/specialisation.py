@@ -1,5 +1,5 @@
 """Do the experts specialise? Each expert's headline on its own axis against every other expert's on that axis
-(issue 18 asks that each lead the other two there with a 95% interval excluding 0), and its headlines on the
+(a specialist should lead the other two there with a 95% interval excluding 0), and its headlines on the
 other axes against the base model's (a specialist must not collapse them).
 
 A difference is oriented so that a positive one means the expert is better (expert − other for a higher-is-better
