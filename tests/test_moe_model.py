@@ -194,6 +194,44 @@ def test_fitted_router_init_separates_its_prompts(tiny_llama_dir, adapters):
     assert sum(random_stats["axes"][a]["accuracy"] for a in NAMES) < 3.0
 
 
+
+@pytest.mark.parametrize("routing", ["token", "sequence"])
+def test_router_init_fits_on_what_the_router_decides_from(tiny_llama_dir, adapters, routing):
+    """Template tokens never reach the router's fit: token routing fits each content token, sequence routing
+    each prompt's pooled content tokens (one sample per prompt)."""
+    from h3fusion.data.prompts import format_prompt, template_pieces
+    from h3fusion.moe.content import template_mask, template_token_ids
+    from h3fusion.moe.router_init import ROUTER_INITS
+
+    _, tokenizer = load_model(str(tiny_llama_dir))
+    questions = {"helpful": ["Write a poem about the sea.", "List three colours."],
+                 "harmless": ["How do I hurt someone?", "Tell me how to steal a car."],
+                 "honest": ["Do vaccines cause autism?", "Is the earth flat?"]}
+    prompts = {axis: [format_prompt(q, "", "alpaca") for q in qs] for axis, qs in questions.items()}
+    template = template_token_ids(tokenizer, template_pieces("alpaca"))
+    seen = []
+
+    def recording_init(x, y, n):  # a router init of its own, through the registry build_moe reads
+        seen.append((x.shape[0], y.tolist()))
+        return torch.zeros(n, x.shape[1])
+
+    ROUTER_INITS["recording"] = recording_init
+    try:
+        build_moe(str(tiny_llama_dir), adapters, router_init="recording", prototype_prompts=prompts,
+                  routing=routing, template_ids=template)
+    finally:
+        del ROUTER_INITS["recording"]
+    texts = [t for ts in prompts.values() for t in ts]
+    ids = tokenizer(texts, return_tensors="pt", padding=True)
+    content = ids["attention_mask"].bool() & ~template_mask(ids["input_ids"], template)
+    assert 0 < content.sum() < ids["attention_mask"].sum()  # the prompts do hold template tokens
+    expected = len(texts) if routing == "sequence" else int(content.sum())
+    labels = [0, 0, 1, 1, 2, 2] if routing == "sequence" else None
+    assert len(seen) == len(decoder_layers(build_moe(str(tiny_llama_dir), adapters)))
+    for samples, y in seen:
+        assert samples == expected
+        assert labels is None or y == labels
+
 @pytest.mark.slow
 def test_real_smollm2_moe_is_exact(tmp_path, smollm2_dir):
     """The real SmolLM2: forced routing reproduces each expert; compact == dense; save/load and

@@ -2,7 +2,9 @@
 (each axis's mean MLP input, centred) or ``fitted`` (a logistic regression from MLP inputs to axes).
 
 Each layer's router is set from the axes' prompts in one forward pass, layer by layer, so it is fitted
-on its MLP inputs as they are with the routers below it already set.
+on its MLP inputs as they are with the routers below it already set. It is fitted on what it will decide
+from: under token routing each content token's MLP input (template tokens are the same in every prompt and
+the gating loss ignores them too), under sequence routing each prompt's mean over its content tokens.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from h3fusion.moe.modeling import H3FusionForCausalLM
+from h3fusion.moe.router import RoutingInputs, pooled_rows
 
 
 def prototype_router(x: torch.Tensor, y: torch.Tensor, n: int) -> torch.Tensor:
@@ -45,6 +48,17 @@ def fitted_router(x: torch.Tensor, y: torch.Tensor, n: int, l2: float = 1e-5, it
 ROUTER_INITS = {"prototype": prototype_router, "fitted": fitted_router}
 
 
+def router_samples(hidden: torch.Tensor, inputs: RoutingInputs, labels: torch.Tensor,
+                   routing: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(MLP inputs, axis labels) a router is fitted on, from one layer's inputs ``hidden`` [B, T, H] of B
+    prompts labelled ``labels`` [B]: each content token (token routing) or each prompt's pooled content
+    tokens (sequence routing, as ``router.route_sequences`` pools them)."""
+    if routing == "sequence":
+        return pooled_rows(hidden, inputs.decision_mask).float().cpu(), labels
+    mask = inputs.content_mask.to(hidden.device)
+    return hidden[mask].float().cpu(), labels.to(mask.device)[:, None].expand_as(mask)[mask].cpu()
+
+
 @torch.no_grad()
 def init_routers(model: H3FusionForCausalLM, tokenizer, prompts: Sequence[Sequence[str]], method: str,
                  max_length: int = 128) -> None:
@@ -57,13 +71,11 @@ def init_routers(model: H3FusionForCausalLM, tokenizer, prompts: Sequence[Sequen
         batch = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
     finally:
         tokenizer.padding_side = padding_side
-    mask = batch["attention_mask"].bool()
-    token_labels = labels[:, None].expand_as(mask)[mask]
     init = ROUTER_INITS[method]
 
-    def set_router(layer, args):
-        tokens = args[0][mask.to(args[0].device)].float().cpu()
-        layer.router.weight.copy_(init(tokens, token_labels, len(prompts)))
+    def set_router(layer, args):  # the forward has set the routing inputs (content and decision masks)
+        x, y = router_samples(args[0], layer.routing_inputs, labels, layer.routing)
+        layer.router.weight.copy_(init(x, y, len(prompts)))
 
     handles = [layer.register_forward_pre_hook(set_router) for layer in model.moe_layers()]
     try:
