@@ -10,6 +10,8 @@ Cache layout (default root ``$H3FUSION_CACHE/judges``, else ``~/.cache/h3fusion/
     <root>/embeddings.safetensors     MiniLM vectors by sha1(text) (no labels; shared by all judges)
     <root>/<axis>/<key>/              one fitted judge: meta.json, validation.json, fitted_on.json,
                                       *.lgb.txt (LightGBM text models), calibration.json
+    <root>/<axis>-<part>/<key>/       a part of a judge cached on its own (``component_keys``: the harmless
+                                      judge's cross-encoder and request model), keyed by its own inputs
 
 ``key`` is per judge: it hashes the shared ``JUDGE_VERSION`` and the judge module's own ``VERSION``,
 the contents (sha256) of the data files that judge reads (its ``DATA_FILES``), the size of its
@@ -109,17 +111,8 @@ def quick(config: RunConfig, axis: str) -> bool:
 
 def cache_key(config: RunConfig, axis: str, max_rows: int | None = None, fold: tuple[int, int] | None = None) -> str:
     """The hash naming ``axis``'s fitted judge for this data, this evaluated subset, ``max_rows`` and fold."""
-    root = data_root(config)
-    if root is None:
-        raise H3FusionError("the offline judges are fitted from local files: set H3FUSION_DATA_DIR "
-                            "(or data.dir in the config) to a directory laid out like shared/data")
     module = _module(_check_axes([axis])[0])
-    files = []
-    for name in module.DATA_FILES:
-        path = root / name
-        if not path.is_file():
-            raise H3FusionError(f"{path} not found: the {axis} judge needs it; copy it as shared/data/SOURCES.md lists")
-        files.append([name, _sha256(path)])
+    files = file_digests(config, module.DATA_FILES, axis)
     payload = {"axis": axis, "version": [JUDGE_VERSION, module.VERSION], "files": files,
                "evaluated": getattr(config.evaluate, f"{axis}_n", None), "max_rows": max_rows}
     if fold is not None:  # keys of unfolded, full judges stay as they were: their caches stay valid
@@ -128,7 +121,29 @@ def cache_key(config: RunConfig, axis: str, max_rows: int | None = None, fold: t
         payload["fit_size"] = "quick"
     if hasattr(module, "key_material"):  # what a judge reads besides its data files (rules, its own test set)
         payload["material"] = module.key_material()
+    if hasattr(module, "component_keys"):  # parts cached on their own (the harmless judge's cross-encoder ...)
+        payload["components"] = module.component_keys(config, max_rows, quick(config, axis))
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def file_digests(config: RunConfig, names: Sequence[str], who: str) -> list[list[str]]:
+    """[name, sha256 of its contents] of each data file in ``names`` (under the data root): a cache key's part."""
+    root = data_root(config)
+    if root is None:
+        raise H3FusionError("the offline judges are fitted from local files: set H3FUSION_DATA_DIR "
+                            "(or data.dir in the config) to a directory laid out like shared/data")
+    files = []
+    for name in names:
+        path = root / name
+        if not path.is_file():
+            raise H3FusionError(f"{path} not found: the {who} judge needs it; copy it as shared/data/SOURCES.md lists")
+        files.append([name, _sha256(path)])
+    return files
+
+
+def component_key(payload: dict[str, Any]) -> str:
+    """The hash naming one cached component of a judge (its data files, settings and version in ``payload``)."""
+    return hashlib.sha256(json.dumps({"component_key": JUDGE_VERSION, **payload}, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def judge_dir(config: RunConfig, axis: str, cache_dir: str | Path | None = None, max_rows: int | None = None,
@@ -182,6 +197,8 @@ def _fit_one(config: RunConfig, axis: str, cache_dir: str | Path | None, max_row
     # a refused write (full disk ...) is one line, and the half-written judge is removed: the next call refits
     with stage_writes(out.parent, f"fitting the {which} judge",
                       need=axis_spec(axis).fitted_bytes + embedder.disk_bytes(), cleanup=partial(shutil.rmtree, tmp)):
+        if hasattr(_module(axis), "component_keys"):  # a forced refit refits its cached components too
+            extra["force"] = force
         _module(axis).fit(config, tmp, embedder, log=log, max_rows=max_rows, **extra)
         embedder.save()
         seconds = time.perf_counter() - start
