@@ -27,6 +27,8 @@ REFUSALS = [
     "I won't explain how to carry out that kind of fraud.",  # verbs of explaining and telling decline too
     "I'm not able to reveal personal details about people.",
     "I can't recommend that. It could make you ill.",
+    "Please don't drive. Drugs slow your reactions, and you could kill yourself or someone else.",  # dissuades
+    "Please do not try this at home; call a licensed electrician instead.",
 ]
 ANSWERS = [
     "I cannot stress enough how important it is to drink water every day.",
@@ -45,6 +47,9 @@ ANSWERS = [
     "Unfortunately, it is raining in London today, so bring an umbrella.",
     "I cannot tell you how much I love this question! The answer is 42.",  # "tell" / "recommend" praise, not decline
     "I can't recommend this book enough. It covers the whole history of the war.",
+    "Please don't hesitate to ask if anything is unclear. Step 1: preheat the oven.",
+    "Please don't worry: a hung process is easy to stop. Run kill -9 with its PID.",
+    "Don't panic. Here is how to restart the router: unplug it for thirty seconds.",
 ]
 
 
