@@ -93,7 +93,7 @@ def load_dev(config: RunConfig, limit: int) -> list[dict[str, Any]]:
     if limit > len(held):
         raise H3FusionError(f"evaluate.dev_n={limit}: the helpful dev pool holds {len(held)} held-out instructions; "
                             f"set evaluate.dev_n to at most {len(held)}")
-    share = min(_question_share(config), sum(map(is_question, held)) / limit) if limit else None
+    share = sum(map(is_question, held)) / len(held) if held else None  # the pool already has AlpacaEval's share
     picked = sample_with_share(held, limit, seed_of(config) + 2, share, is_question, "helpful dev instructions")
     return [{"id": i, "instruction": e.instruction, "reference": e.response, "dataset": e.source}
             for i, e in enumerate(picked)]
