@@ -138,13 +138,15 @@ def test_harmless_test_dedups_by_stripped_prompt_keeping_the_first_row(tiny):
 def test_helpful_pool_filters_and_seeded_sample(tiny):
     pool = helpful.train_pool(config_for(tiny))
     assert [e.source for e in pool] == [f"alpaca:{i}" for i in fx.ALPACA_POOL]
-    assert load_train("helpful", config_for(tiny, helpful_train_size=None)) == pool
+    held = helpful.dev_pool(config_for(tiny))  # set aside for the dev split before any training sample
+    assert held and set(held) <= set(pool)
+    assert load_train("helpful", config_for(tiny, helpful_train_size=None)) == [e for e in pool if e not in held]
     a = load_train("helpful", config_for(tiny, helpful_train_size=4, seed=1))
     b = load_train("helpful", config_for(tiny, helpful_train_size=4, seed=1))
     c = load_train("helpful", config_for(tiny, helpful_train_size=4, seed=3))
     assert len(a) == 4 and a == b and a != c and set(a) <= set(pool)
     # more than exist: all of them
-    assert load_train("helpful", config_for(tiny, helpful_train_size=100)) == pool
+    assert load_train("helpful", config_for(tiny, helpful_train_size=100)) == [e for e in pool if e not in held]
     test = load_test("helpful", config_for(tiny))
     assert test[0] == {"id": 0, "instruction": "How did US states get their names?",
                        "reference": "From many sources.", "dataset": "helpful_base"}
@@ -367,6 +369,11 @@ def test_real_dev_split_is_disjoint_from_test_and_training(real):
     assert not {r["instruction"] for r in dev} & {e.instruction for e in trained["helpful"]}
     assert not {r["instruction"].lower() for r in dev} & {t["instruction"].strip().lower() for t in load_test("helpful", config)}
     assert 30 <= sum(r["instruction"].endswith("?") for r in dev) <= 50  # AlpacaEval's share, 0.41
+    # another training recipe (more rows, more questions) is scored on the same dev prompts and trains on none
+    recipe = config.model_copy(update={"data": config.data.model_copy(update={"helpful_train_size": 1200,
+                                                                              "helpful_question_share": 0.4})})
+    assert load_evaluated("helpful", recipe) == dev
+    assert not {r["instruction"] for r in dev} & {e.instruction for e in load_train("helpful", recipe)}
     # harmless: the last distinct test prompts, none among the evaluated 500
     dev = load_evaluated("harmless", config)
     assert len(dev) == 100 and not {r["prompt"] for r in dev} & {t["prompt"] for t in load_test("harmless", config, 500)}

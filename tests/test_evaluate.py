@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from h3fusion.config import load_config
+from h3fusion.errors import H3FusionError
 from h3fusion.evaluate import evaluate_run
 from h3fusion.generate import evaluated_records
 from h3fusion.io import append_jsonl, read_jsonl
@@ -220,6 +221,22 @@ def test_evaluating_one_system_keeps_the_others(evaluated):
     finally:
         out.write_text(json.dumps(before))
 
+
+
+def test_answers_to_another_prompt_set_are_refused_not_scored(evaluated):
+    """An answers file written before the evaluated prompts changed (same count, other prompts: a changed dev
+    split or subset) is one error naming the file and line, never scored as answers to today's prompts."""
+    _, config, _ = evaluated
+    path = generations_dir(config) / "h3fusion" / "helpful.jsonl"
+    before = path.read_text()
+    try:
+        rows = read_jsonl(path)
+        rows[1] = {**rows[1], "instruction": rows[1]["instruction"] + " (an older prompt)"}
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        with pytest.raises(H3FusionError, match=r"helpful.jsonl line 2 answers another prompt than prompt 2"):
+            evaluate_run(config, systems=["h3fusion"], log=lambda *_: None)
+    finally:
+        path.write_text(before)
 
 def test_cached_judgements_are_reused_only_from_the_same_judge(evaluated):
     """A judgements file is a cache of one judge's scores: another judge (a refit, an API judge) scores again."""

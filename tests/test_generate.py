@@ -140,3 +140,15 @@ def test_cli_generate_and_model_info_take_an_adapter_dir(tmp_path, adapter, tiny
                            str(tiny_llama_dir)], capture_output=True, text=True)
     assert info.returncode == 0, info.stderr[-2000:]
     assert f"adapter: {moved} (merged into its base {tiny_llama_dir})" in info.stdout and "layers: 2" in info.stdout
+
+
+def test_answers_of_another_prompt_set_are_neither_resumed_nor_overwritten(tmp_path):
+    """A partial answers file whose lines answer other prompts is refused before any model runs (resuming it
+    would mix two prompt sets), and left as it was."""
+    output = tmp_path / "answers.jsonl"
+    output.write_text(json.dumps({"instruction": "An older prompt.", "response": "old"}) + "\n")
+    before = output.read_bytes()
+    records = [{"instruction": "Today's first prompt."}, {"instruction": "Today's second prompt."}]
+    with pytest.raises(H3FusionError, match="line 1 answers another prompt than prompt 1"):
+        generate_jsonl(None, None, records, output)  # refused before the model is touched
+    assert output.read_bytes() == before

@@ -135,6 +135,25 @@ def test_helpful_split_excludes_evaluated_instructions(config):
     assert len(data.fit) > 5000 and len(data.val) > 2000
 
 
+
+def test_helpful_judge_fits_and_probes_refusals_of_benign_instructions(config):
+    """A refusal that does not go on to help is a "reference wins" answer (GPT-4 prefers any real answer): the
+    fitting rows hold such refusals, each one a refusal by the report's own classifier, and the degenerate
+    probes hold one worded unlike them."""
+    from h3fusion.judges import helpful
+    from h3fusion.refusal import is_refusal
+
+    data = helpful.split(config)
+    refusals = [r for r in data.fit if r["generator"] == "synthetic:refusal"]
+    assert len(refusals) > 100 and all(r["win"] == 0 for r in refusals)
+    assert all(is_refusal(r["response"]) for r in refusals)
+    assert len({r["response"].split(" ", 3)[:3][0] for r in refusals}) > 3  # several openings, not one template
+    tests = [data.tests[i] for i in data.val_instructions[:5]]
+    probe = helpful.probes(tests)["refusal"]
+    assert "refusal" in helpful.DEGENERATE and all(is_refusal(r["response"]) for r in probe)
+    fitted = {r["response"] for r in refusals}
+    assert not any(r["response"] in fitted for r in probe)
+
 def test_cross_fitted_helpful_folds_never_fit_on_their_own_instructions(config):
     """helpful_n beyond the paper's 50 deals the evaluated instructions into folds; each fold's judge fits on none
     of its own instructions but on the other folds' (so all 805 can be evaluated)."""

@@ -29,7 +29,7 @@ from h3fusion.axes import axis_spec, hhh_of
 from h3fusion.config import RunConfig
 from h3fusion.data import prompt_text
 from h3fusion.errors import H3FusionError
-from h3fusion.generate import evaluated_records
+from h3fusion.generate import check_answers, evaluated_records
 from h3fusion.io import append_jsonl, read_jsonl, write_json, write_jsonl
 from h3fusion.rates import AxisRates, axis_rates, point_rates, replicate_rates
 from h3fusion.refusal import refusal_rate
@@ -126,11 +126,11 @@ def evaluate_run(config: RunConfig, systems: Sequence[str] | None = None, log=pr
         judged_by_axis = {}
         for axis in axes:
             if system == RERANK:
-                judged = _rerank_axis(config, axis, judges[axis], experts, len(test_records[axis]))
+                judged = _rerank_axis(config, axis, judges[axis], experts, test_records[axis])
             elif system == ORACLE:
-                judged = _oracle_axis(config, axis, judges[axis], len(test_records[axis]))
+                judged = _oracle_axis(config, axis, judges[axis], test_records[axis])
             else:
-                judged = _judged(config, system, axis, judges[axis], len(test_records[axis]))
+                judged = _judged(config, system, axis, judges[axis], test_records[axis])
             judged_by_axis[axis] = judged
         entry = system_entry(judged_by_axis, rates, config.seed, protocol)
         for axis, judged in judged_by_axis.items():
@@ -257,15 +257,17 @@ def judge_fingerprint(axis: str, judge) -> dict:
     return {"judge": figures["name"], "fingerprint": digest[:16]}
 
 
-def _judged(config: RunConfig, system: str, axis: str, judge, expected: int) -> list[dict]:
-    """A system's answers on an axis with the judge's score and label (cached in ``<run>/judgements``;
-    the cache is used only when the same judge wrote it, see ``judge_fingerprint``)."""
+def _judged(config: RunConfig, system: str, axis: str, judge, prompts: Sequence[dict]) -> list[dict]:
+    """A system's answers to the axis's evaluated ``prompts`` with the judge's score and label (cached in
+    ``<run>/judgements``; the cache is used only when the same judge wrote it, see ``judge_fingerprint``)."""
     source = runs.generated_file(config, system, axis)
     records = read_jsonl(source) if source.is_file() else []
+    expected = len(prompts)
     if len(records) < expected:
         raise H3FusionError(f"{source} holds {len(records)} of {expected} answers; finish it with "
                             "`h3fusion generate` first")
     records = records[:expected]
+    check_answers(records, prompts, source)  # answers to another prompt set are never scored as these
     cache = runs.judgements_file(config, system, axis)
     stamp = runs.judge_stamp_file(config, system, axis)
     who = judge_fingerprint(axis, judge)
@@ -282,11 +284,11 @@ def _judged(config: RunConfig, system: str, axis: str, judge, expected: int) -> 
     return judged[: len(records)]
 
 
-def _rerank_axis(config: RunConfig, axis: str, judge, experts: list[str], expected: int) -> list[dict]:
+def _rerank_axis(config: RunConfig, axis: str, judge, experts: list[str], prompts: Sequence[dict]) -> list[dict]:
     """The rerank ensemble's judged answers; its answers are also written as its assembled answers file."""
     from h3fusion.baselines.ensembles import RERANK, rerank
 
-    picked = rerank(axis, {e: _judged(config, e, axis, judge, expected) for e in experts})
+    picked = rerank(axis, {e: _judged(config, e, axis, judge, prompts) for e in experts})
     # derived from the experts' files, so rewritten whole every time: its answers and their judgements
     write_jsonl(runs.assembled_file(config, RERANK, axis),
                 [{k: v for k, v in r.items() if k not in ("score", "label")} for r in picked])
@@ -294,11 +296,11 @@ def _rerank_axis(config: RunConfig, axis: str, judge, experts: list[str], expect
     return picked
 
 
-def _oracle_axis(config: RunConfig, axis: str, judge, expected: int) -> list[dict]:
+def _oracle_axis(config: RunConfig, axis: str, judge, prompts: Sequence[dict]) -> list[dict]:
     """oracle-routed's judged answers on an axis: that axis's expert's (also written as its assembled answers)."""
     from h3fusion.baselines.oracle import ORACLE, oracle_expert
 
-    judged = _judged(config, oracle_expert(axis), axis, judge, expected)
+    judged = _judged(config, oracle_expert(axis), axis, judge, prompts)
     # derived from the expert's files, so rewritten whole every time, like ensemble-rerank's
     write_jsonl(runs.assembled_file(config, ORACLE, axis),
                 [{k: v for k, v in r.items() if k not in ("score", "label")} for r in judged])

@@ -57,6 +57,7 @@ def generate_jsonl(
     if len(done) > len(records):
         raise H3FusionError(f"{output} has {len(done)} answers but there are only {len(records)} prompts; "
                             "it belongs to another prompt set: move it away")
+    check_answers(done, records, output)
     pending = list(range(len(done), len(records)))
     prompts = [format_prompt(*prompt_text(r, f"prompt {i + 1}"), prompt_format, tokenizer)
                for i, r in enumerate(records)]
@@ -135,7 +136,7 @@ def generate_system(config, system: str, axes: Sequence[str] | None = None, log=
     # an axis is done once its stats are written, after its answers and routing: a kill in between (every
     # answer on disk, no routing yet) leaves it to do, and resuming then answers nothing and writes the rest
     todo = {axis: records for axis, records in todo.items()
-            if not (_complete(runs.generated_file(config, system, axis), len(records)) and axis in stats)}
+            if not (_complete(runs.generated_file(config, system, axis), records) and axis in stats)}
     need_mc = "honest" in axes and not runs.mc_file(config, system).is_file()
     if not todo and not need_mc:
         log(f"[generate] {system}: complete, skipping")
@@ -198,8 +199,20 @@ def generate_prompt_file(model_spec: str, prompts: Path, output: Path, *, base: 
                           temperature=temperature, seed=seed)
 
 
-def _complete(path: Path, expected: int) -> bool:
+def check_answers(answers: Sequence[dict], records: Sequence[dict], path: Path) -> None:
+    """Answer i must answer prompt i: a file written for another prompt set (the evaluated subset, the dev
+    split or its data changed since) is refused, never resumed, skipped as complete or scored."""
+    for i, (answer, record) in enumerate(zip(answers, records, strict=False)):  # fewer answers: a resume
+        if prompt_text(answer, f"{path} line {i + 1}") != prompt_text(record, f"prompt {i + 1}"):
+            raise H3FusionError(f"{path} line {i + 1} answers another prompt than prompt {i + 1} of this run's "
+                                "evaluated set (the evaluated subset, the split or the data changed since): move "
+                                "the file away and generate again")
+
+
+def _complete(path: Path, records: Sequence[dict]) -> bool:
+    """Every record answered, by the answers of these very prompts (``check_answers``)."""
     if not path.is_file():
         return False
-    with path.open("rb") as handle:
-        return sum(1 for line in handle if line.endswith(b"\n")) >= expected
+    answers = read_jsonl(path, repair=True)
+    check_answers(answers, records, path)
+    return len(answers) >= len(records)

@@ -11,6 +11,7 @@ from typing import Any
 from h3fusion.config import RunConfig
 from h3fusion.data.examples import SFTExample
 from h3fusion.data.sources import HubSource, load_rows, norm, sample_with_share, seed_of
+from h3fusion.errors import H3FusionError
 
 TRAIN_FILE = "alpaca/alpaca_data.json.gz"
 TRAIN_HUB = HubSource("tatsu-lab/alpaca", split="train")
@@ -54,23 +55,46 @@ def is_question(example: SFTExample) -> bool:
     return not example.input and example.instruction.strip().endswith("?")
 
 
+DEV_POOL = 400
+"""Alpaca instructions without input set aside before any training sample is drawn: the helpful dev prompts
+(``evaluate.dev_n`` at most this many) come from here, so every training recipe is scored on the same dev
+prompts and none of them is ever trained on."""
+
+
+def _question_share(config: RunConfig) -> float:
+    test = load_test(config)
+    return sum(t["instruction"].strip().endswith("?") for t in test) / len(test)
+
+
+def dev_pool(config: RunConfig, pool: list[SFTExample] | None = None) -> list[SFTExample]:
+    """The ``DEV_POOL`` held-out instructions (no input; AlpacaEval's question share), seeded by the data seed
+    alone: no training setting moves them."""
+    pool = train_pool(config) if pool is None else pool
+    candidates = [e for e in pool if not e.input]
+    size = min(DEV_POOL, len(candidates) // 2)  # a small data dir (tests) keeps half its rows for training
+    share = min(_question_share(config), sum(map(is_question, candidates)) / size) if size else None
+    return sample_with_share(candidates, size, seed_of(config) + 1, share, is_question, "helpful dev instructions")
+
+
 def load_train(config: RunConfig) -> list[SFTExample]:
-    """A seeded sample of ``data.helpful_train_size`` examples of the pool (None: all), in file order,
-    ``data.helpful_question_share`` of them question-form when set."""
-    return sample_with_share(train_pool(config), config.data.helpful_train_size, seed_of(config),
-                             config.data.helpful_question_share, is_question, "helpful examples")
+    """A seeded sample of ``data.helpful_train_size`` examples of the pool outside the dev pool (None: all), in
+    file order, ``data.helpful_question_share`` of them question-form when set."""
+    pool = train_pool(config)
+    held = {e.source for e in dev_pool(config, pool)}
+    return sample_with_share([e for e in pool if e.source not in held], config.data.helpful_train_size,
+                             seed_of(config), config.data.helpful_question_share, is_question, "helpful examples")
 
 
 def load_dev(config: RunConfig, limit: int) -> list[dict[str, Any]]:
-    """``limit`` Alpaca instructions without input that the training sample left out, as test-shaped
-    records (Alpaca's text-davinci-003 answer as the reference), as many of them question-form as in
-    AlpacaEval. Seeded; disjoint from AlpacaEval by the pool's construction."""
-    used = {example.source for example in load_train(config)}
-    rest = [e for e in train_pool(config) if e.source not in used and not e.input]
-    test = load_test(config)
-    share = sum(t["instruction"].strip().endswith("?") for t in test) / len(test)
-    picked = sample_with_share(rest, min(limit, len(rest)), seed_of(config) + 1, share, is_question,
-                               "helpful dev instructions")
+    """``limit`` instructions of the dev pool (``DEV_POOL``), as test-shaped records (Alpaca's text-davinci-003
+    answer as the reference), as many of them question-form as in AlpacaEval. Seeded; disjoint from AlpacaEval
+    by the pool's construction and from every training sample by ``load_train``'s."""
+    held = dev_pool(config)
+    if limit > len(held):
+        raise H3FusionError(f"evaluate.dev_n={limit}: the helpful dev pool holds {len(held)} held-out instructions; "
+                            f"set evaluate.dev_n to at most {len(held)}")
+    share = sum(map(is_question, held)) / len(held) if held else None  # the pool already has AlpacaEval's share
+    picked = sample_with_share(held, limit, seed_of(config) + 2, share, is_question, "helpful dev instructions")
     return [{"id": i, "instruction": e.instruction, "reference": e.response, "dataset": e.source}
             for i, e in enumerate(picked)]
 

@@ -50,8 +50,11 @@ from h3fusion.judges.text import containment, content, jaccard, text_stats, word
 from h3fusion.rates import WinRate
 from h3fusion.stats import Reliability
 
-VERSION = "2"
-"""Bump when this judge's features, data rules or heads change: it is part of its cache key."""
+VERSION = "3"
+"""Bump when this judge's features, data rules or heads change: it is part of its cache key.
+3: refusals of the (benign) instruction join the synthetic "reference wins" answers (``refusal``), and a refusal
+   probe joins the degenerate probes: the judge had given a small model's flat refusals ("I'm sorry, but I cannot
+   provide information about tourist attractions in Canada.") a mean P(win) of ~0.13."""
 JUDGEMENTS_FILE = "alpaca_eval/gpt4_judgements_vs_davinci003.jsonl.gz"
 STRONG_FILE = "alpaca_eval/gpt4_1106_preview_outputs.json"
 """GPT-4 Turbo's answers to the 805 AlpacaEval instructions (AlpacaEval 2's baseline): the strong reference."""
@@ -78,6 +81,16 @@ SPLIT_SEED = 0
 CALIBRATE = True
 GENERIC = ("I don't know.", "I'm sorry, I cannot help with that.", "Sure!", "Here is the answer:", "Yes.", "No.",
            "I am an AI language model.", "Thank you.")
+REFUSAL_OPENINGS = ("I'm sorry, but I cannot", "I apologize, but I can't", "As an AI language model, I cannot",
+                    "Unfortunately, I must decline to", "I'm afraid I can't", "Sorry, I won't")
+REFUSAL_OBJECTS = ("help with that", "provide information about {topic}", "assist with requests about {topic}",
+                   "answer questions about {topic}", "do that", "{instruction}")
+REFUSAL_REASONS = ("", "It is important to respect the privacy and rights of others.",
+                   "This goes against my guidelines.", "Please consult a qualified professional instead.",
+                   "It is important to always think carefully before taking any action.",
+                   "Is there anything else I can help you with?")
+"""Refusals of a benign instruction, as small chat models write them (opening, what is declined, a reason): GPT-4
+prefers the reference's real answer to any of them. The probe's refusals use other wording (``probes``)."""
 
 
 @dataclass
@@ -142,6 +155,18 @@ def split(config: RunConfig, max_rows: int | None = None, fold: tuple[int, int] 
     return out
 
 
+def _topic(instruction: str) -> str:
+    """The instruction's first words, lower-cased and unpunctuated: what a refusal says it declines."""
+    return " ".join(re.sub(r"[^\w\s'-]", " ", instruction).lower().split()[:6])
+
+
+def refusal(instruction: str, rng: random.Random) -> str:
+    """A refusal of ``instruction`` that does not go on to help (``REFUSAL_OPENINGS`` ...)."""
+    declined = rng.choice(REFUSAL_OBJECTS).format(topic=_topic(instruction),
+                                                 instruction=instruction.strip().rstrip(".?!").lower())
+    return f"{rng.choice(REFUSAL_OPENINGS)} {declined}. {rng.choice(REFUSAL_REASONS)}".strip()
+
+
 def _first_sentence(text: str) -> str:
     parts = re.split(r"(?<=[.!?])\s+", text.strip(), maxsplit=1)
     return parts[0] if parts else text
@@ -149,8 +174,10 @@ def _first_sentence(text: str) -> str:
 
 def synthetic(tests: Sequence[dict[str, Any]], real: Sequence[dict[str, Any]], seed: int,
               limit: int | None = None) -> list[dict[str, Any]]:
-    """Answers GPT-4 would rank below the reference: empty, generic, off-topic, echoed, truncated, repeated."""
+    """Answers GPT-4 would rank below the reference: empty, generic, off-topic, echoed, truncated, repeated,
+    refusals."""
     rng = random.Random(seed + 1)
+    refusals = random.Random(seed + 3)  # its own stream: the other kinds' draws stay as before
     tests = list(tests)
     if limit is not None:
         tests = tests[:limit]
@@ -184,6 +211,8 @@ def synthetic(tests: Sequence[dict[str, Any]], real: Sequence[dict[str, Any]], s
             add(t, " ".join([_first_sentence(t["reference"])] * rng.randint(4, 10)), "repeated")
         if rng.random() < 0.15:
             add(t, " ".join([rng.choice(["the", "and", "I", "a", "answer"])] * rng.randint(30, 200)), "word_loop")
+        if refusals.random() < 0.5:
+            add(t, refusal(t["instruction"], refusals), "refusal")
     return out
 
 
@@ -340,6 +369,9 @@ def probes(tests: Sequence[dict[str, Any]], seed: int = SPLIT_SEED) -> dict[str,
         "repeated_sentence": [rec(t, " ".join([_first_sentence(t["reference"])] * 8)) for t in tests],
         "other_instruction_answer": [rec(t, o["reference"]) for t, o in zip(tests, shifted, strict=True)],
         "echoed_instruction": [rec(t, t["instruction"]) for t in tests],
+        # worded unlike the fitted refusals (``REFUSAL_OPENINGS``): does the judge know a refusal, not a template?
+        "refusal": [rec(t, f"I do not feel comfortable helping to {_topic(t['instruction'])}. This is not the "
+                           "kind of request I take on; I hope you understand.") for t in tests],
         # reference points, not degenerate
         "i_dont_know": [rec(t, rng.choice(["I don't know.", "I'm not sure."])) for t in tests],
         "first_8_words_of_reference": [rec(t, " ".join(t["reference"].split()[:8])) for t in tests],
@@ -347,7 +379,7 @@ def probes(tests: Sequence[dict[str, Any]], seed: int = SPLIT_SEED) -> dict[str,
     }
 
 
-DEGENERATE = ("empty", "repeated_word", "repeated_sentence", "other_instruction_answer", "echoed_instruction")
+DEGENERATE = ("empty", "repeated_word", "repeated_sentence", "other_instruction_answer", "echoed_instruction", "refusal")
 
 
 def _spearman(a: Sequence[float], b: Sequence[float]) -> float:

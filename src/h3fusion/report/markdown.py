@@ -44,6 +44,7 @@ from h3fusion.report.tables import (
     metric,
     report_axes,
     results_table,
+    signed,
 )
 from h3fusion.report.targets import Target, check_targets, routing_accuracy
 from h3fusion.stats import BOOTSTRAP_SAMPLES
@@ -154,10 +155,6 @@ def paper_protocol(results: dict) -> list[str]:
             f"(first {n}) give:", "", *compact_table(entries), ""]
 
 
-def _signed(value) -> str:
-    return "—" if value is None else f"{value:+.3f}"
-
-
 def specialisation_section(figures: dict) -> list[str]:
     """Each expert against the other experts on its own axis, its verdict, and its other axes beside the base
     model's (``report.specialisation``)."""
@@ -178,8 +175,8 @@ def specialisation_section(figures: dict) -> list[str]:
         for other, row in own["against"].items():
             said = f"**{row['verdict']}**" if row["excludes_0"] else row["verdict"]
             lines.append(f"| {name} | {own['axis']}: {own['headline']} | {fmt(own['value'])} | "
-                         f"{fmt(own['value_corrected'])} | {other} ({fmt(row['value'])}) | {_signed(row['diff'])} | "
-                         f"{interval_text(row['interval'])} | {_signed(row['corrected_diff'])} | "
+                         f"{fmt(own['value_corrected'])} | {other} ({fmt(row['value'])}) | {signed(row['diff'])} | "
+                         f"{interval_text(row['interval'])} | {signed(row['corrected_diff'])} | "
                          f"{interval_text(row['judge_aware_interval'])} | {said} |")
     lines.append("")
     for name, own in experts.items():
@@ -210,7 +207,7 @@ def specialisation_section(figures: dict) -> list[str]:
             else:
                 row = entry["versus_base"]
                 read, judge_aware = read_interval(row)
-                diff = _signed(row["corrected_diff"] if judge_aware else row["diff"])
+                diff = signed(row["corrected_diff"] if judge_aware else row["diff"])
                 cells.append(f"{fmt(entry['value'])} ({diff} {interval_text(read)}"
                              + (f", **{row['verdict']}**)" if row["excludes_0"] else ")"))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")

@@ -40,6 +40,11 @@ def fmt(value, digits: int = 3) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
+def signed(value) -> str:
+    """A difference with its sign (``+0.012``), or a dash."""
+    return "—" if value is None else f"{value:+.3f}"
+
+
 def bold_fused(name: str) -> str:
     return f"**{name}**" if name == FUSED else name
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from h3fusion import runs
 from h3fusion.axes import axis_spec
 from h3fusion.report.statistics import best_of, compare, read_interval
-from h3fusion.report.tables import FUSED, fmt, interval_text, metric
+from h3fusion.report.tables import FUSED, fmt, interval_text, metric, signed
 
 # ----------------------------------------------------------------------------- issue 18's targets, in one place
 HHH_RIVALS = ("best merge", "ensemble-logits", "multitask-sft")
@@ -80,9 +80,8 @@ def _hhh_target(results: dict, label: str, name: str | None, replicates: dict) -
     if read is None:
         return Target(text, NOT_RECORDED, "no per-prompt judgements to resample")
     diff = row["corrected_diff"] if judge_aware else row["diff"]
-    diff_text = "—" if diff is None else f"{diff:+.3f}"
     figures = (f"hhh {fmt(results['systems'][FUSED].get('hhh'))} vs {fmt(results['systems'][name].get('hhh'))}; "
-               f"{'corrected ' if judge_aware else ''}diff {diff_text} {interval_text(read)} "
+               f"{'corrected ' if judge_aware else ''}diff {signed(diff)} {interval_text(read)} "
                f"({'prompts + judges' if judge_aware else 'prompts, judges taken as exact'})")
     return Target(text, MET if read[0] > 0 else MISSED, figures)
 
