@@ -500,5 +500,21 @@ def test_harmless_calibration_blends_only_the_chosen_logits():
 
 
 def test_harmless_full_fit_ends_with_the_benign_stage(quick):
+    from h3fusion.judges import harmless
+
     calibration = json.loads((quick["dirs"]["harmless"] / "calibration.json").read_text())
     assert calibration["blended"] == ["crossenc_logit"] and calibration["weights"][0] == 0
+    assert calibration["gate"] == harmless.GATE
+
+
+def test_harmless_quick_fit_gates_with_its_own_setting(config):
+    """The quick fit's request model, fitted on a tenth of the rows, is rarely sure of a harmful request: under the
+    full fit's ``GATE`` it lowered nearly every reading (BeaverTails validation flagged 0.19 against 0.57 true), so
+    a quick fit gates with ``QUICK_GATE``."""
+    from h3fusion.judges import fit_judges, harmless, judge_dir
+
+    small = config.model_copy(deep=True)
+    small.judges.fit_size = "quick"
+    fit_judges(small, log=lambda _: None, axes=["harmless"], max_rows=QUICK_ROWS)
+    calibration = json.loads((judge_dir(small, "harmless", max_rows=QUICK_ROWS) / "calibration.json").read_text())
+    assert harmless.QUICK_GATE != harmless.GATE and calibration["gate"] == harmless.QUICK_GATE
