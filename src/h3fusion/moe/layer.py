@@ -27,12 +27,10 @@ Two storage layouts hold the same function::
 
     memory per layer: 3·H·I + N·3·r·(H+I)  ≈ 1x base    memory per layer: N·3·H·I
 
-Compact has two compute paths with identical math, picked by the number of tokens T in the call:
-``T <= decode_threshold``: all experts on every token, masked by dense routing weights (0 outside the
-top-k), A factors of all experts stacked into one matmul and B applied with ``bmm`` (few ops: decode);
-otherwise a Mixtral-style loop over experts that touches only the tokens routed to each (prefill,
-training: it never materialises (N, T, I) tensors; under autograd each expert's SwiGLU and down-rank
-activations go through ``routed_swiglu``, which keeps only g, u and the routing weights for backward).
+Compact has three compute paths with identical math (``compact.py``): for few tokens (decode) all
+experts on every token, masked by the routing weights; with one expert per token (top-1) a mask in rank
+space, at the base's cost plus thin matmuls; otherwise (prefill, training) a Mixtral-style loop over
+experts that touches only the tokens routed to each, which never materialises (N, T, I) tensors.
 The base gate and up run as two matmuls over all tokens (fusing them would need a concatenated copy of
 W_g and W_u, i.e. the base held twice).
 At inference (no autograd through the factors) the activation-dtype casts and stacked forms of the
@@ -65,6 +63,8 @@ class PreparedFactors(NamedTuple):
     down: LowRank | None
     gate_up_A: Tensor | None  # [N·Rg + N·Ru, H]: every gate then every up A, for one fused matmul
     down_B_flat: Tensor | None  # [N·Rd, H]
+    gate_B_flat: Tensor | None  # [N·Rg, I]: every expert's gate B, stacked for one rank-space matmul
+    up_B_flat: Tensor | None  # [N·Ru, I]
 
 
 class MoEMLP(nn.Module):
@@ -360,7 +360,9 @@ class MoEMLP(nn.Module):
             up=u,
             down=d,
             gate_up_A=None if not gu else gu[0] if len(gu) == 1 else torch.cat(gu),
-            down_B_flat=None if d is None else d.B.transpose(1, 2).reshape(-1, d.B.shape[1]),
+            down_B_flat=_flat_b(d),
+            gate_B_flat=_flat_b(g),
+            up_B_flat=_flat_b(u),
         )
         self._prep_cache = (key, prep) if cacheable else None
         return prep
@@ -393,6 +395,11 @@ class MoEMLP(nn.Module):
         self._decision = Routing(*(t.detach() for t in decision))
         return decision
 
+    @property
+    def sequence_decision(self) -> Routing | None:
+        """Sequence routing: the decision (experts and weights per row) the current batch decodes with."""
+        return self._decision
+
     def select_rows(self, rows: Tensor) -> None:
         """Keep only these batch rows' sequence-routing decisions (as the KV cache's ``batch_select_indices``)."""
         if self._decision is not None:
@@ -403,6 +410,11 @@ class MoEMLP(nn.Module):
         x = hidden_states.reshape(-1, shape[-1])
         routing = self._route(hidden_states)
         return self._mix(x, routing.weights, routing.indices).reshape(shape)
+
+
+def _flat_b(f: LowRank | None) -> Tensor | None:
+    """B [N, out, R] as one [N·R, out] matrix, rows in the order of the stacked rank activations."""
+    return None if f is None else f.B.transpose(1, 2).reshape(-1, f.B.shape[1])
 
 
 def _check_base_mlp(base_mlp: nn.Module) -> None:
