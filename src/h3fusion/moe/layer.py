@@ -83,9 +83,10 @@ class MoEMLP(nn.Module):
         router_weight: initial router weight [N, hidden]; None = ``nn.Linear``'s random init.
         decode_threshold: compact storage uses the masked all-experts path when the call has at most
             this many tokens and the index-gather loop above it.
-        routing: ``"token"`` (each token routed on its own: the paper, Mixtral) or ``"sequence"`` (one
+        routing: ``"token"`` (each token routed on its own: the paper, Mixtral), ``"sequence"`` (one
             decision per sequence from its ``routing_inputs.decision_mask`` tokens, kept while
-            ``routing_inputs.continuing``; see ``h3fusion.moe.router``).
+            ``routing_inputs.continuing``; see ``h3fusion.moe.router``) or ``"sequence-shared"`` (the
+            same, decided by the layer whose ``decides`` is set and followed by the others).
 
     Dtypes: the base weights keep their dtype (e.g. bf16); the low-rank factors and the router are
     held in fp32 (fp64 if the base is fp64) and cast to the activation dtype at use; as in Mixtral the
@@ -129,7 +130,7 @@ class MoEMLP(nn.Module):
         storage: Literal["compact", "dense"] | None = None,
         router_weight: Tensor | None = None,
         decode_threshold: int = 16,
-        routing: Literal["token", "sequence"] = "token",
+        routing: Literal["token", "sequence", "sequence-shared"] = "token",
     ) -> None:
         super().__init__()
         if storage is not None and storage != self.storage:
@@ -151,6 +152,9 @@ class MoEMLP(nn.Module):
         self.routing = routing
         self.routing_inputs = RoutingInputs()  # the model shares one object among its layers
         self._decision: Routing | None = None  # sequence routing: the current rows' decisions
+        # sequence-shared routing: whether this layer takes the decision (the model's first layer) or follows
+        # the one in routing_inputs.shared_decision; a layer on its own decides
+        self.decides: bool = True
 
         base_w = {p: getattr(base_mlp, p).weight for p in PROJECTIONS}
         self.hidden_size = base_w["gate_proj"].shape[1]
@@ -388,10 +392,18 @@ class MoEMLP(nn.Module):
                     f"step has {rows.shape[0]}; call select_rows() when rows leave the batch"
                 )
             return self._decision
-        mask = inputs.decision_mask
-        if mask is not None and tuple(mask.shape) != tuple(rows.shape[:2]):
-            mask = None  # set for another input (a caller that skipped set_routing_inputs): pool every token
-        decision = route_sequences(rows, mask, self.router.weight, self.expert_bias, self.top_k)
+        if self.routing == "sequence-shared" and not self.decides:
+            decision = inputs.shared_decision
+            if decision is None or decision.indices.shape[0] != rows.shape[0]:
+                raise RuntimeError("sequence-shared routing: the deciding layer has not routed these rows in this "
+                                   "forward; run the model (which clears the shared decision first), not one layer")
+        else:
+            mask = inputs.decision_mask
+            if mask is not None and tuple(mask.shape) != tuple(rows.shape[:2]):
+                mask = None  # set for another input (a caller that skipped set_routing_inputs): pool every token
+            decision = route_sequences(rows, mask, self.router.weight, self.expert_bias, self.top_k)
+            if self.routing == "sequence-shared":
+                inputs.shared_decision = decision
         self._decision = Routing(*(t.detach() for t in decision))
         return decision
 
