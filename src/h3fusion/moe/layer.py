@@ -65,6 +65,9 @@ class PreparedFactors(NamedTuple):
     down_B_flat: Tensor | None  # [N·Rd, H]
     gate_B_flat: Tensor | None  # [N·Rg, I]: every expert's gate B, stacked for one rank-space matmul
     up_B_flat: Tensor | None  # [N·Ru, I]
+    gate_up_owner: Tensor | None  # [N·Rg + N·Ru]: the expert each column of x @ gate_up_A.T belongs to
+    down_A_flat: Tensor | None  # [N·Rd, I]
+    down_owner: Tensor | None  # [N·Rd]: the expert each column of h @ down_A_flat.T belongs to
 
 
 class MoEMLP(nn.Module):
@@ -359,6 +362,7 @@ class MoEMLP(nn.Module):
             return self._prep_cache[1]
         g, u, d = (self._factors(p, dtype) for p in PROJECTIONS)
         gu = [f.A.reshape(-1, f.A.shape[-1]) for f in (g, u) if f is not None]
+        owners = [_owner(f) for f in (g, u) if f is not None]
         prep = PreparedFactors(
             gate=g,
             up=u,
@@ -367,6 +371,9 @@ class MoEMLP(nn.Module):
             down_B_flat=_flat_b(d),
             gate_B_flat=_flat_b(g),
             up_B_flat=_flat_b(u),
+            gate_up_owner=torch.cat(owners) if owners else None,
+            down_A_flat=None if d is None else d.A.reshape(-1, d.A.shape[-1]),
+            down_owner=_owner(d),
         )
         self._prep_cache = (key, prep) if cacheable else None
         return prep
@@ -427,6 +434,14 @@ class MoEMLP(nn.Module):
 def _flat_b(f: LowRank | None) -> Tensor | None:
     """B [N, out, R] as one [N·R, out] matrix, rows in the order of the stacked rank activations."""
     return None if f is None else f.B.transpose(1, 2).reshape(-1, f.B.shape[1])
+
+
+def _owner(f: LowRank | None) -> Tensor | None:
+    """[N·R]: expert k owns the k-th block of R rank columns of the stacked factors."""
+    if f is None:
+        return None
+    n, r = f.A.shape[:2]
+    return torch.arange(n, device=f.A.device).repeat_interleave(r)
 
 
 def _check_base_mlp(base_mlp: nn.Module) -> None:

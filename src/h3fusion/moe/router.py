@@ -95,6 +95,8 @@ def route_sequences(hidden: Tensor, mask: Tensor | None, router_weight: Tensor, 
 
 def per_token(decision: Routing, tokens: int) -> Routing:
     """A per-row decision [B, ...] repeated for each of the row's ``tokens`` tokens: Routing over B·T tokens."""
+    if tokens == 1:  # a decoding step: the rows are the tokens
+        return decision
     def spread(t: Tensor) -> Tensor:
         return t.unsqueeze(1).expand(t.shape[0], tokens, t.shape[-1]).reshape(-1, t.shape[-1])
 
