@@ -58,6 +58,7 @@ ALPACA_EVAL = REPO.parent / "shared" / "data" / "alpaca_eval" / "text_davinci_00
 NAMES = ("helpful", "harmless", "honest")
 VARIANTS = ("base", "compact", "compact-seq", "dense", "mixtral", "xlora")  # compact-seq: moe.routing sequence
 TOP_K = 2
+SEQ_TOP_K = 1  # compact-seq: one expert per sequence (issue 21's sequence-routing target)
 GEN_TOKENS = 32
 PROMPT_TOKENS = 32
 TARGETS = {
@@ -129,11 +130,12 @@ def make_adapters(base_dir: Path, root: Path) -> dict[str, Path]:
     return {name: make_adapter(base_dir, root / name, seed=i + 1, r=8, alpha=16.0) for i, name in enumerate(NAMES)}
 
 
-def build(base, adapters: dict[str, Path], storage: str, dtype, device: str, routing: str = "token"):
+def build(base, adapters: dict[str, Path], storage: str, dtype, device: str, routing: str = "token",
+          top_k: int = TOP_K):
     """The fused MoE; ``base`` is a model spec or a loaded model (which becomes the MoE)."""
     from h3fusion.moe.assemble import build_moe
 
-    model = build_moe(base, {k: str(v) for k, v in adapters.items()}, top_k=TOP_K, storage=storage, dtype=dtype,
+    model = build_moe(base, {k: str(v) for k, v in adapters.items()}, top_k=top_k, storage=storage, dtype=dtype,
                       routing=routing)
     return model.to(device).eval()
 
@@ -206,6 +208,8 @@ def section_generation(models: dict, tokenizer, args) -> dict:
         result[f"b{batch}"] = {
             name: {"tok_s": batch * GEN_TOKENS / median(s), "seconds": s} for name, s in samples.items()
         }
+        if "compact-seq" in models:
+            result[f"b{batch}"]["compact-seq"]["mixed_layers"] = mixed_layers(models["compact-seq"])
     # agreement of the layouts (same function, different storage): the logits of two prompts
     # (X-LoRA is another function: its classifier, not the MoE's router, mixes the adapters)
     inputs = gen_prompts(tokenizer, 2, args.device)
@@ -217,6 +221,14 @@ def section_generation(models: dict, tokenizer, args) -> dict:
         for name in ("dense", "mixtral") if "compact" in logits and name in logits
     }
     return result
+
+
+def mixed_layers(model) -> float:
+    """Share of a sequence-routed model's layers whose rows (of the last batch it decoded) kept different
+    experts: a mixed batch, the case a single merged expert could not serve."""
+    decisions = [layer.sequence_decision for layer in model.moe_layers()]
+    mixed = [len({tuple(row) for row in d.indices.tolist()}) > 1 for d in decisions if d is not None]
+    return sum(mixed) / max(len(mixed), 1)
 
 
 def section_memory(models: dict, tokenizer, args) -> dict:
@@ -463,6 +475,9 @@ def table(results: dict) -> str:
     for b in ("b1", "b8"):
         for v in g[b]:
             add(f"{v} tok/s {b}", g[b][v]["tok_s"], "{:.2f}")
+        if "mixed_layers" in g[b].get("compact-seq", {}):
+            rows.append((f"compact-seq layers whose rows kept different experts {b}",
+                         f"{g[b]['compact-seq']['mixed_layers']:.2f}", "", ""))
     for b in ("b1", "b8"):
         for num, den in RATIOS:
             if num in g[b] and den in g[b]:
@@ -607,7 +622,8 @@ def main() -> None:
             build_s[storage].append(dt)
             log(f"built {storage} in {dt:.1f}s")
     if "compact-seq" in args.variants:  # the same experts, one routing decision per sequence
-        models["compact-seq"] = build(base_dir, adapters, "compact", args.torch_dtype, args.device, routing="sequence")
+        models["compact-seq"] = build(base_dir, adapters, "compact", args.torch_dtype, args.device, routing="sequence",
+                                      top_k=SEQ_TOP_K)
     if "mixtral" in args.variants:
         models["mixtral"] = load_mixtral_export(models["compact"], workdir / "mixtral", args.torch_dtype,
                                                 args.device)

@@ -211,9 +211,9 @@ def check_speed(base_dir, adapters, args, workdir: Path) -> dict:
     for storage in ("compact", "dense"):
         models[storage] = bench.build(load_base(base_dir, args.torch_dtype, args.device), adapters, storage,
                                       args.torch_dtype, args.device)
-    # the same experts routed once per sequence (moe.routing: sequence): its speed against token routing
+    # the same experts routed once per sequence (moe.routing: sequence), one expert each: its speed against the base
     models["compact-seq"] = bench.build(load_base(base_dir, args.torch_dtype, args.device), adapters, "compact",
-                                        args.torch_dtype, args.device, routing="sequence")
+                                        args.torch_dtype, args.device, routing="sequence", top_k=bench.SEQ_TOP_K)
     models["mixtral"] = bench.load_mixtral_export(models["compact"], workdir / "speed-mixtral", args.torch_dtype,
                                                   args.device)
     models["xlora"] = bench.build_xlora(load_base(base_dir, args.torch_dtype, args.device), adapters, args.device)

@@ -110,13 +110,15 @@ def test_compact_dense_reference_agree_fp64(n, top_k, t):
     ref = reference(base, deltas, rw, bias, x, top_k)
     with torch.no_grad():
         y_compact = compact(x)
-        compact.decode_threshold = 10**9  # force the masked all-experts path
+        compact.decode_threshold = 10**9  # force the decode path (masked all-experts; rank-masked at top-1)
         y_batched = compact(x)
-        compact.decode_threshold = 0  # force the index-gather path
+        compact.decode_threshold = 0  # force the index-gather path (top-1 without autograd: rank-masked)
         y_gather = compact(x)
         y_dense = dense(x)
+    with torch.enable_grad():  # under autograd above the threshold every top-k takes the index-gather loop
+        y_gather_grad = compact(x).detach()
     assert y_compact.shape == x.shape
-    for y in (y_compact, y_batched, y_gather, y_dense):
+    for y in (y_compact, y_batched, y_gather, y_gather_grad, y_dense):
         torch.testing.assert_close(y, ref, **F64)
     assert (ref - mlp_with(expert_weights(base, {}), x)).abs().max() > 1e-2  # the deltas matter
 
@@ -307,6 +309,27 @@ def test_gradients_and_frozen_params(storage, t):
             assert prm.grad is None, name
     for p in PROJECTIONS:
         assert getattr(base, p).weight.grad is None
+
+
+@pytest.mark.parametrize("t", [T_SMALL, T_LARGE])
+def test_top1_paths_give_dense_gradients(t):
+    """Top-1 on few tokens takes the rank-masked path under autograd too: same gradients as dense."""
+    grads = {}
+    for storage in ("compact", "dense"):
+        base, deltas = make_base(), make_deltas(3)
+        layer = MoEMLP(base, deltas, top_k=1, storage=storage, router_weight=router_w(3), decode_threshold=THRESHOLD)
+        torch.manual_seed(0)
+        layer.add_fusion_lora(r=2, alpha=4.0)
+        with torch.no_grad():
+            for p in PROJECTIONS:
+                layer.fusion_B[p].normal_(0, 0.1)
+        y = layer(tokens(t))
+        ((y**2).mean() - torch.log(layer.router_probs[:, 0].mean())).backward()
+        grads[storage] = {n: prm.grad for n, prm in layer.named_parameters() if prm.requires_grad}
+    assert grads["compact"].keys() == grads["dense"].keys()
+    for name, g in grads["compact"].items():
+        torch.testing.assert_close(g, grads["dense"][name], **F64)
+    assert grads["compact"]["router.weight"].abs().sum() > 0
 
 
 def test_router_probs_can_be_switched_off():

@@ -440,9 +440,9 @@ def test_gating_loss_counts_content_tokens_only(tiny_llama_dir, adapters, tokeni
     assert abs(gating_loss(p_bar, labels).item() - gating_loss(every_token, labels).item()) > 1e-4
 
 
-@pytest.fixture(scope="module")
-def sequence_model(tiny_llama_dir, adapters, tokenizer):
-    model = build_moe(str(tiny_llama_dir), adapters, top_k=2, seed=4, routing="sequence",
+@pytest.fixture(scope="module", params=["sequence", "sequence-shared"])
+def sequence_model(request, tiny_llama_dir, adapters, tokenizer):
+    model = build_moe(str(tiny_llama_dir), adapters, top_k=2, seed=4, routing=request.param,
                       template_ids=_template_ids(tokenizer))
     for layer in model.moe_layers():  # a router that tells prompts apart (the random init routes near-uniformly)
         with torch.no_grad():
@@ -469,6 +469,11 @@ def test_sequence_routing_keeps_the_prompt_decision_while_generating(sequence_mo
     for probs, decision in zip(seen[0], decided, strict=True):  # every prompt token of a row routes alike
         torch.testing.assert_close(probs, decision[:, None].expand_as(probs), atol=0, rtol=0)
     assert all(len({tuple(row.tolist()) for row in decision}) == len(prompts) for decision in decided)
+    if model.routing == "sequence-shared":  # one decision for the whole model: the first layer's
+        for decision in decided[1:]:
+            torch.testing.assert_close(decision, decided[0], atol=0, rtol=0)
+    else:  # each layer its own
+        assert any((decision - decided[0]).abs().max() > 1e-4 for decision in decided[1:])
     for step in seen[1:]:  # every generated token keeps its row's decision
         for probs, decision in zip(step, decided, strict=True):
             torch.testing.assert_close(probs[:, 0], decision, atol=0, rtol=0)
@@ -509,9 +514,9 @@ def test_sequence_routing_survives_save_and_load(tmp_path, sequence_model):
 
     sequence_model.save_pretrained(tmp_path / "moe")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "moe").eval()
-    assert loaded.config.routing == "sequence"
+    assert loaded.config.routing == sequence_model.routing
     assert loaded.config.template_ids == sequence_model.config.template_ids
-    assert {layer.routing for layer in loaded.moe_layers()} == {"sequence"}
+    assert {layer.routing for layer in loaded.moe_layers()} == {sequence_model.routing}
     torch.testing.assert_close(logits(loaded), logits(sequence_model), atol=1e-5, rtol=0)
     token_routed = AutoModelForCausalLM.from_pretrained(tmp_path / "moe", routing="token").eval()
     assert (logits(token_routed) - logits(sequence_model)).abs().max() > 1e-3  # the mode changes the outputs

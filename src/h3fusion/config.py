@@ -114,10 +114,12 @@ class MoEConfig(_Section):
     prototype_prompts: int = Field(32, ge=1)
     """Training prompts per axis used by router_init=prototype or fitted: a seeded sample of distinct prompts
     that takes the strata in turn (with / without an input, refusing / complying answers)."""
-    routing: Literal["token", "sequence"] = "token"
+    routing: Literal["token", "sequence", "sequence-shared"] = "token"
     """token: every token routed on its own (the paper, Mixtral); sequence: each layer decides once per
     sequence from the mean of its prompt's content tokens (the template excluded) and keeps that decision,
-    experts and weights, for the whole answer. A sequence-routed model cannot be exported as Mixtral."""
+    experts and weights, for the whole answer; sequence-shared: one such decision per sequence for the whole
+    model, taken by the first layer and followed by every other. A sequence-routed model cannot be exported
+    as Mixtral."""
     expert_bias: dict[str, float] = {}
     """Alignment dial: router-logit bias per expert name, e.g. {harmless: 1.0}. Built into the MoE (so fusion
     trains under it) and re-applied whenever a fused model is loaded for generation."""

@@ -43,13 +43,13 @@ def build_moe(
     expert becomes base + Σ_k B_k A_k, without alpha/r, so all experts are identical.
     ``base`` is any spec ``load_model`` takes, or an already loaded model (then pass ``tokenizer``
     for router_init=prototype/fitted). A loaded model is modified in place (its MLPs become MoE layers).
-    ``routing``: ``token`` or ``sequence`` (``h3fusion.moe.router``); ``template_ids``: the prompt
+    ``routing``: ``token``, ``sequence`` or ``sequence-shared`` (``h3fusion.moe.router``); ``template_ids``: the prompt
     format's fixed pieces as token ids (``h3fusion.moe.content``), what the model counts as template.
     """
     if storage not in ("compact", "dense"):
         raise H3FusionError(f"storage '{storage}' is unknown; choose compact or dense")
     if routing not in ROUTING_MODES:
-        raise H3FusionError(f"routing '{routing}' is unknown; choose {' or '.join(ROUTING_MODES)}")
+        raise H3FusionError(f"routing '{routing}' is unknown; choose {', '.join(ROUTING_MODES)}")
     if router_init != "random" and router_init not in ROUTER_INITS:
         raise H3FusionError(f"router_init '{router_init}' is unknown; choose random, prototype or fitted")
     if isinstance(base, str):

@@ -1,11 +1,16 @@
 """The compact expert store: the base FFN once + every expert's low-rank factors (~1x base memory).
 
-Two compute paths with identical math, picked by the number of tokens T in the call:
-``T <= decode_threshold``: all experts on every token, masked by dense routing weights (0 outside the
-top-k), A factors of all experts stacked into one matmul and B applied with ``bmm`` (few ops: decode);
-otherwise a Mixtral-style loop over experts that touches only the tokens routed to each (prefill,
-training: it never materialises (N, T, I) tensors; under autograd each expert's SwiGLU and down-rank
-activations go through ``routed_swiglu``, which keeps only g, u and the routing weights for backward).
+Three compute paths with identical math:
+
+* ``T <= decode_threshold`` (decode): all experts on every token, masked by dense routing weights (0
+  outside the top-k), A factors of all experts stacked into one matmul and B applied with ``bmm``.
+* one expert per token (top-1, e.g. sequence routing's one expert per prompt), on few tokens or without
+  autograd (prefill included): the mask acts in rank space instead, so the call costs the base's three
+  matmuls plus thin rank-space ones and holds no per-expert [T, I] tensor.
+* otherwise (prefill, training): a Mixtral-style loop over experts that touches only the tokens routed to
+  each; it never materialises (N, T, I) tensors, and under autograd each expert's SwiGLU and down-rank
+  activations go through ``routed_swiglu``, which keeps only g, u and the routing weights for backward.
+
 The base gate and up run as two matmuls over all tokens, once for all experts.
 """
 
@@ -69,7 +74,12 @@ class CompactMoEMLP(MoEMLP):
 
     # ------------------------------------------------------------------ compute
     def _mix(self, x: Tensor, top_w: Tensor, top_i: Tensor) -> Tensor:
-        if x.shape[0] <= self.decode_threshold:
+        small = x.shape[0] <= self.decode_threshold
+        # top-1 without autograd (inference, prefill included) or on few tokens: rank-space masking holds no
+        # per-expert [T, I] tensor; training keeps the routed loop, whose backward stores less
+        if top_i.shape[-1] == 1 and not self._dropout_p() and (small or not torch.is_grad_enabled()):
+            return self._mix_one_expert(x, top_w, top_i)
+        if small:
             return self._mix_all_experts(x, top_w, top_i)
         return self._mix_routed_tokens(x, top_w, top_i)
 
@@ -92,6 +102,32 @@ class CompactMoEMLP(MoEMLP):
         ag = None if f.gate is None else acts[:, :split].unflatten(-1, (n, -1))
         au = None if f.up is None else acts[:, split:].unflatten(-1, (n, -1))
         return ag, au
+
+    def _mix_one_expert(self, x: Tensor, top_w: Tensor, top_i: Tensor) -> Tensor:
+        """One expert per token (top-1): every expert's rank activations, zeroed outside the token's expert,
+        then one thin matmul with all experts' stacked B factors.
+
+        Exact because with a single expert e per token ``g = W_g x + B_ge (A_ge x)`` and zeroing the other
+        experts' rank activations removes their products; the SwiGLU then runs once on [T, I] as in the
+        base. Few ops on purpose: at decode each costs about as much as the thin matmuls themselves.
+        """
+        f = self._prepared(x.dtype)
+        g = self.gate_proj(x)
+        u = self.up_proj(x)
+        if f.gate_up_A is not None:  # [T, N·Rg + N·Ru], zero outside each token's expert
+            acts = F.linear(x, f.gate_up_A).masked_fill_(f.gate_up_owner != top_i, 0.0)
+            split = 0 if f.gate is None else f.gate_B_flat.shape[0]
+            if f.gate is not None:
+                g = torch.addmm(g, acts[:, :split], f.gate_B_flat)
+            if f.up is not None:
+                u = torch.addmm(u, acts[:, split:], f.up_B_flat)
+        h = self.act_fn(g) * u
+        if torch.is_grad_enabled():  # top_w [T, 1] is exactly 1 after renormalisation: kept for the router's graph
+            h = h * top_w
+        y = self.down_proj(h)
+        if f.down is not None:
+            y = torch.addmm(y, F.linear(h, f.down_A_flat).masked_fill_(f.down_owner != top_i, 0.0), f.down_B_flat)
+        return y
 
     def _mix_all_experts(self, x: Tensor, top_w: Tensor, top_i: Tensor) -> Tensor:
         """All experts on every token, masked by dense routing weights (decode path)."""

@@ -25,8 +25,9 @@ class H3FusionConfig(PretrainedConfig):
         delta_ranks: compact storage only: rank of the stored expert factors per projection.
         expert_bias: per-expert router-logit bias applied at inference (the alignment dial).
         decode_threshold: token count up to which the compact layer uses its batched decode path.
-        routing: ``token`` (each token routed on its own: the paper) or ``sequence`` (one decision per
-            sequence from its prompt's content tokens, kept for the whole answer).
+        routing: ``token`` (each token routed on its own: the paper), ``sequence`` (one decision per
+            sequence and layer from its prompt's content tokens, kept for the whole answer) or
+            ``sequence-shared`` (one decision per sequence, the first layer's, followed by every layer).
         template_ids: token ids of the prompt format's fixed pieces (``h3fusion.data.prompts.template_pieces``);
             their occurrences are template, every other token content (empty: every token is content).
     """

@@ -28,8 +28,9 @@ def mixtral_config(model: H3FusionForCausalLM):
     from transformers import MixtralConfig
 
     if model.config.routing != "token":
-        raise H3FusionError(f"cannot export a {model.config.routing}-routed model as Mixtral (Mixtral routes every "
-                            "token on its own); keep the h3fusion format, or build with moe.routing: token")
+        raise H3FusionError(f"cannot export a sequence-routed model as Mixtral (moe.routing: {model.config.routing}; "
+                            "Mixtral routes every token on its own); keep the h3fusion format, or build with "
+                            "moe.routing: token")
     base = model.config.make_base_config()
     family = base.model_type
     if family not in MIXTRAL_FAMILIES:

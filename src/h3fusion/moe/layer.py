@@ -27,12 +27,10 @@ Two storage layouts hold the same function::
 
     memory per layer: 3·H·I + N·3·r·(H+I)  ≈ 1x base    memory per layer: N·3·H·I
 
-Compact has two compute paths with identical math, picked by the number of tokens T in the call:
-``T <= decode_threshold``: all experts on every token, masked by dense routing weights (0 outside the
-top-k), A factors of all experts stacked into one matmul and B applied with ``bmm`` (few ops: decode);
-otherwise a Mixtral-style loop over experts that touches only the tokens routed to each (prefill,
-training: it never materialises (N, T, I) tensors; under autograd each expert's SwiGLU and down-rank
-activations go through ``routed_swiglu``, which keeps only g, u and the routing weights for backward).
+Compact has three compute paths with identical math (``compact.py``): for few tokens (decode) all
+experts on every token, masked by the routing weights; with one expert per token (top-1) a mask in rank
+space, at the base's cost plus thin matmuls; otherwise (prefill, training) a Mixtral-style loop over
+experts that touches only the tokens routed to each, which never materialises (N, T, I) tensors.
 The base gate and up run as two matmuls over all tokens (fusing them would need a concatenated copy of
 W_g and W_u, i.e. the base held twice).
 At inference (no autograd through the factors) the activation-dtype casts and stacked forms of the
@@ -65,6 +63,11 @@ class PreparedFactors(NamedTuple):
     down: LowRank | None
     gate_up_A: Tensor | None  # [N·Rg + N·Ru, H]: every gate then every up A, for one fused matmul
     down_B_flat: Tensor | None  # [N·Rd, H]
+    gate_B_flat: Tensor | None  # [N·Rg, I]: every expert's gate B, stacked for one rank-space matmul
+    up_B_flat: Tensor | None  # [N·Ru, I]
+    gate_up_owner: Tensor | None  # [N·Rg + N·Ru]: the expert each column of x @ gate_up_A.T belongs to
+    down_A_flat: Tensor | None  # [N·Rd, I]
+    down_owner: Tensor | None  # [N·Rd]: the expert each column of h @ down_A_flat.T belongs to
 
 
 class MoEMLP(nn.Module):
@@ -83,9 +86,10 @@ class MoEMLP(nn.Module):
         router_weight: initial router weight [N, hidden]; None = ``nn.Linear``'s random init.
         decode_threshold: compact storage uses the masked all-experts path when the call has at most
             this many tokens and the index-gather loop above it.
-        routing: ``"token"`` (each token routed on its own: the paper, Mixtral) or ``"sequence"`` (one
+        routing: ``"token"`` (each token routed on its own: the paper, Mixtral), ``"sequence"`` (one
             decision per sequence from its ``routing_inputs.decision_mask`` tokens, kept while
-            ``routing_inputs.continuing``; see ``h3fusion.moe.router``).
+            ``routing_inputs.continuing``; see ``h3fusion.moe.router``) or ``"sequence-shared"`` (the
+            same, decided by the layer whose ``decides`` is set and followed by the others).
 
     Dtypes: the base weights keep their dtype (e.g. bf16); the low-rank factors and the router are
     held in fp32 (fp64 if the base is fp64) and cast to the activation dtype at use; as in Mixtral the
@@ -129,7 +133,7 @@ class MoEMLP(nn.Module):
         storage: Literal["compact", "dense"] | None = None,
         router_weight: Tensor | None = None,
         decode_threshold: int = 16,
-        routing: Literal["token", "sequence"] = "token",
+        routing: Literal["token", "sequence", "sequence-shared"] = "token",
     ) -> None:
         super().__init__()
         if storage is not None and storage != self.storage:
@@ -151,6 +155,9 @@ class MoEMLP(nn.Module):
         self.routing = routing
         self.routing_inputs = RoutingInputs()  # the model shares one object among its layers
         self._decision: Routing | None = None  # sequence routing: the current rows' decisions
+        # sequence-shared routing: whether this layer takes the decision (the model's first layer) or follows
+        # the one in routing_inputs.shared_decision; a layer on its own decides
+        self.decides: bool = True
 
         base_w = {p: getattr(base_mlp, p).weight for p in PROJECTIONS}
         self.hidden_size = base_w["gate_proj"].shape[1]
@@ -355,12 +362,18 @@ class MoEMLP(nn.Module):
             return self._prep_cache[1]
         g, u, d = (self._factors(p, dtype) for p in PROJECTIONS)
         gu = [f.A.reshape(-1, f.A.shape[-1]) for f in (g, u) if f is not None]
+        owners = [_owner(f) for f in (g, u) if f is not None]
         prep = PreparedFactors(
             gate=g,
             up=u,
             down=d,
             gate_up_A=None if not gu else gu[0] if len(gu) == 1 else torch.cat(gu),
-            down_B_flat=None if d is None else d.B.transpose(1, 2).reshape(-1, d.B.shape[1]),
+            down_B_flat=_flat_b(d),
+            gate_B_flat=_flat_b(g),
+            up_B_flat=_flat_b(u),
+            gate_up_owner=torch.cat(owners) if owners else None,
+            down_A_flat=None if d is None else d.A.reshape(-1, d.A.shape[-1]),
+            down_owner=_owner(d),
         )
         self._prep_cache = (key, prep) if cacheable else None
         return prep
@@ -386,12 +399,25 @@ class MoEMLP(nn.Module):
                     f"step has {rows.shape[0]}; call select_rows() when rows leave the batch"
                 )
             return self._decision
-        mask = inputs.decision_mask
-        if mask is not None and tuple(mask.shape) != tuple(rows.shape[:2]):
-            mask = None  # set for another input (a caller that skipped set_routing_inputs): pool every token
-        decision = route_sequences(rows, mask, self.router.weight, self.expert_bias, self.top_k)
+        if self.routing == "sequence-shared" and not self.decides:
+            decision = inputs.shared_decision
+            if decision is None or decision.indices.shape[0] != rows.shape[0]:
+                raise RuntimeError("sequence-shared routing: the deciding layer has not routed these rows in this "
+                                   "forward; run the model (which clears the shared decision first), not one layer")
+        else:
+            mask = inputs.decision_mask
+            if mask is not None and tuple(mask.shape) != tuple(rows.shape[:2]):
+                mask = None  # set for another input (a caller that skipped set_routing_inputs): pool every token
+            decision = route_sequences(rows, mask, self.router.weight, self.expert_bias, self.top_k)
+            if self.routing == "sequence-shared":
+                inputs.shared_decision = decision
         self._decision = Routing(*(t.detach() for t in decision))
         return decision
+
+    @property
+    def sequence_decision(self) -> Routing | None:
+        """Sequence routing: the decision (experts and weights per row) the current batch decodes with."""
+        return self._decision
 
     def select_rows(self, rows: Tensor) -> None:
         """Keep only these batch rows' sequence-routing decisions (as the KV cache's ``batch_select_indices``)."""
@@ -403,6 +429,19 @@ class MoEMLP(nn.Module):
         x = hidden_states.reshape(-1, shape[-1])
         routing = self._route(hidden_states)
         return self._mix(x, routing.weights, routing.indices).reshape(shape)
+
+
+def _flat_b(f: LowRank | None) -> Tensor | None:
+    """B [N, out, R] as one [N·R, out] matrix, rows in the order of the stacked rank activations."""
+    return None if f is None else f.B.transpose(1, 2).reshape(-1, f.B.shape[1])
+
+
+def _owner(f: LowRank | None) -> Tensor | None:
+    """[N·R]: expert k owns the k-th block of R rank columns of the stacked factors."""
+    if f is None:
+        return None
+    n, r = f.A.shape[:2]
+    return torch.arange(n, device=f.A.device).repeat_interleave(r)
 
 
 def _check_base_mlp(base_mlp: nn.Module) -> None:

@@ -78,6 +78,7 @@ class H3FusionForCausalLM(PreTrainedModel, GenerationMixin):
             )
             layer.mlp.set_expert_bias(config.expert_bias)
             layer.mlp.routing_inputs = self.routing_inputs
+            layer.mlp.decides = i == 0  # sequence-shared routing: the first layer decides for all
 
     # transformers plumbing: embeddings, decoder and generation delegate to the wrapped model
     def get_input_embeddings(self):
@@ -145,6 +146,7 @@ class H3FusionForCausalLM(PreTrainedModel, GenerationMixin):
         when given, else the whole input. A forward with a non-empty KV ``cache`` continues decoding.
         """
         inputs = self.routing_inputs
+        inputs.shared_decision = None  # sequence-shared: the first layer decides afresh in this forward
         inputs.continuing = cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0
         if input_ids is None:  # embeddings given directly: no token ids to tell template from content
             inputs.content_mask = inputs.decision_mask = None

@@ -7,7 +7,8 @@ with those weights; the full softmax ``p`` is what the gating loss and the routi
 ``token`` routing (the paper, Mixtral) decides for every token from its own hidden state. ``sequence``
 routing decides once per sequence from the mean hidden state of its prompt's content tokens (each
 layer from its own MLP inputs) and keeps that decision, experts and weights, for every later token,
-through cached decoding too.
+through cached decoding too. ``sequence-shared`` takes that decision once per sequence for the whole
+model: the first MoE layer decides from its MLP inputs and every later layer follows it.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def expert_groups(weights: Tensor, indices: Tensor, num_experts: int) -> list[tu
     return groups
 
 
-ROUTING_MODES = ("token", "sequence")
+ROUTING_MODES = ("token", "sequence", "sequence-shared")
 
 
 @dataclass
@@ -72,6 +73,9 @@ class RoutingInputs:
     """Sequence routing: the tokens each sequence's decision is pooled from (its prompt's content)."""
     continuing: bool = False
     """A cached decoding step: sequence routing keeps the decision it took on the prompt."""
+    shared_decision: Routing | None = None
+    """``sequence-shared`` routing: the decision the deciding (first) layer took in this forward, which the
+    other layers follow; the model clears it before each forward."""
 
 
 def pooled_rows(hidden: Tensor, mask: Tensor | None) -> Tensor:
@@ -91,6 +95,8 @@ def route_sequences(hidden: Tensor, mask: Tensor | None, router_weight: Tensor, 
 
 def per_token(decision: Routing, tokens: int) -> Routing:
     """A per-row decision [B, ...] repeated for each of the row's ``tokens`` tokens: Routing over B·T tokens."""
+    if tokens == 1:  # a decoding step: the rows are the tokens
+        return decision
     def spread(t: Tensor) -> Tensor:
         return t.unsqueeze(1).expand(t.shape[0], tokens, t.shape[-1]).reshape(-1, t.shape[-1])
 

@@ -52,8 +52,8 @@ def router_samples(hidden: torch.Tensor, inputs: RoutingInputs, labels: torch.Te
                    routing: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(MLP inputs, axis labels) a router is fitted on, from one layer's inputs ``hidden`` [B, T, H] of B
     prompts labelled ``labels`` [B]: each content token (token routing) or each prompt's pooled content
-    tokens (sequence routing, as ``router.route_sequences`` pools them)."""
-    if routing == "sequence":
+    tokens (sequence routings, as ``router.route_sequences`` pools them)."""
+    if routing != "token":
         return pooled_rows(hidden, inputs.decision_mask).float().cpu(), labels
     mask = inputs.content_mask.to(hidden.device)
     return hidden[mask].float().cpu(), labels.to(mask.device)[:, None].expand_as(mask)[mask].cpu()
