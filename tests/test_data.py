@@ -354,6 +354,12 @@ def test_real_training_shares(real):
     # the pool's own mix, for comparison: few questions, many refusals
     uniform = load_train("helpful", config_for(real.data_dir(), helpful_train_size=1000))
     assert sum(helpful.is_question(e) for e in uniform) < 150
+    # long answers only: every answer of the sample has at least 80 words, the uniform sample's mostly do not
+    detailed = load_train("helpful", config_for(real.data_dir(), helpful_train_size=1000, helpful_question_share=0.4,
+                                                helpful_min_words=80))
+    assert len(detailed) == 1000 and sum(helpful.is_question(e) for e in detailed) == 400
+    assert min(len(e.response.split()) for e in detailed) >= 80
+    assert sum(len(e.response.split()) >= 80 for e in uniform) < 300
 
 
 def test_real_dev_split_is_disjoint_from_test_and_training(real):
@@ -371,7 +377,8 @@ def test_real_dev_split_is_disjoint_from_test_and_training(real):
     assert 30 <= sum(r["instruction"].endswith("?") for r in dev) <= 50  # AlpacaEval's share, 0.41
     # another training recipe (more rows, more questions) is scored on the same dev prompts and trains on none
     recipe = config.model_copy(update={"data": config.data.model_copy(update={"helpful_train_size": 1200,
-                                                                              "helpful_question_share": 0.4})})
+                                                                              "helpful_question_share": 0.4,
+                                                                              "helpful_min_words": 80})})
     assert load_evaluated("helpful", recipe) == dev
     assert not {r["instruction"] for r in dev} & {e.instruction for e in load_train("helpful", recipe)}
     # harmless: the last distinct test prompts, none among the evaluated 500

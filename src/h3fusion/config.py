@@ -54,6 +54,9 @@ class DataConfig(_Section):
     helpful_question_share: float | None = Field(None, ge=0, le=1)
     """Share of the helpful sample drawn from question-form instructions (no input, ending in '?'; 7% of
     Alpaca, 41% of AlpacaEval). None: a uniform sample of the pool."""
+    helpful_min_words: int | None = Field(None, ge=1)
+    """Only Alpaca examples whose answer has at least this many words train the helpful expert (Alpaca's median
+    is 30; AlpacaEval's judges prefer detailed answers). None: every length."""
     harmless_refusal_share: float | None = Field(None, ge=0, le=1)
     """Share of the harmless sample drawn from refusing answers (h3fusion.refusal), the rest from safe
     completions. None: a uniform sample of the pool (offline: about 0.43 refusals)."""

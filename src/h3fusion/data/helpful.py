@@ -78,10 +78,13 @@ def dev_pool(config: RunConfig, pool: list[SFTExample] | None = None) -> list[SF
 
 def load_train(config: RunConfig) -> list[SFTExample]:
     """A seeded sample of ``data.helpful_train_size`` examples of the pool outside the dev pool (None: all), in
-    file order, ``data.helpful_question_share`` of them question-form when set."""
+    file order, ``data.helpful_question_share`` of them question-form when set, answers of at least
+    ``data.helpful_min_words`` words when set."""
     pool = train_pool(config)
-    held = {e.source for e in dev_pool(config, pool)}
-    return sample_with_share([e for e in pool if e.source not in held], config.data.helpful_train_size,
+    held = {e.source for e in dev_pool(config, pool)}  # drawn from the whole pool: no training setting moves it
+    least = config.data.helpful_min_words or 0
+    kept = [e for e in pool if e.source not in held and len(e.response.split()) >= least]
+    return sample_with_share(kept, config.data.helpful_train_size,
                              seed_of(config), config.data.helpful_question_share, is_question, "helpful examples")
 
 
