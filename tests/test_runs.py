@@ -16,6 +16,7 @@ from h3fusion.runs import (
     PATH_SETTINGS,
     TRAINED_EXPERTS_ONLY,
     changed_settings,
+    other_experts_data,
     refuse_other_settings,
 )
 
@@ -109,6 +110,21 @@ def test_changed_settings_name_only_what_decides_a_stage(tmp_path):
         refuse_other_settings(made, brought, FUSE_SETTINGS)
     assert "train.lr" not in str(refused.value)
     assert changed_settings(tmp_path / "nothing-recorded.yaml", now, FUSE_SETTINGS) == []
+
+
+def test_an_expert_is_not_refused_for_another_axis_data_settings(tmp_path):
+    made = tmp_path / "experts" / "harmless"
+    dump_config(build_config({}), made / "config.yaml")
+    helpful_only = build_config({"data": {"helpful_train_size": 1200, "helpful_question_share": 0.4,
+                                          "helpful_min_words": 80, "honest_dev_questions": 60}})
+    assert changed_settings(made / "config.yaml", helpful_only, ALIGN_SETTINGS,
+                            other_experts_data("harmless", AXES)) == []
+    # the same changes are the helpful expert's own data (the held-out honest questions are not)
+    assert len(changed_settings(made / "config.yaml", helpful_only, ALIGN_SETTINGS,
+                                other_experts_data("helpful", AXES))) == 3
+    own = build_config({"data": {"harmless_refusal_share": 0.25}})
+    with pytest.raises(H3FusionError, match="data.harmless_refusal_share: None there, 0.25 now"):
+        refuse_other_settings(made, own, ALIGN_SETTINGS, ignore=other_experts_data("harmless", AXES))
 
 
 def test_changed_settings_compare_paths_as_places(tmp_path, monkeypatch):

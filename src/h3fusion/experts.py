@@ -24,6 +24,7 @@ from h3fusion.runs import (
     checkpoints_dir,
     expert_dir,
     expert_is_complete,
+    other_experts_data,
     record_settings,
     refuse_other_settings,
 )
@@ -45,8 +46,7 @@ def align_expert(config: RunConfig, axis: str, log=print) -> Path:
     """Train (or resume, or skip) the LoRA expert of one axis; returns its directory."""
     out = expert_dir(config, axis)
     if expert_is_complete(out):
-        others = tuple(f"data.{a}_train_size" for a in AXES if a != axis)  # another expert's data size
-        refuse_other_settings(out, config, ALIGN_SETTINGS, ignore=others)
+        refuse_other_settings(out, config, ALIGN_SETTINGS, ignore=other_experts_data(axis, AXES))
         log(f"[align] {axis}: complete at {out}, skipping")
         return out
     lora = config.lora

@@ -265,6 +265,12 @@ def _as_places(value: Any) -> Any:
     return value
 
 
+def other_experts_data(axis: str, axes: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """The data settings that shape only other axes' samples (``data.<other axis>_*``: their sizes, shares,
+    filters, held-out questions): a finished expert of ``axis`` is not refused for them."""
+    return tuple(f"data.{a}_" for a in axes if a != axis)
+
+
 def refuse_other_settings(out: Path, config: RunConfig, settings: tuple[str, ...], ignore: tuple[str, ...] = ()) -> None:
     """Raise when the finished stage at ``out`` was made with other result-deciding settings than ``config``."""
     if set(config.experts) <= set(config.moe.adapters):
