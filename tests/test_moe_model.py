@@ -129,6 +129,21 @@ def test_generate_runs_on_the_fused_model(tiny_llama_dir, adapters):
     assert torch.equal(out, ids)
 
 
+def test_generate_runs_the_lm_head_on_the_prompts_last_token_only(tiny_llama_dir, adapters):
+    """As for the base model: generate() passes logits_to_keep=1, so the vocabulary-sized head does not run on
+    every prompt token (it did, which made the fused model's prefill slower than the base's)."""
+    model = build_moe(str(tiny_llama_dir), adapters)
+    positions: list[int] = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, args, out: positions.append(args[0].shape[1]))
+    try:
+        model.generate(IDS[:1, :5], max_new_tokens=3, do_sample=False)
+    finally:
+        hook.remove()
+    assert positions == [1, 1, 1]
+    with torch.no_grad():  # a plain forward still gives every position's logits
+        assert model(IDS[:1, :5]).logits.shape[1] == 5
+
+
 def test_mixtral_export_gives_the_same_logits(tmp_path, tiny_llama_dir, adapters):
     from transformers import MixtralForCausalLM
 

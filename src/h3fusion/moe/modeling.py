@@ -96,9 +96,15 @@ class H3FusionForCausalLM(PreTrainedModel, GenerationMixin):
     def _init_weights(self, module):
         pass  # weights come from the base model and the experts, or from the checkpoint
 
-    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, labels=None, logits_to_keep=0, **kwargs):
+        # logits_to_keep is named so that generate() sees it and asks for the last position's logits only
+        # on the prompt (else the vocabulary-sized head runs on every prompt token); passed on where the base
+        # takes it
         cache = kwargs.get("past_key_values", kwargs.get("cache"))
         self.set_routing_inputs(input_ids, attention_mask, labels=labels, cache=cache)
+        if logits_to_keep is not None and (not isinstance(logits_to_keep, int) or logits_to_keep) \
+                and self.model._supports_logits_to_keep():
+            kwargs["logits_to_keep"] = logits_to_keep
         return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
 
     def decoder_forward(self, input_ids, attention_mask=None, prompt_length: int | None = None):
