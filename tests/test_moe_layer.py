@@ -677,6 +677,29 @@ def test_sequence_routing_decides_once_per_row_from_its_decision_tokens():
         layer(step)  # two rows, one decision kept
 
 
+def test_sequence_routing_top1_runs_each_rows_expert_mixed_or_agreeing():
+    """One expert per sequence: rows that chose different experts (rank-masked path) and rows that all agree
+    (only that expert's factors read) both give each row's expert MLP exactly, at prefill and while decoding."""
+    n, t = 3, 6
+    base, deltas = make_base(), make_deltas(n)
+    layer = MoEMLP(base, deltas, top_k=1, router_weight=router_w(n, scale=4.0), routing="sequence")
+    x = torch.cat([tokens(t, seed=s) for s in (3, 4, 5, 7, 8)])  # [5, T, H]
+    with torch.no_grad():
+        y = layer(x)
+    chosen = layer.sequence_decision.indices[:, 0].tolist()
+    assert len(set(chosen)) > 1 and layer.single_expert is None  # a mixed batch
+    for row, k in enumerate(chosen):
+        torch.testing.assert_close(y[row], mlp_with(expert_weights(base, deltas[k]), x[row]), **F64)
+    step = torch.cat([tokens(1, seed=s) for s in (10, 11, 12, 13, 14)])
+    layer.routing_inputs.continuing = True
+    keep = torch.tensor([row for row, k in enumerate(chosen) if k == chosen[0]])  # the rows that agree
+    layer.select_rows(keep)
+    with torch.no_grad():
+        y = layer(step[keep])
+    assert layer.single_expert == chosen[0]
+    torch.testing.assert_close(y, mlp_with(expert_weights(base, deltas[chosen[0]]), step[keep]), **F64)
+
+
 def test_token_routing_ignores_the_decision_mask():
     base, deltas, rw = make_base(), make_deltas(3), router_w(3)
     x = tokens(T_LARGE)

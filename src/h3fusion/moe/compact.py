@@ -6,7 +6,8 @@ Three compute paths with identical math:
   outside the top-k), A factors of all experts stacked into one matmul and B applied with ``bmm``.
 * one expert per token (top-1, e.g. sequence routing's one expert per prompt), on few tokens or without
   autograd (prefill included): the mask acts in rank space instead, so the call costs the base's three
-  matmuls plus thin rank-space ones and holds no per-expert [T, I] tensor.
+  matmuls plus thin rank-space ones and holds no per-expert [T, I] tensor; when every token runs the same
+  expert (sequence routing, rows that agree) only that expert's factors are read.
 * otherwise (prefill, training): a Mixtral-style loop over experts that touches only the tokens routed to
   each; it never materialises (N, T, I) tensors, and under autograd each expert's SwiGLU and down-rank
   activations go through ``routed_swiglu``, which keeps only g, u and the routing weights for backward.
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from h3fusion.moe.layer import STORAGES, MoEMLP, PreparedFactors
+from h3fusion.moe.layer import STORAGES, MoEMLP, PreparedFactors, held
 from h3fusion.moe.lowrank import PROJECTIONS, LowRankDelta, dropout_mask, dropped, rank_acts
 from h3fusion.moe.routed_swiglu import is_silu, routed_swiglu
 from h3fusion.moe.router import expert_groups
@@ -59,7 +60,7 @@ class CompactMoEMLP(MoEMLP):
         return self.delta_A[proj], self.delta_B[proj]
 
     def _factor_sources(self) -> list[Tensor]:
-        return [*self.delta_A.values(), *self.delta_B.values()]
+        return [*held(self.delta_A), *held(self.delta_B)]
 
     def _store_weight(self, k: int, proj: str) -> tuple[Tensor, torch.dtype]:
         base = getattr(self, proj).weight
@@ -78,6 +79,8 @@ class CompactMoEMLP(MoEMLP):
         # top-1 without autograd (inference, prefill included) or on few tokens: rank-space masking holds no
         # per-expert [T, I] tensor; training keeps the routed loop, whose backward stores less
         if top_i.shape[-1] == 1 and not self._dropout_p() and (small or not torch.is_grad_enabled()):
+            if self.single_expert is not None:  # every token runs the same expert (sequence routing's rows agree)
+                return self._mix_single_expert(x, top_w, self.single_expert)
             return self._mix_one_expert(x, top_w, top_i)
         if small:
             return self._mix_all_experts(x, top_w, top_i)
@@ -127,6 +130,27 @@ class CompactMoEMLP(MoEMLP):
         y = self.down_proj(h)
         if f.down is not None:
             y = torch.addmm(y, F.linear(h, f.down_A_flat).masked_fill_(f.down_owner != top_i, 0.0), f.down_B_flat)
+        return y
+
+    def _mix_single_expert(self, x: Tensor, top_w: Tensor, e: int) -> Tensor:
+        """Every token runs expert ``e`` alone (top-1): the base plus e's low-rank products, reading e's factors
+        only (decoding is memory-bound: the other experts' factors would be read for nothing)."""
+        f = self._prepared(x.dtype)
+        g = self.gate_proj(x)
+        u = self.up_proj(x)
+        if f.gate_up_A_by_expert is not None:
+            acts = F.linear(x, f.gate_up_A_by_expert[e])  # [T, Rg + Ru]
+            split = 0 if f.gate is None else f.gate.A.shape[1]
+            if f.gate is not None:
+                g = torch.addmm(g, acts[:, :split], f.gate.B[e].t())
+            if f.up is not None:
+                u = torch.addmm(u, acts[:, split:], f.up.B[e].t())
+        h = self.act_fn(g) * u
+        if torch.is_grad_enabled():  # top_w [T, 1] is exactly 1 after renormalisation: kept for the router's graph
+            h = h * top_w
+        y = self.down_proj(h)
+        if f.down is not None:
+            y = torch.addmm(y, F.linear(h, f.down.A[e]), f.down.B[e].t())
         return y
 
     def _mix_all_experts(self, x: Tensor, top_w: Tensor, top_i: Tensor) -> Tensor:

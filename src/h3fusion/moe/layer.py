@@ -66,6 +66,7 @@ class PreparedFactors(NamedTuple):
     gate_B_flat: Tensor | None  # [N·Rg, I]: every expert's gate B, stacked for one rank-space matmul
     up_B_flat: Tensor | None  # [N·Ru, I]
     gate_up_owner: Tensor | None  # [N·Rg + N·Ru]: the expert each column of x @ gate_up_A.T belongs to
+    gate_up_A_by_expert: Tensor | None  # [N, Rg + Ru, H]: expert k's gate then up A, for its rank acts alone
     down_A_flat: Tensor | None  # [N·Rd, I]
     down_owner: Tensor | None  # [N·Rd]: the expert each column of h @ down_A_flat.T belongs to
 
@@ -155,6 +156,9 @@ class MoEMLP(nn.Module):
         self.routing = routing
         self.routing_inputs = RoutingInputs()  # the model shares one object among its layers
         self._decision: Routing | None = None  # sequence routing: the current rows' decisions
+        self._decision_expert: int | None = None  # the one expert all those rows keep (top-1, all agree), if any
+        # the one expert every token of the current forward runs (from _decision_expert; None: look at the routing)
+        self.single_expert: int | None = None
         # sequence-shared routing: whether this layer takes the decision (the model's first layer) or follows
         # the one in routing_inputs.shared_decision; a layer on its own decides
         self.decides: bool = True
@@ -355,7 +359,7 @@ class MoEMLP(nn.Module):
         Cached while nothing needs autograd through them (inference), keyed on the identity, storage
         and version counter of every source parameter, so in-place updates and reloads invalidate it.
         """
-        sources = [*self.fusion_A.values(), *self.fusion_B.values(), *self._factor_sources()]
+        sources = [*held(self.fusion_A), *held(self.fusion_B), *self._factor_sources()]
         cacheable = not (torch.is_grad_enabled() and any(p.requires_grad for p in sources))
         key = (dtype, self.fusion_scale, tuple((id(p), p.data_ptr(), p._version) for p in sources))
         if cacheable and self._prep_cache is not None and self._prep_cache[0] == key:
@@ -372,6 +376,7 @@ class MoEMLP(nn.Module):
             gate_B_flat=_flat_b(g),
             up_B_flat=_flat_b(u),
             gate_up_owner=torch.cat(owners) if owners else None,
+            gate_up_A_by_expert=None if not gu else torch.cat([f.A for f in (g, u) if f is not None], dim=1),
             down_A_flat=None if d is None else d.A.reshape(-1, d.A.shape[-1]),
             down_owner=_owner(d),
         )
@@ -386,6 +391,7 @@ class MoEMLP(nn.Module):
         else:
             rows = hidden_states if hidden_states.dim() == 3 else hidden_states.unsqueeze(0)
             routing = per_token(self._sequence_decision(rows), rows.shape[1])
+        self.single_expert = None if self.routing == "token" else self._decision_expert
         self.router_probs = routing.probs if self.record_router_probs else None
         return routing
 
@@ -411,8 +417,18 @@ class MoEMLP(nn.Module):
             decision = route_sequences(rows, mask, self.router.weight, self.expert_bias, self.top_k)
             if self.routing == "sequence-shared":
                 inputs.shared_decision = decision
-        self._decision = Routing(*(t.detach() for t in decision))
+        self._keep_decision(Routing(*(t.detach() for t in decision)))
         return decision
+
+    def _keep_decision(self, decision: Routing) -> None:
+        """Keep the rows' decision for the decoding steps, noting the one expert they all run, if any (top-1:
+        the store can then read that expert's factors alone; one host sync per prompt, not per token)."""
+        self._decision = decision
+        self._decision_expert = None
+        if decision.indices.shape[-1] == 1 and decision.indices.numel():
+            first = int(decision.indices[0, 0])
+            if bool((decision.indices == first).all()):
+                self._decision_expert = first
 
     @property
     def sequence_decision(self) -> Routing | None:
@@ -422,7 +438,7 @@ class MoEMLP(nn.Module):
     def select_rows(self, rows: Tensor) -> None:
         """Keep only these batch rows' sequence-routing decisions (as the KV cache's ``batch_select_indices``)."""
         if self._decision is not None:
-            self._decision = Routing(*(t[rows.to(t.device)] for t in self._decision))
+            self._keep_decision(Routing(*(t[rows.to(t.device)] for t in self._decision)))
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         shape = hidden_states.shape
@@ -434,6 +450,13 @@ class MoEMLP(nn.Module):
 def _flat_b(f: LowRank | None) -> Tensor | None:
     """B [N, out, R] as one [N·R, out] matrix, rows in the order of the stacked rank activations."""
     return None if f is None else f.B.transpose(1, 2).reshape(-1, f.B.shape[1])
+
+
+def held(params: nn.ParameterDict) -> list[Tensor]:
+    """The parameters a ParameterDict holds now, read from its own table: ``.values()`` goes through
+    ``Module.__getattr__`` per entry, which at decode (every layer, every token) costs more than the thin
+    matmuls it guards; the table is what assignment and loading update, so nothing stale is read."""
+    return list(params._parameters.values())
 
 
 def _owner(f: LowRank | None) -> Tensor | None:
