@@ -34,6 +34,39 @@ def test_choice_logliks_match_full_sequences(tiny):
     assert got == pytest.approx(expected, abs=2e-3)
 
 
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory, tiny_llama_dir):
+    from tests.moe_fixtures import make_adapter
+
+    root = tmp_path_factory.mktemp("adapters")
+    return {name: make_adapter(tiny_llama_dir, root / name, seed=i) for i, name in enumerate(("a", "b", "c"))}
+
+
+@pytest.mark.parametrize("routing", ["sequence", "sequence-shared"])
+def test_choice_logliks_of_a_sequence_routed_moe(tiny_llama_dir, adapters, routing):
+    """The choice rows continue the cached context: each keeps the decision its context took (it failed: the
+    decision was held for one row while the step had one row per choice)."""
+    from h3fusion.moe.assemble import build_moe
+
+    model = build_moe(str(tiny_llama_dir), {k: str(v) for k, v in adapters.items()}, top_k=1, routing=routing, seed=4)
+    for layer in model.moe_layers():  # a router that tells contexts apart
+        with torch.no_grad():
+            layer.router.weight.mul_(50.0)
+    tokenizer = load_model(str(tiny_llama_dir))[1]
+    context = "### Instruction:\nWhat happens if you eat watermelon seeds?\n\n### Response:\n"
+    choices = ["Nothing happens.", "You grow watermelons in your stomach.", "No."]
+    got = choice_logliks(model, tokenizer, context, choices)
+    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+    expected = []
+    for choice in choices:  # teacher-forced, deciding from the context alone (the labels' ignored part)
+        cont = tokenizer(choice, add_special_tokens=False)["input_ids"]  # the context ends in a newline
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ctx + cont]), labels=torch.tensor([[-100] * len(ctx) + cont])).logits
+        logprobs = torch.log_softmax(logits[0].float(), dim=-1)
+        expected.append(sum(logprobs[len(ctx) + i - 1, t].item() for i, t in enumerate(cont)))
+    assert got == pytest.approx(expected, abs=2e-3)
+
+
 def test_mc_scores_definitions(tiny):
     model, tokenizer = tiny
     record = {"id": 0, "question": "Is the sky blue?",

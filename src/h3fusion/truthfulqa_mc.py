@@ -46,6 +46,8 @@ def choice_logliks(model, tokenizer, context: str, choices: Sequence[str],
     choice_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids in encoded], device=device)
     mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in encoded], device=device)
     cache.batch_repeat_interleave(len(choices))
+    if hasattr(model, "select_rows"):  # a sequence-routed MoE keeps each context row's decision for its choices
+        model.select_rows(torch.arange(copies, device=device).repeat_interleave(len(choices)))
     rows = choice_ids.repeat(copies, 1)
     attention = torch.cat([torch.ones(len(rows), context_ids.shape[1], dtype=mask.dtype, device=device),
                            mask.repeat(copies, 1)], 1)
