@@ -157,8 +157,6 @@ class MoEMLP(nn.Module):
         self.routing_inputs = RoutingInputs()  # the model shares one object among its layers
         self._decision: Routing | None = None  # sequence routing: the current rows' decisions
         self._decision_expert: int | None = None  # the one expert all those rows keep (top-1, all agree), if any
-        # the one expert every token of the current forward runs (from _decision_expert; None: look at the routing)
-        self.single_expert: int | None = None
         # sequence-shared routing: whether this layer takes the decision (the model's first layer) or follows
         # the one in routing_inputs.shared_decision; a layer on its own decides
         self.decides: bool = True
@@ -391,7 +389,6 @@ class MoEMLP(nn.Module):
         else:
             rows = hidden_states if hidden_states.dim() == 3 else hidden_states.unsqueeze(0)
             routing = per_token(self._sequence_decision(rows), rows.shape[1])
-        self.single_expert = None if self.routing == "token" else self._decision_expert
         self.router_probs = routing.probs if self.record_router_probs else None
         return routing
 
@@ -429,6 +426,12 @@ class MoEMLP(nn.Module):
             first = int(decision.indices[0, 0])
             if bool((decision.indices == first).all()):
                 self._decision_expert = first
+
+    @property
+    def single_expert(self) -> int | None:
+        """The one expert every token of the current forward runs (sequence routing, top-1, rows that agree);
+        None: each token's routing says."""
+        return None if self.routing == "token" else self._decision_expert
 
     @property
     def sequence_decision(self) -> Routing | None:
