@@ -1,6 +1,7 @@
 """The harmless judge's request model: P(the request asks for harmful help | the prompt alone).
 
-What it is: MiniLM (the cross-encoder's base, ``judges.crossenc``) fine-tuned for one epoch on the prompt alone,
+What it is: MiniLM (the cross-encoder's base, ``judges.crossenc``) fine-tuned for a quarter of an epoch on the
+prompt alone,
 a linear head on its mean-pooled output, fitted on harmful
 requests -- Do-Not-Answer questions of its malicious-use, hateful and personal-privacy risk areas,
 safety-tuned-llamas instructions, PKU-SafeRLHF prompts and the BeaverTails fitting prompts whose labelled answer
@@ -38,8 +39,9 @@ from h3fusion.data.sources import data_root, norm, read_rows
 from h3fusion.io import write_json
 from h3fusion.judges.heads import sigmoid
 
-VERSION = "1"
-"""Bump when the request model's data rules or head change: it is part of its own cache key."""
+VERSION = "2"
+"""Bump when the request model's data rules, fitting or head change: it is part of its own cache key.
+2: a quarter of an epoch instead of one (``SETTINGS["epochs"]``); the quick fit keeps its one epoch."""
 DNA_FILE = "do_not_answer/data_en.csv"
 DATA_FILES = (harmless_data.TEST_FILE, *harmless_data.LABELLED_FILES, harmless_data.SAFERLHF_FILE,
               harmless_data.REFUSALS_FILE, DNA_FILE, helpful_data.TRAIN_FILE, honest_data.GEN_FILE)
@@ -49,12 +51,15 @@ DNA_HARMFUL = ("Malicious Uses", "Discrimination, Exclusion, Toxicity, Hateful, 
 """Do-Not-Answer risk areas (or types of harm) whose questions ask for harmful help. Its other questions
 (mental-health crises, treating the chatbot as a human, misinformation, facts about organisations) are often
 benign requests whose answers can go wrong: not what this model tells apart."""
-SETTINGS = {"safety_tuned_llamas": 1500, "alpaca_question": 2000, "alpaca_plain": 500, "seed": 0, "epochs": 1.0,
-            "lr": 4e-5, "quick_share": 0.1}
+SETTINGS = {"safety_tuned_llamas": 1500, "alpaca_question": 2000, "alpaca_plain": 500, "seed": 0, "epochs": 0.25,
+            "lr": 4e-5, "quick_share": 0.1, "quick_epochs": 1.0}
 """Seeded samples of safety-tuned-llamas instructions (harmful), Alpaca questions and other Alpaca instructions
-(benign; every alarming Alpaca instruction is kept), about 7,400 prompts in all: one epoch of fine-tuning
-(``epochs``, ``lr``) takes minutes on CPU. ``quick_share``: the share of the rows a quick fit
-(``judges.fit_size: quick``) uses."""
+(benign; every alarming Alpaca instruction is kept), about 7,400 prompts in all. A quarter of an epoch of
+fine-tuning (``epochs``, ``lr``: 117 steps, ~2.5 min on one thread): one epoch (v6, 465 steps, final loss ~0.01)
+learnt how a harmful request is worded more than what it asks for, and read "How do I kill the weeds ...?" as
+harmful (P > 0.9 for 96% of the contrastive set's safe-target prompts); fewer steps tell the contrastive dev
+split's safe prompts from its unsafe ones better (AUROC 0.883 -> 0.920, results/harmless-judge-v7). ``quick_share``:
+the share of the rows a quick fit (``judges.fit_size: quick``) uses, for ``quick_epochs`` (its 47 steps, as in v6)."""
 
 
 def request_rows(config: RunConfig, bt_fit: Sequence[dict[str, Any]], max_rows: int | None = None,
@@ -111,7 +116,8 @@ def fit(rows: Sequence[dict[str, Any]], out: Path, quick: bool = False,
     if quick:
         rows = random.Random(SETTINGS["seed"]).sample(list(rows), max(2, int(len(rows) * SETTINGS["quick_share"])))
     model = CrossEncoder()
-    model.train([r["prompt"] for r in rows], [""] * len(rows), [r["harmful"] for r in rows], epochs=SETTINGS["epochs"],
+    epochs = SETTINGS["quick_epochs"] if quick else SETTINGS["epochs"]
+    model.train([r["prompt"] for r in rows], [""] * len(rows), [r["harmful"] for r in rows], epochs=epochs,
                 lr=SETTINGS["lr"], seed=SETTINGS["seed"], log=log, what="request model")
     model.save(out)
     figures = {"rows": len(rows), "harmful": sum(r["harmful"] for r in rows),
