@@ -165,6 +165,8 @@ class MoEMLP(nn.Module):
         self.decode_threshold = int(decode_threshold)
         self.top_k = top_k  # validated by the property
         self.record_router_probs: bool = True
+        # without autograd, a forward over more tokens than this mixes its experts slice by slice (same result)
+        self.inference_chunk_tokens: int = 16384
         self.router_probs: Tensor | None = None
         self.routing = routing
         self.routing_inputs = RoutingInputs()  # the model shares one object among its layers
@@ -476,7 +478,14 @@ class MoEMLP(nn.Module):
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
         routing = self._route(hidden_states)
-        return self._mix(x, routing.weights, routing.indices).reshape(shape)
+        chunk = self.inference_chunk_tokens
+        if torch.is_grad_enabled() or x.shape[0] <= chunk:
+            return self._mix(x, routing.weights, routing.indices).reshape(shape)
+        # inference over very many tokens at once (router init forwards every init prompt in one batch): the same
+        # per-token math in slices, so the [T, I] intermediates stay bounded (400 prompts per axis ran out of 24 GiB)
+        parts = [self._mix(x[s:s + chunk], routing.weights[s:s + chunk], routing.indices[s:s + chunk])
+                 for s in range(0, x.shape[0], chunk)]
+        return torch.cat(parts).reshape(shape)
 
 
 def _flat_b(f: LowRank | None) -> Tensor | None:
