@@ -115,10 +115,13 @@ def test_compact_dense_reference_agree_fp64(n, top_k, t):
         compact.decode_threshold = 0  # force the index-gather path (top-1 without autograd: rank-masked)
         y_gather = compact(x)
         y_dense = dense(x)
+        compact.decode_threshold = dense.inference_chunk_tokens = compact.inference_chunk_tokens = 3
+        y_chunked = compact(x)  # without autograd, many tokens mix slice by slice
+        y_dense_chunked = dense(x)
     with torch.enable_grad():  # under autograd above the threshold every top-k takes the index-gather loop
         y_gather_grad = compact(x).detach()
     assert y_compact.shape == x.shape
-    for y in (y_compact, y_batched, y_gather, y_gather_grad, y_dense):
+    for y in (y_compact, y_batched, y_gather, y_gather_grad, y_dense, y_chunked, y_dense_chunked):
         torch.testing.assert_close(y, ref, **F64)
     assert (ref - mlp_with(expert_weights(base, {}), x)).abs().max() > 1e-2  # the deltas matter
 

@@ -57,6 +57,19 @@ _DRIFT_EPS = 1e-12
 STORAGES: dict[str, type[MoEMLP]] = {}  # storage name -> its MoEMLP subclass (filled by compact.py, dense.py)
 
 
+class OneExpertFactors(NamedTuple):
+    """One expert's factors laid out for the single-expert path: contiguous row blocks of the stacked forms (views,
+    no copy), built once per cache. At decode a thin ``addmm`` with a transposed view of B costs about three times
+    one with a contiguous matrix, and indexing and transposing per call cost as much again."""
+
+    gate_up_A: Tensor | None  # [Rg + Ru, H]: its gate then up A
+    gate_rank: int  # Rg: where its up columns start in x @ gate_up_A.T
+    gate_Bt: Tensor | None  # [Rg, I]
+    up_Bt: Tensor | None  # [Ru, I]
+    down_A: Tensor | None  # [Rd, I]
+    down_Bt: Tensor | None  # [Rd, H]
+
+
 class PreparedFactors(NamedTuple):
     gate: LowRank | None
     up: LowRank | None
@@ -66,7 +79,7 @@ class PreparedFactors(NamedTuple):
     gate_B_flat: Tensor | None  # [N·Rg, I]: every expert's gate B, stacked for one rank-space matmul
     up_B_flat: Tensor | None  # [N·Ru, I]
     gate_up_owner: Tensor | None  # [N·Rg + N·Ru]: the expert each column of x @ gate_up_A.T belongs to
-    gate_up_A_by_expert: Tensor | None  # [N, Rg + Ru, H]: expert k's gate then up A, for its rank acts alone
+    by_expert: tuple[OneExpertFactors, ...]  # expert k's own factors, for a forward that runs k alone
     down_A_flat: Tensor | None  # [N·Rd, I]
     down_owner: Tensor | None  # [N·Rd]: the expert each column of h @ down_A_flat.T belongs to
 
@@ -152,6 +165,8 @@ class MoEMLP(nn.Module):
         self.decode_threshold = int(decode_threshold)
         self.top_k = top_k  # validated by the property
         self.record_router_probs: bool = True
+        # without autograd, a forward over more tokens than this mixes its experts slice by slice (same result)
+        self.inference_chunk_tokens: int = 16384
         self.router_probs: Tensor | None = None
         self.routing = routing
         self.routing_inputs = RoutingInputs()  # the model shares one object among its layers
@@ -365,16 +380,32 @@ class MoEMLP(nn.Module):
         g, u, d = (self._factors(p, dtype) for p in PROJECTIONS)
         gu = [f.A.reshape(-1, f.A.shape[-1]) for f in (g, u) if f is not None]
         owners = [_owner(f) for f in (g, u) if f is not None]
+        gate_B_flat, up_B_flat, down_B_flat = _flat_b(g), _flat_b(u), _flat_b(d)
+        gate_up_A_by_expert = None if not gu else torch.cat([f.A for f in (g, u) if f is not None], dim=1)
+
+        def rows(flat: Tensor | None, f: LowRank | None, k: int) -> Tensor | None:  # expert k's block of a flat B
+            return None if flat is None else flat[k * f.A.shape[1]:(k + 1) * f.A.shape[1]]
+
         prep = PreparedFactors(
             gate=g,
             up=u,
             down=d,
             gate_up_A=None if not gu else gu[0] if len(gu) == 1 else torch.cat(gu),
-            down_B_flat=_flat_b(d),
-            gate_B_flat=_flat_b(g),
-            up_B_flat=_flat_b(u),
+            down_B_flat=down_B_flat,
+            gate_B_flat=gate_B_flat,
+            up_B_flat=up_B_flat,
             gate_up_owner=torch.cat(owners) if owners else None,
-            gate_up_A_by_expert=None if not gu else torch.cat([f.A for f in (g, u) if f is not None], dim=1),
+            by_expert=tuple(
+                OneExpertFactors(
+                    gate_up_A=None if gate_up_A_by_expert is None else gate_up_A_by_expert[k],
+                    gate_rank=0 if g is None else g.A.shape[1],
+                    gate_Bt=rows(gate_B_flat, g, k),
+                    up_Bt=rows(up_B_flat, u, k),
+                    down_A=None if d is None else d.A[k],
+                    down_Bt=rows(down_B_flat, d, k),
+                )
+                for k in range(self.num_experts)
+            ),
             down_A_flat=None if d is None else d.A.reshape(-1, d.A.shape[-1]),
             down_owner=_owner(d),
         )
@@ -447,7 +478,14 @@ class MoEMLP(nn.Module):
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
         routing = self._route(hidden_states)
-        return self._mix(x, routing.weights, routing.indices).reshape(shape)
+        chunk = self.inference_chunk_tokens
+        if torch.is_grad_enabled() or x.shape[0] <= chunk:
+            return self._mix(x, routing.weights, routing.indices).reshape(shape)
+        # inference over very many tokens at once (router init forwards every init prompt in one batch): the same
+        # per-token math in slices, so the [T, I] intermediates stay bounded (400 prompts per axis ran out of 24 GiB)
+        parts = [self._mix(x[s:s + chunk], routing.weights[s:s + chunk], routing.indices[s:s + chunk])
+                 for s in range(0, x.shape[0], chunk)]
+        return torch.cat(parts).reshape(shape)
 
 
 def _flat_b(f: LowRank | None) -> Tensor | None:
