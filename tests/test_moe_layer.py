@@ -713,3 +713,61 @@ def test_token_routing_ignores_the_decision_mask():
         torch.testing.assert_close(told(x), plain(x), rtol=0, atol=0)
     with pytest.raises(ValueError, match="routing"):
         MoEMLP(base, deltas, routing="prompt")
+
+
+# ---------------------------------------------------------------------------------------------- decode fast paths
+@pytest.mark.parametrize("routing,top_k", [("token", 2), ("token", 1), ("sequence", 1)])
+def test_projections_with_hooks_still_run_as_modules(routing, top_k):
+    """The decode paths multiply by a plain nn.Linear's weight directly; a projection with hooks (offloading,
+    ZeRO-3 gathering) must still be called, and both give the same numbers."""
+    n = 3
+    base, deltas, rw = make_base(), make_deltas(n), router_w(n, scale=4.0)
+    plain = MoEMLP(base, deltas, top_k=top_k, router_weight=rw, routing=routing)
+    hooked = MoEMLP(copy.deepcopy(base), deltas, top_k=top_k, router_weight=rw, routing=routing)
+    calls = []
+    for p in PROJECTIONS:
+        getattr(hooked, p).register_forward_pre_hook(lambda m, args, p=p: calls.append(p))
+    for t in (1, T_SMALL, T_LARGE):
+        x = torch.cat([tokens(t, seed=s) for s in (3, 4)])  # [2, T, H]
+        with torch.no_grad():
+            torch.testing.assert_close(hooked(x), plain(x), rtol=0, atol=1e-12)
+            torch.testing.assert_close(plain(x), reference_rows(plain, base, deltas, x), **F64)
+        assert set(calls) == set(PROJECTIONS), t
+        calls.clear()
+    assert plain._prepared(torch.float64).base_t is not None and hooked._prepared(torch.float64).base_t is None
+
+
+def reference_rows(layer, base, deltas, x):
+    """Each row's routed mixture of expert MLPs, routed as ``layer`` routed it (token or sequence)."""
+    probs = layer.router_probs.view(*x.shape[:2], -1)
+    out = []
+    for row in range(x.shape[0]):
+        w, i = probs[row].topk(layer.top_k, dim=-1)
+        w = w / w.sum(dim=-1, keepdim=True)
+        out.append(torch.stack([sum(w[tok, j] * mlp_with(expert_weights(base, deltas[int(i[tok, j])]), x[row, tok])
+                                    for j in range(layer.top_k)) for tok in range(x.shape[1])]))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("routing", ["token", "sequence"])
+def test_decoding_steps_reuse_the_factors_their_prompt_prepared(routing):
+    """A step that continues a KV cache skips the factor cache's key check (at one token it costs as much as a
+    thin matmul): it reads what the prompt's forward prepared; the next prompt, and any forward under autograd,
+    sees the live factors."""
+    n = 3
+    base, deltas = make_base(), make_deltas(n)
+    layer = MoEMLP(base, deltas, top_k=1, router_weight=router_w(n, scale=4.0), routing=routing)
+    prompt, step = tokens(T_SMALL), tokens(1, seed=9)
+    with torch.no_grad():
+        layer(prompt)
+        layer.routing_inputs.continuing = True
+        y_step = layer(step)
+        layer.delta_B["gate_proj"].mul_(2.0)  # in place, mid-generation
+        torch.testing.assert_close(layer(step), y_step, rtol=0, atol=0)  # the prompt's factors
+    changed = layer(step)  # autograd on: live factors
+    assert not torch.allclose(changed, y_step)
+    layer.routing_inputs.continuing = False
+    with torch.no_grad():
+        layer(prompt)  # a new prompt validates again
+        layer.routing_inputs.continuing = True
+        torch.testing.assert_close(layer(step), changed.detach(), **F64)

@@ -60,7 +60,14 @@ class CompactMoEMLP(MoEMLP):
         return self.delta_A[proj], self.delta_B[proj]
 
     def _factor_sources(self) -> list[Tensor]:
-        return [*held(self.delta_A), *held(self.delta_B)]
+        return [*held(self.delta_A), *held(self.delta_B), *(getattr(self, p).weight for p in PROJECTIONS)]
+
+    def _base_transposed(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        projs = [getattr(self, p) for p in PROJECTIONS]
+        # a module with hooks (offloading, ZeRO-3 gathering) or of another type must run as itself
+        if any(type(m) is not nn.Linear or m._forward_hooks or m._forward_pre_hooks for m in projs):
+            return None
+        return tuple(m.weight.t() for m in projs)
 
     def _store_weight(self, k: int, proj: str) -> tuple[Tensor, torch.dtype]:
         base = getattr(self, proj).weight
@@ -115,50 +122,48 @@ class CompactMoEMLP(MoEMLP):
         base. Few ops on purpose: at decode each costs about as much as the thin matmuls themselves.
         """
         f = self._prepared(x.dtype)
-        g = self.gate_proj(x)
-        u = self.up_proj(x)
-        if f.gate_up_A is not None:  # [T, N·Rg + N·Ru], zero outside each token's expert
+        wt = f.base_t or (None, None, None)
+        if f.gate_up_A is None:
+            g, u = project(self.gate_proj, wt[0], x), project(self.up_proj, wt[1], x)
+        else:  # [T, N·Rg + N·Ru], zero outside each token's expert
             acts = F.linear(x, f.gate_up_A).masked_fill_(f.gate_up_owner != top_i, 0.0)
             split = 0 if f.gate is None else f.gate_B_flat.shape[0]
-            if f.gate is not None:
-                g = torch.addmm(g, acts[:, :split], f.gate_B_flat)
-            if f.up is not None:
-                u = torch.addmm(u, acts[:, split:], f.up_B_flat)
+            g = project(self.gate_proj, wt[0], x, acts[:, :split], f.gate_B_flat)
+            u = project(self.up_proj, wt[1], x, acts[:, split:], f.up_B_flat)
         h = self.act_fn(g) * u
         if torch.is_grad_enabled():  # top_w [T, 1] is exactly 1 after renormalisation: kept for the router's graph
             h = h * top_w
-        y = self.down_proj(h)
-        if f.down is not None:
-            y = torch.addmm(y, F.linear(h, f.down_A_flat).masked_fill_(f.down_owner != top_i, 0.0), f.down_B_flat)
-        return y
+        if f.down is None:
+            return project(self.down_proj, wt[2], h)
+        return project(self.down_proj, wt[2], h,
+                       F.linear(h, f.down_A_flat).masked_fill_(f.down_owner != top_i, 0.0), f.down_B_flat)
 
     def _mix_single_expert(self, x: Tensor, top_w: Tensor, e: int) -> Tensor:
         """Every token runs expert ``e`` alone (top-1): the base plus e's low-rank products, reading e's factors
         only (decoding is memory-bound: the other experts' factors would be read for nothing)."""
-        ef = self._prepared(x.dtype).by_expert[e]
-        g = self.gate_proj(x)
-        u = self.up_proj(x)
-        if ef.gate_up_A is not None:
+        f = self._prepared(x.dtype)
+        ef, wt = f.by_expert[e], f.base_t or (None, None, None)
+        if ef.gate_up_A is None:
+            g, u = project(self.gate_proj, wt[0], x), project(self.up_proj, wt[1], x)
+        else:
             acts = F.linear(x, ef.gate_up_A)  # [T, Rg + Ru]
-            if ef.gate_Bt is not None:
-                g = torch.addmm(g, acts[:, :ef.gate_rank], ef.gate_Bt)
-            if ef.up_Bt is not None:
-                u = torch.addmm(u, acts[:, ef.gate_rank:], ef.up_Bt)
+            g = project(self.gate_proj, wt[0], x, acts[:, :ef.gate_rank], ef.gate_Bt)
+            u = project(self.up_proj, wt[1], x, acts[:, ef.gate_rank:], ef.up_Bt)
         h = self.act_fn(g) * u
         if torch.is_grad_enabled():  # top_w [T, 1] is exactly 1 after renormalisation: kept for the router's graph
             h = h * top_w
-        y = self.down_proj(h)
-        if ef.down_A is not None:
-            y = torch.addmm(y, F.linear(h, ef.down_A), ef.down_Bt)
-        return y
+        if ef.down_A is None:
+            return project(self.down_proj, wt[2], h)
+        return project(self.down_proj, wt[2], h, F.linear(h, ef.down_A), ef.down_Bt)
 
     def _mix_all_experts(self, x: Tensor, top_w: Tensor, top_i: Tensor) -> Tensor:
         """All experts on every token, masked by dense routing weights (decode path)."""
         t, n = x.shape[0], self.num_experts
         w = torch.zeros(t, n, dtype=x.dtype, device=x.device).scatter(1, top_i, top_w)  # [T, N]
         f = self._prepared(x.dtype)
-        g = self.gate_proj(x).unsqueeze(0)  # [1, T, I], once for all experts
-        u = self.up_proj(x).unsqueeze(0)
+        wt = f.base_t or (None, None, None)
+        g = project(self.gate_proj, wt[0], x).unsqueeze(0)  # [1, T, I], once for all experts
+        u = project(self.up_proj, wt[1], x).unsqueeze(0)
         ag, au = self._gate_up_acts(x, f)
         # B^T as [N, R, I] views of the contiguous flat forms: bmm with a transposed view of B costs ~2.5x at decode
         if ag is not None:
@@ -166,7 +171,7 @@ class CompactMoEMLP(MoEMLP):
         if au is not None:
             u = u + torch.bmm(au.transpose(0, 1), f.up_B_flat.view(n, -1, f.up_B_flat.shape[-1]))
         hp = self.act_fn(g) * u * w.t().unsqueeze(-1)  # [N, T, I], p_k h_k (0 outside top-k)
-        y = self.down_proj(hp.sum(dim=0))
+        y = project(self.down_proj, wt[2], hp.sum(dim=0))
         if f.down is not None:
             ad = rank_acts(hp, f.down.A, f.down.n_fusion, lambda h, a: torch.bmm(h, a.transpose(1, 2)),
                            self._dropped(hp))
@@ -216,3 +221,16 @@ class CompactMoEMLP(MoEMLP):
 
 
 STORAGES["compact"] = CompactMoEMLP
+
+
+def project(proj: nn.Module, weight_t: Tensor | None, x: Tensor, acts: Tensor | None = None,
+            b_t: Tensor | None = None) -> Tensor:
+    """``proj(x) [+ acts @ b_t]``: a base projection, plus a low-rank product already in rank space if given.
+
+    With the weight's transpose at hand (a plain ``nn.Linear``, see ``_base_transposed``) this is one ``mm`` or
+    one ``addmm`` whose input is the thin product: at one token on CPU, calling the module (``linear`` then
+    ``matmul``, a transpose, ``mm``) and adding costs ~10 us more per projection, as much as the low-rank work."""
+    if b_t is None:
+        return proj(x) if weight_t is None else torch.mm(x, weight_t)
+    delta = torch.mm(acts, b_t)
+    return proj(x).add_(delta) if weight_t is None else torch.addmm(delta, x, weight_t)

@@ -34,7 +34,9 @@ experts that touches only the tokens routed to each, which never materialises (N
 The base gate and up run as two matmuls over all tokens (fusing them would need a concatenated copy of
 W_g and W_u, i.e. the base held twice).
 At inference (no autograd through the factors) the activation-dtype casts and stacked forms of the
-factors are cached, keyed on each source parameter's identity, storage and version counter.
+factors are cached, keyed on each source parameter's identity, storage and version counter; a decoding
+step that continues a KV cache reuses what its prompt's forward validated without checking the key again
+(at one token the check costs as much as a thin matmul).
 
 Fusion-stage LoRA (``add_fusion_lora``) puts a trainable pair ``(A'_k, B'_k)`` on each expert's
 gate/up/down, so ``W_pk = W_p + s_k B_pk A_pk + (alpha'/r')·B'_pk A'_pk``; ``drift_norms`` gives the
@@ -82,6 +84,7 @@ class PreparedFactors(NamedTuple):
     by_expert: tuple[OneExpertFactors, ...]  # expert k's own factors, for a forward that runs k alone
     down_A_flat: Tensor | None  # [N·Rd, I]
     down_owner: Tensor | None  # [N·Rd]: the expert each column of h @ down_A_flat.T belongs to
+    base_t: tuple[Tensor, Tensor, Tensor] | None  # W_g^T, W_u^T, W_d^T (views) when the store may bypass the modules
 
 
 class MoEMLP(nn.Module):
@@ -201,6 +204,8 @@ class MoEMLP(nn.Module):
         self.fusion_scale: float | None = None
         self.fusion_dropout: float = 0.0  # drop probability of the fusion LoRA's inputs while training
         self._prep_cache: tuple[tuple, PreparedFactors] | None = None
+        # what the latest validated no-grad forward prepared: decoding steps that continue its KV cache reuse it
+        self._decode_prep: tuple[torch.dtype, PreparedFactors] | None = None
 
     # ------------------------------------------------------------------ the expert store's interface
     def _init_store(self, base_mlp: nn.Module, deltas: list[dict[str, LowRankDelta]],
@@ -215,6 +220,11 @@ class MoEMLP(nn.Module):
     def _factor_sources(self) -> list[Tensor]:
         """The store's parameters the factor cache depends on."""
         return []
+
+    def _base_transposed(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        """The shared base projections' weights transposed (views), for a store whose compute paths may call
+        ``addmm`` on them instead of the modules; None: call the modules."""
+        return None
 
     def _store_weight(self, k: int, proj: str) -> tuple[Tensor, torch.dtype]:
         """Expert k's stored weight on ``proj`` in ``param_dtype`` (no fusion LoRA), and the base's dtype."""
@@ -372,11 +382,16 @@ class MoEMLP(nn.Module):
         Cached while nothing needs autograd through them (inference), keyed on the identity, storage
         and version counter of every source parameter, so in-place updates and reloads invalidate it.
         """
+        kept = self._decode_prep
+        if kept is not None and kept[0] is dtype and self.routing_inputs.continuing and not torch.is_grad_enabled():
+            return kept[1]  # nothing changes the factors between the steps of one generation
         sources = [*held(self.fusion_A), *held(self.fusion_B), *self._factor_sources()]
         cacheable = not (torch.is_grad_enabled() and any(p.requires_grad for p in sources))
         key = (dtype, self.fusion_scale, tuple((id(p), p.data_ptr(), p._version) for p in sources))
         if cacheable and self._prep_cache is not None and self._prep_cache[0] == key:
-            return self._prep_cache[1]
+            prep = self._prep_cache[1]
+            self._decode_prep = (dtype, prep) if not torch.is_grad_enabled() else None
+            return prep
         g, u, d = (self._factors(p, dtype) for p in PROJECTIONS)
         gu = [f.A.reshape(-1, f.A.shape[-1]) for f in (g, u) if f is not None]
         owners = [_owner(f) for f in (g, u) if f is not None]
@@ -408,8 +423,10 @@ class MoEMLP(nn.Module):
             ),
             down_A_flat=None if d is None else d.A.reshape(-1, d.A.shape[-1]),
             down_owner=_owner(d),
+            base_t=self._base_transposed(),
         )
         self._prep_cache = (key, prep) if cacheable else None
+        self._decode_prep = (dtype, prep) if cacheable and not torch.is_grad_enabled() else None
         return prep
 
     def _route(self, hidden_states: Tensor) -> Routing:
