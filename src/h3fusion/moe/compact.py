@@ -41,6 +41,7 @@ class CompactMoEMLP(MoEMLP):
             setattr(self, p, getattr(base_mlp, p))  # same module, same Parameter: held once
         self.delta_A = nn.ParameterDict()
         self.delta_B = nn.ParameterDict()
+        self._rank_mask_cache: tuple | None = None  # (indices, factors, gate/up mask, down mask): see _rank_masks
         for p in PROJECTIONS:
             out_f, in_f = shapes[p]
             rank = max((d[p].A.shape[0] for d in deltas if p in d), default=0)
@@ -123,10 +124,11 @@ class CompactMoEMLP(MoEMLP):
         """
         f = self._prepared(x.dtype)
         wt = f.base_t or (None, None, None)
+        gate_up_off, down_off = self._rank_masks(f, top_i)
         if f.gate_up_A is None:
             g, u = project(self.gate_proj, wt[0], x), project(self.up_proj, wt[1], x)
         else:  # [T, N·Rg + N·Ru], zero outside each token's expert
-            acts = F.linear(x, f.gate_up_A).masked_fill_(f.gate_up_owner != top_i, 0.0)
+            acts = F.linear(x, f.gate_up_A).masked_fill_(gate_up_off, 0.0)
             split = 0 if f.gate is None else f.gate_B_flat.shape[0]
             g = project(self.gate_proj, wt[0], x, acts[:, :split], f.gate_B_flat)
             u = project(self.up_proj, wt[1], x, acts[:, split:], f.up_B_flat)
@@ -135,8 +137,18 @@ class CompactMoEMLP(MoEMLP):
             h = h * top_w
         if f.down is None:
             return project(self.down_proj, wt[2], h)
-        return project(self.down_proj, wt[2], h,
-                       F.linear(h, f.down_A_flat).masked_fill_(f.down_owner != top_i, 0.0), f.down_B_flat)
+        return project(self.down_proj, wt[2], h, F.linear(h, f.down_A_flat).masked_fill_(down_off, 0.0), f.down_B_flat)
+
+    def _rank_masks(self, f: PreparedFactors, top_i: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """Which rank columns each token must zero (not its expert's), for gate/up and for down. Sequence
+        routing's decoding steps pass the same kept indices every step: the masks are built once per decision."""
+        kept = self._rank_mask_cache
+        if kept is not None and kept[0] is top_i and kept[1] is f:
+            return kept[2], kept[3]
+        masks = (None if f.gate_up_owner is None else f.gate_up_owner != top_i,
+                 None if f.down_owner is None else f.down_owner != top_i)
+        self._rank_mask_cache = (top_i, f, *masks)
+        return masks
 
     def _mix_single_expert(self, x: Tensor, top_w: Tensor, e: int) -> Tensor:
         """Every token runs expert ``e`` alone (top-1): the base plus e's low-rank products, reading e's factors
@@ -228,9 +240,9 @@ def project(proj: nn.Module, weight_t: Tensor | None, x: Tensor, acts: Tensor | 
     """``proj(x) [+ acts @ b_t]``: a base projection, plus a low-rank product already in rank space if given.
 
     With the weight's transpose at hand (a plain ``nn.Linear``, see ``_base_transposed``) this is one ``mm`` or
-    one ``addmm`` whose input is the thin product: at one token on CPU, calling the module (``linear`` then
+    one in-place ``addmm`` into the thin product: at one token on CPU, calling the module (``linear`` then
     ``matmul``, a transpose, ``mm``) and adding costs ~10 us more per projection, as much as the low-rank work."""
     if b_t is None:
         return proj(x) if weight_t is None else torch.mm(x, weight_t)
     delta = torch.mm(acts, b_t)
-    return proj(x).add_(delta) if weight_t is None else torch.addmm(delta, x, weight_t)
+    return proj(x).add_(delta) if weight_t is None else delta.addmm_(x, weight_t)  # in place: no copy of delta

@@ -494,6 +494,12 @@ class MoEMLP(nn.Module):
     def forward(self, hidden_states: Tensor) -> Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
+        kept = self._decision
+        if kept is not None and shape[-2] == 1 and self.routing_inputs.continuing and not torch.is_grad_enabled() \
+                and self.routing != "token" and kept.indices.shape[0] == x.shape[0]:
+            # a decoding step under sequence routing: every row keeps its decision (no routing work per token)
+            self.router_probs = kept.probs if self.record_router_probs else None
+            return self._mix(x, kept.weights, kept.indices).reshape(shape)
         routing = self._route(hidden_states)
         chunk = self.inference_chunk_tokens
         if torch.is_grad_enabled() or x.shape[0] <= chunk:
