@@ -724,6 +724,8 @@ def test_projections_with_hooks_still_run_as_modules(routing, top_k):
     base, deltas, rw = make_base(), make_deltas(n), router_w(n, scale=4.0)
     plain = MoEMLP(base, deltas, top_k=top_k, router_weight=rw, routing=routing)
     hooked = MoEMLP(copy.deepcopy(base), deltas, top_k=top_k, router_weight=rw, routing=routing)
+    with torch.no_grad():
+        hooked(tokens(1))  # factors prepared before the hooks exist: hooks added later must still run
     calls = []
     for p in PROJECTIONS:
         getattr(hooked, p).register_forward_pre_hook(lambda m, args, p=p: calls.append(p))

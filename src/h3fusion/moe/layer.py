@@ -389,7 +389,9 @@ class MoEMLP(nn.Module):
         cacheable = not (torch.is_grad_enabled() and any(p.requires_grad for p in sources))
         key = (dtype, self.fusion_scale, tuple((id(p), p.data_ptr(), p._version) for p in sources))
         if cacheable and self._prep_cache is not None and self._prep_cache[0] == key:
-            prep = self._prep_cache[1]
+            # the base's projections may have gained hooks since (offloading set up after a first forward)
+            prep = self._prep_cache[1]._replace(base_t=self._base_transposed())
+            self._prep_cache = (key, prep)
             self._decode_prep = (dtype, prep) if not torch.is_grad_enabled() else None
             return prep
         g, u, d = (self._factors(p, dtype) for p in PROJECTIONS)
