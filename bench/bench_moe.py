@@ -98,20 +98,23 @@ def timed(fn: Callable, device: str):
     return result, time.perf_counter() - start
 
 
-def alternating(variants: dict[str, Callable[[], float]], repeats: int, warmups: dict[str, Callable] | None = None
-                ) -> dict[str, list[float]]:
+def alternating(variants: dict[str, Callable[[], float]], repeats: int, warmups: dict[str, Callable] | None = None,
+                caps: dict[str, int] | None = None) -> dict[str, list[float]]:
     """Warm up every variant, then run all in alternating order (reversed on odd repeats).
 
-    Each callable returns its own measured seconds; returns the samples per variant."""
+    ``caps``: at most this many repeats for a slow variant (X-LoRA), which then sits out the later ones; its
+    samples pair with the others' first ones (``paired``). Each callable returns its own measured seconds;
+    returns the samples per variant."""
     for name, fn in (warmups or variants).items():
         fn()
         log(f"  warm-up {name} done")
     samples: dict[str, list[float]] = {name: [] for name in variants}
     names = list(variants)
     for rep in range(repeats):
-        for name in names if rep % 2 == 0 else names[::-1]:
+        ran = [n for n in (names if rep % 2 == 0 else names[::-1]) if rep < (caps or {}).get(n, repeats)]
+        for name in ran:
             samples[name].append(variants[name]())
-        log(f"  repeat {rep + 1}/{repeats}: " + ", ".join(f"{n} {samples[n][-1]:.2f}s" for n in names))
+        log(f"  repeat {rep + 1}/{repeats}: " + ", ".join(f"{n} {samples[n][-1]:.2f}s" for n in names if n in ran))
     return samples
 
 
@@ -204,7 +207,8 @@ def section_generation(models: dict, tokenizer, args) -> dict:
             return lambda: timed(lambda: greedy(model, inputs, tokens, pad), args.device)[1]
 
         samples = alternating({name: runner(m) for name, m in models.items()}, args.gen_repeats,
-                              warmups={name: runner(m, 8) for name, m in models.items()})
+                              warmups={name: runner(m, 8) for name, m in models.items()},
+                              caps={"xlora": args.xlora_repeats})
         result[f"b{batch}"] = {
             name: {"tok_s": batch * GEN_TOKENS / median(s), "seconds": s} for name, s in samples.items()
         }
@@ -448,8 +452,9 @@ def check(name: str, value: float) -> str:
 
 
 def paired(numerators: list[float], denominators: list[float]) -> float:
-    """Median over repeats of numerator/denominator (the two ran next to each other in every repeat)."""
-    return median([a / b for a, b in zip(numerators, denominators, strict=True)])
+    """Median over repeats of numerator/denominator (the two ran next to each other in every repeat; a capped
+    variant's samples pair with the other's first ones, the repeats both ran)."""
+    return median([a / b for a, b in zip(numerators, denominators, strict=False)])
 
 
 # how param_counts reads each variant: X-LoRA runs every adapter (and, in its scaling pass, the base once more)
@@ -527,7 +532,7 @@ def table(results: dict) -> str:
 # ---------------------------------------------------------------------------- main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats: 3 per timing, 1 for the evaluator (36 minutes on the loaded 2-core box, "
+    parser.add_argument("--quick", action="store_true", help="fewer repeats: 7 per generation timing (X-LoRA 3), 3 per training timing, 1 for the evaluator (36 minutes on the loaded 2-core box, "
                         "most of it X-LoRA's batch-8 generations; 9 minutes idle before X-LoRA joined)")
     parser.add_argument("--out", default="results/bench.json")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -543,13 +548,16 @@ def main() -> None:
                         help="only generation speed, parameters and generation peak memory (of --variants)")
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help=f"comma-separated generation variants (default: all of {', '.join(VARIANTS)})")
-    parser.add_argument("--gen-repeats", type=int, help="generation repeats (default: 3 with --quick, else 5)")
+    parser.add_argument("--gen-repeats", type=int, help="generation repeats (default: 7 with --quick, else 9); a "
+                        "32-token run at batch 1 lasts ~2 s, and on a shared VM one repeat's ratio moves by +-0.05")
+    parser.add_argument("--xlora-repeats", type=int, default=3,
+                        help="at most this many of the generation repeats for X-LoRA (one batch-8 run: ~90 s)")
     args = parser.parse_args()
     if args.report:
         print(table(json.loads(Path(args.report).read_text())))
         return
     args.torch_dtype = getattr(torch, args.dtype)
-    args.gen_repeats = args.gen_repeats or (3 if args.quick else 5)
+    args.gen_repeats = args.gen_repeats or (7 if args.quick else 9)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = sorted(set(args.variants) - set(VARIANTS))
     if unknown or not args.variants:
@@ -561,7 +569,7 @@ def main() -> None:
     args.eval_prompts = 32  # per axis: 16 did not fill the evaluator's batch of 32 and understated its gain
     args.build_repeats = 1 if args.quick else 2
     if args.smoke:
-        args.gen_repeats = args.train_repeats = args.eval_repeats = args.build_repeats = 1
+        args.gen_repeats = args.xlora_repeats = args.train_repeats = args.eval_repeats = args.build_repeats = 1
         args.eval_prompts = 4
 
     from transformers.utils import logging as hf_logging
