@@ -2,7 +2,8 @@
 
 Measured on the real SmolLM2 (about 540 MB of fp32 weights), so that one leaked model copy is far
 above the RSS noise: the peak RSS of answering with six systems in one process must stay within
-half a model of the peak with one system.
+half a model of the peak of the heaviest of them alone, the logit ensemble (its three adapters' logits
+take ~160 MiB more than one expert; measured against an expert, CI's allocator noise once sat at the edge).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def test_many_systems_keep_one_model_resident(tmp_path, smollm2_dir, data_dir):
     adapters = {axis: str(make_adapter(smollm2_dir, tmp_path / "adapters" / axis, seed=k + 1, r=8, alpha=16.0))
                 for k, axis in enumerate(["helpful", "harmless", "honest"])}
     peaks = {}
-    for label, systems in (("one", SYSTEMS[1:2]), ("all", SYSTEMS)):
+    for label, systems in (("one", ["ensemble-logits"]), ("all", SYSTEMS)):
         (tmp_path / label).mkdir()
         path = write_config(tmp_path / label / "c.yaml", model={"base": str(smollm2_dir)}, data={"dir": str(data_dir)},
                             moe={"adapters": adapters}, evaluate=EVALUATED,

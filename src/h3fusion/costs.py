@@ -3,14 +3,17 @@
 Shared by the report's cost columns (recorded per system by ``generate``) and the benchmark.
 On CPU, peak memory is the peak RSS above the level at entry: the kernel's own peak mark (VmHWM, reset
 at entry through /proc/self/clear_refs), which sees an allocation however briefly it lived, and where
-that is unavailable the maximum a sampling thread saw; on CUDA it is the torch allocator's peak above
+that is unavailable (some sandboxes refuse the reset or keep the mark still: a probe checks once) the
+maximum a sampling thread saw; on CUDA it is the torch allocator's peak above
 the allocation at entry.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
+import mmap
 import os
 import threading
 
@@ -50,6 +53,26 @@ def _peak_rss_bytes() -> int:
     return 0
 
 
+@functools.cache
+def kernel_peak_mark_works() -> bool:
+    """Whether the kernel's peak-RSS mark can be reset here and then rises with a short-lived allocation.
+
+    Checked once on an 8 MiB anonymous mapping, touched page by page and unmapped: the mark must rise by
+    it, and a second reset must bring the mark back down. Where either fails, ``PeakMemory`` samples.
+    """
+    size = 8 << 20
+    if not _reset_peak_rss():
+        return False
+    base = rss_bytes()
+    block = mmap.mmap(-1, size)
+    for offset in range(0, size, mmap.PAGESIZE):
+        block[offset] = 1
+    block.close()
+    rises = _peak_rss_bytes() >= base + 0.9 * size
+    resets = _reset_peak_rss() and _peak_rss_bytes() < base + size / 2
+    return rises and resets
+
+
 def release_freed_memory_to_os() -> None:
     """Serve >= 64 KiB allocations by mmap (glibc) so freed tensors leave RSS; for memory measurements."""
     global _LIBC
@@ -62,11 +85,17 @@ def release_freed_memory_to_os() -> None:
 
 
 class PeakMemory:
-    """Context manager: ``peak`` and ``end`` bytes above the level at entry."""
+    """Context manager: ``peak`` and ``end`` bytes above the level at entry.
+
+    ``exact`` says whether the peak comes from a mark that sees every allocation (the CUDA allocator's, the
+    kernel's) or only from the sampling thread, which misses one shorter than its interval or one made while
+    the thread could not take the GIL.
+    """
 
     def __init__(self, device: str = "cpu", interval: float = 0.002):
         self.device, self.interval = device, interval
         self.start = self.peak = self.end = 0
+        self.exact = device == "cuda"
 
     def __enter__(self):
         gc.collect()
@@ -79,7 +108,7 @@ class PeakMemory:
             _LIBC.malloc_trim(0)
         # The sampler stays beside the kernel's mark: a nested PeakMemory resets the mark, and a
         # sample between the two entries keeps what the outer one had seen.
-        self._kernel_peak = _reset_peak_rss()
+        self.exact = kernel_peak_mark_works() and _reset_peak_rss()
         self.start = self._max = rss_bytes()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -99,7 +128,7 @@ class PeakMemory:
         self._stop.set()
         self._thread.join()
         now = rss_bytes()
-        kernel_peak = _peak_rss_bytes() if self._kernel_peak else 0
+        kernel_peak = _peak_rss_bytes() if self.exact else 0
         self.peak = max(self._max, kernel_peak, now) - self.start
         self.end = now - self.start
 
