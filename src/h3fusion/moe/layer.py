@@ -500,7 +500,9 @@ class MoEMLP(nn.Module):
         if kept is not None and shape[-2] == 1 and self.routing_inputs.continuing and not torch.is_grad_enabled() \
                 and self.routing != "token" and kept.indices.shape[0] == x.shape[0]:
             # a decoding step under sequence routing: every row keeps its decision (no routing work per token)
-            self.router_probs = kept.probs if self.record_router_probs else None
+            probs = kept.probs if self.record_router_probs else None
+            if self.router_probs is not probs:  # nn.Module's __setattr__ costs ~1 us a layer a token
+                self.router_probs = probs
             return self._mix(x, kept.weights, kept.indices).reshape(shape)
         routing = self._route(hidden_states)
         chunk = self.inference_chunk_tokens
