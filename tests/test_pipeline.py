@@ -14,6 +14,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from h3fusion.costs import kernel_peak_mark_works
 from h3fusion.io import read_jsonl
 from tests.conftest import EVALUATED, SMALL_JUDGES, run_and_kill_at, write_config
 
@@ -73,6 +74,8 @@ def test_run_all_stages_then_skip(uninterrupted):
     table = [line for line in report.splitlines() if line.startswith("| ")]
     assert any(line.startswith("| **h3fusion** |") for line in table)
     assert any(line.startswith("| ensemble-rerank |") for line in table)
+    memory = [line.rsplit("|", 2)[1].strip() for line in table if line.endswith(" MiB |")]  # the cost table's column
+    assert memory and all(cell.startswith("≥ ") != kernel_peak_mark_works() for cell in memory), memory
     for plot in ["axes.png", "hhh.png", "training_curves.png", "routing_heatmap.png"]:
         assert (run / "plots" / plot).stat().st_size > 1000 and f"plots/{plot}" in report
     card = (run / "fused" / "README.md").read_text()
@@ -353,6 +356,7 @@ def test_generate_finishes_an_axis_killed_between_its_answers_and_its_routing(tm
     stats = json.loads((out / "stats.json").read_text())
     assert stats["honest"]["prompts"] == 0 and stats["honest"]["resumed_after"] == 4
     assert stats["cost"]["total"] > 0 and stats["cost"]["peak_memory_bytes"] > 0
+    assert stats["cost"]["peak_memory_exact"] == kernel_peak_mark_works()
 
 
 def test_ablation_table_groups_rows_under_their_own_base_run(tmp_path):

@@ -146,7 +146,8 @@ def generate_system(config, system: str, axes: Sequence[str] | None = None, log=
         with PeakMemory(interval=0.05) as memory:  # weights + generation: the report's memory column
             model, tokenizer = load_system(config, system)
             _generate_axes(config, system, model, tokenizer, todo, stats, need_mc, log)
-        stats["cost"] = {**system_param_counts(model), "peak_memory_bytes": memory.peak}
+        stats["cost"] = {**system_param_counts(model), "peak_memory_bytes": memory.peak,
+                         "peak_memory_exact": memory.exact}
         write_json(stats_path, stats)
     return stats
 

@@ -106,8 +106,9 @@ def _cost_table(run: runs.Run, systems: list[str], experts: list[str]) -> list[s
         seconds = sum(v.get("seconds", 0) for v in stats.values() if isinstance(v, dict) and "new_tokens" in v)
         speed = f"{tokens / seconds:.1f}" if seconds else "—"
         if cost:
+            at_least = "≥ " if cost.get("peak_memory_exact") is False else ""  # sampled: a brief peak may be missed
             lines.append(f"| {name} | {cost['total'] / 1e6:.1f} M | {cost['active_per_token'] / 1e6:.1f} M | {speed} | "
-                         f"{cost['peak_memory_bytes'] / 2**20:.0f} MiB |")
+                         f"{at_least}{cost['peak_memory_bytes'] / 2**20:.0f} MiB |")
         elif name == "ensemble-rerank":
             lines.append(f"| {name} | {len(experts)} experts' | {len(experts)} generations + judge calls | — | — |")
         elif name == ORACLE:
@@ -312,7 +313,8 @@ def write_report(config: RunConfig, log=print) -> Path:
     lines += ["## Cost", "", *_cost_table(run, list(systems), list(config.experts)), "",
               "Parameters: unique weights resident; active / token: weights a generated token runs through (the logit "
               "ensemble runs the base once per expert). Peak memory: peak RSS above the level before loading, while "
-              "generating.", ""]
+              "generating (≥: sampled every 50 ms where the kernel's peak-RSS mark could not be reset, so a briefer "
+              "peak may be missing).", ""]
     if "training" in plots or "routing" in plots:
         lines += ["## Training and routing", ""]
         lines += [f"![{key}]({plots[key].relative_to(here)})" for key in ("training", "routing") if key in plots] + [""]
