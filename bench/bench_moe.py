@@ -60,12 +60,15 @@ VARIANTS = ("base", "compact", "compact-seq", "dense", "mixtral", "xlora")  # co
 TOP_K = 2
 SEQ_TOP_K = 1  # compact-seq: one expert per sequence (issue 21's sequence-routing target)
 GEN_TOKENS = 32
+DECODE_STEPS = 64  # decode-step section: paired cached forwards per model and batch size
 PROMPT_TOKENS = 32
 TARGETS = {
     "compact/base b1": (">=", 0.80),
     "compact/base b8": (">=", 0.85),
     "compact-seq/base b1": (">=", 0.95),  # issue 21: sequence routing at the base's speed
     "compact-seq/base b8": (">=", 0.95),
+    "decode step compact-seq/base b1": (">=", 0.95),  # the same target on decoding alone (no prefill), paired steps
+    "decode step compact-seq/base b8": (">=", 0.95),
     "compact/dense b1": (">=", 1.3),
     "compact/dense b8": (">=", 1.5),
     "compact/mixtral b1": (">=", 1.0),
@@ -224,6 +227,40 @@ def section_generation(models: dict, tokenizer, args) -> dict:
         f"compact_vs_{name}": float((logits["compact"] - logits[name]).abs().max())
         for name in ("dense", "mixtral") if "compact" in logits and name in logits
     }
+    return result
+
+
+def section_decode_steps(models: dict, tokenizer, args) -> dict:
+    """Decoding alone, measured step by step: every model prefills the same prompts into its own KV cache, then the
+    models take turns, one cached forward (greedy next token) each, in alternating order, for DECODE_STEPS steps.
+
+    A whole ``generate`` per repeat (the generation section) also times the prefill and drifts with the machine
+    between repeats (one repeat's ratio moves by ±0.05 here); neighbouring steps share the machine's state, so the
+    ratio of the models' summed step times resolves differences of a percent. X-LoRA decodes without a cache
+    (its generate forces ``use_cache=False``), so it is left out."""
+    from transformers import DynamicCache
+
+    cached = {name: m for name, m in models.items() if name != "xlora"}
+    result = {}
+    for batch in (1, 8):
+        inputs = gen_prompts(tokenizer, batch, args.device)
+        state, seconds = {}, {name: [] for name in cached}
+        with torch.no_grad():
+            for name, m in cached.items():
+                cache = DynamicCache()
+                out = m(**inputs, past_key_values=cache, use_cache=True)
+                state[name] = (cache, out.logits[:, -1:].argmax(-1), inputs["attention_mask"])
+            names = list(cached)
+            for step in range(DECODE_STEPS):
+                for name in names if step % 2 == 0 else names[::-1]:
+                    cache, ids, mask = state[name]
+                    mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+                    out, dt = timed(lambda m=cached[name], ids=ids, mask=mask, cache=cache: m(
+                        input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True), args.device)
+                    seconds[name].append(dt)
+                    state[name] = (cache, out.logits[:, -1:].argmax(-1), mask)
+        result[f"b{batch}"] = {name: {"tok_s": batch * len(s) / sum(s), "seconds": s} for name, s in seconds.items()}
+        log(f"decode steps batch {batch}: " + ", ".join(f"{n} {1e3 * median(s):.1f} ms" for n, s in seconds.items()))
     return result
 
 
@@ -489,6 +526,13 @@ def table(results: dict) -> str:
                 add(f"{num}/{den} {b}", g[b][num]["tok_s"] / g[b][den]["tok_s"])
                 rows.append((f"  ({num}/{den} {b}: median of per-repeat ratios)",
                              f"{paired(g[b][den]['seconds'], g[b][num]['seconds']):.3f}", "", ""))
+    d = results.get("decode_steps", {})
+    for b in d:
+        for num, den in RATIOS:
+            if num in d[b] and den in d[b]:
+                add(f"decode step {num}/{den} {b}", d[b][num]["tok_s"] / d[b][den]["tok_s"])
+                rows.append((f"  (decode step {num}/{den} {b}: median of per-step ratios)",
+                             f"{paired(d[b][den]['seconds'], d[b][num]['seconds']):.3f}", "", ""))
     for v, c in p.items():
         rows.append((f"{v} params total / active (M)", f"{c['total'] / 1e6:.2f} / {c['active_per_token'] / 1e6:.2f}",
                      "", ""))
@@ -640,6 +684,7 @@ def main() -> None:
     models = {name: models[name] for name in VARIANTS if name in args.variants}  # the table's order
 
     results["generation"] = section_generation(models, tokenizer, args)
+    results["decode_steps"] = section_decode_steps(models, tokenizer, args)
     if args.generation_only:
         log("memory phase")
         memory_mode()
