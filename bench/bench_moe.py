@@ -577,7 +577,7 @@ def table(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats: 7 per generation timing (X-LoRA 3), 3 per training timing, 1 for the evaluator (36 minutes on the loaded 2-core box "
-                        "with 3 generation repeats, most of it X-LoRA's batch-8 generations; --generation-only with 7: 15 minutes idle)")
+                        "with 3 generation repeats, most of it X-LoRA's batch-8 generations; --generation-only with 7: 17 minutes idle)")
     parser.add_argument("--out", default="results/bench.json")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
