@@ -521,19 +521,14 @@ def table(results: dict) -> str:
         if "mixed_layers" in g[b].get("compact-seq", {}):
             rows.append((f"compact-seq layers whose rows kept different experts {b}",
                          f"{g[b]['compact-seq']['mixed_layers']:.2f}", "", ""))
-    for b in ("b1", "b8"):
-        for num, den in RATIOS:
-            if num in g[b] and den in g[b]:
-                add(f"{num}/{den} {b}", g[b][num]["tok_s"] / g[b][den]["tok_s"])
-                rows.append((f"  ({num}/{den} {b}: median of per-repeat ratios)",
-                             f"{paired(g[b][den]['seconds'], g[b][num]['seconds']):.3f}", "", ""))
-    d = results.get("decode_steps", {})
-    for b in d:
-        for num, den in RATIOS:
-            if num in d[b] and den in d[b]:
-                add(f"decode step {num}/{den} {b}", d[b][num]["tok_s"] / d[b][den]["tok_s"])
-                rows.append((f"  (decode step {num}/{den} {b}: median of per-step ratios)",
-                             f"{paired(d[b][den]['seconds'], d[b][num]['seconds']):.3f}", "", ""))
+    for prefix, timed_runs, unit in (("", g, "repeat"), ("decode step ", results.get("decode_steps", {}), "step")):
+        for b in ("b1", "b8"):
+            runs = timed_runs.get(b, {})
+            for num, den in RATIOS:
+                if num in runs and den in runs:
+                    add(f"{prefix}{num}/{den} {b}", runs[num]["tok_s"] / runs[den]["tok_s"])
+                    rows.append((f"  ({prefix}{num}/{den} {b}: median of per-{unit} ratios)",
+                                 f"{paired(runs[den]['seconds'], runs[num]['seconds']):.3f}", "", ""))
     for v, c in p.items():
         rows.append((f"{v} params total / active (M)", f"{c['total'] / 1e6:.2f} / {c['active_per_token'] / 1e6:.2f}",
                      "", ""))
