@@ -53,21 +53,29 @@ def _peak_rss_bytes() -> int:
     return 0
 
 
+def resident_block(size: int) -> mmap.mmap:
+    """A fresh anonymous mapping of ``size`` bytes, every page touched (resident); ``close()`` unmaps it.
+
+    Fresh pages whatever the allocator holds: a freed heap block reused would not raise RSS.
+    """
+    block = mmap.mmap(-1, size)
+    for offset in range(0, size, mmap.PAGESIZE):
+        block[offset] = 1
+    return block
+
+
 @functools.cache
 def kernel_peak_mark_works() -> bool:
     """Whether the kernel's peak-RSS mark can be reset here and then rises with a short-lived allocation.
 
-    Checked once on an 8 MiB anonymous mapping, touched page by page and unmapped: the mark must rise by
-    it, and a second reset must bring the mark back down. Where either fails, ``PeakMemory`` samples.
+    Checked once on an 8 MiB ``resident_block``, unmapped at once: the mark must rise by it, and a second
+    reset must bring the mark back down. Where either fails, ``PeakMemory`` samples.
     """
     size = 8 << 20
     if not _reset_peak_rss():
         return False
     base = rss_bytes()
-    block = mmap.mmap(-1, size)
-    for offset in range(0, size, mmap.PAGESIZE):
-        block[offset] = 1
-    block.close()
+    resident_block(size).close()
     rises = _peak_rss_bytes() >= base + 0.9 * size
     resets = _reset_peak_rss() and _peak_rss_bytes() < base + size / 2
     return rises and resets
