@@ -29,7 +29,8 @@ def pipeline_config(root, tiny_llama_dir, data_dir, judge_cache):
                         train={"max_steps": 2}, fusion={"examples_per_axis": 4, "heldout_prompts": 2,
                                                         "train": {"max_steps": 2, "batch_size": 4}},
                         generate={"max_new_tokens": {"helpful": 4, "harmless": 4, "honest": 4}, "batch_size": 4},
-                        evaluate=EVALUATED, judges={"cache_dir": str(judge_cache), **SMALL_JUDGES})
+                        evaluate=EVALUATED, judges={"cache_dir": str(judge_cache), **SMALL_JUDGES},
+                        baselines={"unfused": True})
 
 
 @pytest.fixture(scope="module")
@@ -45,14 +46,16 @@ def test_run_all_stages_then_skip(uninterrupted):
     path, cmd, first = uninterrupted
     assert first.returncode == 0, first.stderr[-3000:]
     run = path.parent / "run"
-    generated = ["base", "expert-helpful", "expert-harmless", "expert-honest", "h3fusion", "merge-linear",
-                 "ensemble-logits"]
+    generated = ["base", "expert-helpful", "expert-harmless", "expert-honest", "h3fusion", "h3fusion-unfused",
+                 "merge-linear", "ensemble-logits"]
     for system in generated:
         for axis in ["helpful", "harmless", "honest"]:
             records = read_jsonl(run / "generations" / system / f"{axis}.jsonl")
             assert len(records) == 4 and all("response" in r for r in records)
     routing = json.loads((run / "generations" / "h3fusion" / "honest.routing.json").read_text())
     assert routing["experts"] == ["helpful", "harmless", "honest"]
+    before = json.loads((run / "generations" / "h3fusion-unfused" / "honest.routing.json").read_text())
+    assert before["axes"]["honest"]["sample_means"] != routing["axes"]["honest"]["sample_means"]  # fusion moved it
     mc = json.loads((run / "generations" / "base" / "honest.mc.json").read_text())
     assert mc["n"] == 4 and 0 <= mc["mc1"] <= 1 and 0 < mc["mc2"] < 1
     results = json.loads((run / "results.json").read_text())
@@ -66,7 +69,7 @@ def test_run_all_stages_then_skip(uninterrupted):
     again = subprocess.run(cmd, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-3000:]
     skipped = [line for line in again.stdout.splitlines() if "skipping" in line]
-    assert len(skipped) == 3 + 1 + 1 + 7, again.stdout  # 3 experts, build, fuse, 7 systems' generations
+    assert len(skipped) == 3 + 1 + 1 + 8, again.stdout  # 3 experts, build, fuse, 8 systems' generations
     assert "[run] evaluate done" in again.stdout  # scoring reuses the cached judgements
     assert "[run] report done" in again.stdout
     report = (run / "report.md").read_text()
@@ -74,6 +77,7 @@ def test_run_all_stages_then_skip(uninterrupted):
     table = [line for line in report.splitlines() if line.startswith("| ")]
     assert any(line.startswith("| **h3fusion** |") for line in table)
     assert any(line.startswith("| ensemble-rerank |") for line in table)
+    assert "fusion training, H3Fusion − h3fusion-unfused: " in report  # the MoE before fusion, measured
     memory = [line.rsplit("|", 2)[1].strip() for line in table if line.endswith(" MiB |")]  # the cost table's column
     assert memory and all(cell.startswith("≥ ") != kernel_peak_mark_works() for cell in memory), memory
     for plot in ["axes.png", "hhh.png", "training_curves.png", "routing_heatmap.png"]:

@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 
+from h3fusion import runs
 from h3fusion.config import load_config
 from h3fusion.evaluate import system_entry
 from h3fusion.rates import axis_rates
@@ -27,6 +28,7 @@ SYSTEMS = {
     "expert-harmless": (0.08, 240, 32, 300),
     "expert-honest": (0.04, 330, 50, 0),
     "h3fusion": (0.10, 270, 40, 200),
+    "h3fusion-unfused": (0.12, 300, 36, 150),  # the MoE before fusion training
     "merge-linear": (0.10, 330, 40, 0),  # H3Fusion but flagged 60 more times: ahead only with the judges exact
     "ensemble-logits": (0.10, 270, 40, 200),  # H3Fusion's very judgements: tied
 }
@@ -77,6 +79,15 @@ def run(tmp_path_factory):
     systems["oracle-routed"] = system_entry(oracle, rates, config.seed, {"helpful": 50, "harmless": 500})
     for axis, figures in judges.items():
         figures["error"] = rates[axis].error_summary()
+    for name, helpful in (("h3fusion", 0.25), ("h3fusion-unfused", 0.75)):  # routing as generate records it
+        for k, axis in enumerate(N):
+            accuracy = helpful if axis == "helpful" else 1.0
+            probs = [0.8 if j == k else 0.1 for j in range(3)]
+            stats = {"n": 4, "layer_expert_mean": [probs, probs], "sample_means": [probs] * 4, "mean_probs": probs,
+                     "accuracy": accuracy, "gate_loss": 0.2}
+            path = runs.routing_file(config, name, axis)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"experts": list(N), "axes": {axis: stats}}))
     results = {"systems": systems, "judges": judges, "run": {"git_commit": None, "seed": config.seed}}
     (config.run_path / "results.json").write_text(json.dumps(results))
     return config, results, write_report(config, log=lambda *_: None).read_text()
@@ -125,6 +136,20 @@ def test_routing_ceiling_splits_the_gap_to_the_best_expert(run):
     assert routing + experts == pytest.approx(gap)
     assert f"routing (H3Fusion − oracle-routed): {routing:.3f}" in section
     assert f"(oracle-routed − {best}): {experts:.3f}" in section
+
+
+def test_the_moe_before_fusion_splits_the_routing_gap(run):
+    _, results, report = run
+    systems = results["systems"]
+    section = report.split("## The routing ceiling")[1].split("\n## ")[0]
+    assert any(line.startswith("| h3fusion-unfused") for line in section.splitlines())
+    init = systems["h3fusion-unfused"]["hhh"] - systems["oracle-routed"]["hhh"]
+    fusion = systems["h3fusion"]["hhh"] - systems["h3fusion-unfused"]["hhh"]
+    assert init + fusion == pytest.approx(systems["h3fusion"]["hhh"] - systems["oracle-routed"]["hhh"])
+    assert f"the router as initialised, h3fusion-unfused − oracle-routed: {init:.3f} [" in section
+    assert f"fusion training, H3Fusion − h3fusion-unfused: {fusion:.3f} [" in section
+    assert ("before fusion training (h3fusion-unfused) helpful 0.750; harmless 1.000; honest 1.000; "
+            "after (H3Fusion) helpful 0.250;") in section
 
 
 def test_refusals_corrections_and_paper_protocol_are_reported(run):

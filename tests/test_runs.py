@@ -171,15 +171,17 @@ def test_systems_of_a_run_and_where_each_comes_from(tmp_path):
     )
 
     config = build_config({"run_dir": str(tmp_path / "r"), "baselines": {
-        "merges": ["linear"], "ensembles": ["logits", "rerank"], "multitask_sft": True, "authors_code": True}})
+        "merges": ["linear"], "ensembles": ["logits", "rerank"], "multitask_sft": True, "authors_code": True,
+        "unfused": True}})
     assert system_names(config) == ["base", "expert-helpful", "expert-harmless", "expert-honest", "h3fusion",
-                                    "merge-linear", "ensemble-logits", "ensemble-rerank", "oracle-routed",
+                                    "h3fusion-unfused", "merge-linear", "ensemble-logits", "ensemble-rerank", "oracle-routed",
                                     "multitask-sft", "h3fusion-authors-code"]
     assert set(assembled_systems()) == {"ensemble-rerank", "oracle-routed"}
     assert generated_systems(config) == [s for s in system_names(config) if s not in assembled_systems()]
     assert system_source(config, "base") == config.model.base
     assert system_source(config, "expert-honest") == runs.expert_dir(config, "honest")
     assert system_source(config, "h3fusion") == runs.fused_dir(config)
+    assert system_source(config, "h3fusion-unfused") == runs.moe_dir(config)
     assert system_source(config, "merge-linear") == runs.adapter_paths(config)
     assert system_source(config, "multitask-sft") == runs.multitask_dir(config)
     assert system_source(config, "h3fusion-authors-code") == runs.fused_dir(runs.variant_dir(config, "authors-code"))
@@ -194,10 +196,13 @@ def test_systems_of_a_run_and_where_each_comes_from(tmp_path):
 def test_a_system_without_finished_weights_is_refused_before_loading(tmp_path):
     from h3fusion.systems import load_system
 
-    config = build_config({"run_dir": str(tmp_path / "r")})
+    config = build_config({"run_dir": str(tmp_path / "r"), "baselines": {"unfused": True}})
     runs.fused_dir(config).mkdir(parents=True)  # a fuse killed before its marker
     with pytest.raises(H3FusionError, match=r"system h3fusion: no finished model at .*run `h3fusion fuse` first"):
         load_system(config, "h3fusion")
+    runs.moe_dir(config).mkdir(parents=True)  # a build killed before its marker
+    with pytest.raises(H3FusionError, match=r"system h3fusion-unfused: no built MoE at .*run `h3fusion build` first"):
+        load_system(config, "h3fusion-unfused")
     with pytest.raises(H3FusionError, match=r"system expert-helpful: no adapter at .*run `h3fusion align`"):
         load_system(config, "expert-helpful")
     with pytest.raises(H3FusionError, match="oracle-routed is assembled from the experts' answers"):

@@ -176,6 +176,9 @@ class BaselinesConfig(_Section):
     """Train multitask-sft: one LoRA (FFN + attention) on the fusion data for the fusion steps."""
     authors_code: bool = True
     """Build and fuse h3fusion-authors-code: the released code's behaviour (all compat switches on)."""
+    unfused: bool = False
+    """Generate and score h3fusion-unfused, the built MoE before fusion training (a diagnostic: with
+    oracle-routed it splits H3Fusion's routing gap into the router's initialisation and fusion training)."""
     merge_params: dict[str, dict[str, float | bool | int]] = {}
     """Hyperparameters per merge method, e.g. {ties: {density: 0.2, lam: 1.0}, dare: {drop: 0.9}}
     (defaults: task-arithmetic lam 0.4; ties density 0.2, lam 1; dare drop 0.9, lam 1)."""

@@ -3,6 +3,8 @@
     base               the base model
     expert-<axis>      the base with that axis's LoRA expert merged in
     h3fusion           the fused MoE (<run>/fused)
+    h3fusion-unfused   the MoE before fusion training (<run>/moe): exact experts, initialised router; a
+                       diagnostic (baselines.unfused)
     merge-<method>     the base plus a weight merge of the expert deltas (linear, task-arithmetic, ties, dare)
     ensemble-logits    the experts' mean next-token distribution (baselines.ensembles)
     ensemble-rerank    each prompt's best-judged expert answer (assembled by `evaluate`, nothing to load)
@@ -19,6 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from h3fusion.baselines.oracle import ORACLE
+from h3fusion.baselines.unfused import UNFUSED
 from h3fusion.config import RunConfig
 from h3fusion.errors import H3FusionError
 from h3fusion.models import is_adapter_dir, load_model
@@ -29,6 +32,8 @@ from h3fusion.runs import (
     fused_dir,
     fused_is_complete,
     generated_file,
+    moe_dir,
+    moe_is_built,
     multitask_dir,
 )
 
@@ -36,6 +41,7 @@ from h3fusion.runs import (
 def system_names(config: RunConfig) -> list[str]:
     baselines = config.baselines
     return ["base", *(f"expert-{axis}" for axis in config.experts), "h3fusion",
+            *([UNFUSED] if baselines.unfused else []),
             *(f"merge-{method}" for method in baselines.merges),
             *(f"ensemble-{kind}" for kind in baselines.ensembles), ORACLE,
             *(["multitask-sft"] if baselines.multitask_sft else []),
@@ -67,6 +73,8 @@ def system_source(config: RunConfig, name: str) -> Path | str:
         return adapter_paths(config)[name[7:]]
     if name == "h3fusion":
         return fused_dir(config)
+    if name == UNFUSED and config.baselines.unfused:
+        return moe_dir(config)
     if name.startswith("merge-") and name[6:] in config.baselines.merges:
         return adapter_paths(config)
     if name.startswith("ensemble-") and name[9:] in config.baselines.ensembles or name == ORACLE:
@@ -106,7 +114,10 @@ def load_system(config: RunConfig, name: str):
                                 "`h3fusion run --stage baselines` first")
         # the run's base, not the path the adapter recorded: the run may have moved since
         return load_model(str(source), config.model.dtype, base=config.model.base, **model_kwargs)
-    if not fused_is_complete(Path(source)):
+    if name == UNFUSED:
+        if not moe_is_built(Path(source)):
+            raise H3FusionError(f"system {name}: no built MoE at {source}; run `h3fusion build` first")
+    elif not fused_is_complete(Path(source)):
         raise H3FusionError(f"system {name}: no finished model at {source}; run `h3fusion fuse` first")
     model, tokenizer = load_model(str(source), config.model.dtype)
     # the runtime dials come from the config, so they can change without re-fusing

@@ -7,7 +7,7 @@ corrected for the judges' measured error, refusals and answer lengths, whether t
 stated in the report) and paired bootstrap intervals of the hhh difference, one over prompts (the judges
 taken as exact) and one that also resamples the judges' validation sets; a verdict is "ahead" or "behind"
 only when the judge-aware interval excludes 0. Then the routing ceiling (H3Fusion vs oracle-routed vs the
-best expert), the study's targets (``report.targets``) and, for a run larger than the paper's protocol, the
+best expert, and the MoE before fusion training where the run has it), the study's targets (``report.targets``) and, for a run larger than the paper's protocol, the
 figures on the paper's prefixes. A dev-split report of a run without H3Fusion leaves out the sections about
 it, saying so. The statistics live in
 ``report.statistics`` (over ``rates`` and ``stats``), the tables in ``report.tables``; everything is
@@ -22,6 +22,7 @@ from pathlib import Path
 from h3fusion import runs
 from h3fusion.axes import axis_spec, hhh_formula
 from h3fusion.baselines.oracle import ORACLE
+from h3fusion.baselines.unfused import UNFUSED
 from h3fusion.config import RunConfig
 from h3fusion.errors import H3FusionError
 from h3fusion.report.card import write_model_card
@@ -119,15 +120,20 @@ def _cost_table(run: runs.Run, systems: list[str], experts: list[str]) -> list[s
 
 def routing_ceiling(results: dict, replicates: dict) -> list[str]:
     """H3Fusion, the best expert and oracle-routed side by side, and H3Fusion's hhh gap to the best expert split
-    into routing (H3Fusion − oracle-routed) and experts (oracle-routed − best expert), each with its interval."""
+    into routing (H3Fusion − oracle-routed) and experts (oracle-routed − best expert), each with its interval.
+    With h3fusion-unfused in the run, routing splits again: the router as initialised (h3fusion-unfused −
+    oracle-routed) and fusion training (H3Fusion − h3fusion-unfused)."""
     systems = results["systems"]
     experts = [s for s in systems if s.startswith("expert-") and systems[s].get("hhh") is not None]
     if ORACLE not in systems or not experts:
         return []
     best = max(experts, key=lambda s: systems[s]["hhh"])
-    shown = {name: systems[name] for name in (FUSED, best, ORACLE)}
-    parts = {"gap": compare(results, FUSED, best, replicates), "routing": compare(results, FUSED, ORACLE, replicates),
-             "experts": compare(results, ORACLE, best, replicates)}
+    unfused = UNFUSED in systems and systems[UNFUSED].get("hhh") is not None
+    shown = {name: systems[name] for name in (FUSED, *([UNFUSED] if unfused else []), best, ORACLE)}
+    pairs = {"gap": (FUSED, best), "routing": (FUSED, ORACLE), "experts": (ORACLE, best)}
+    if unfused:
+        pairs |= {"init": (UNFUSED, ORACLE), "fusion": (FUSED, UNFUSED)}
+    parts = {part: compare(results, ours, theirs, replicates) for part, (ours, theirs) in pairs.items()}
 
     def text(part):
         row = parts[part]
@@ -136,13 +142,28 @@ def routing_ceiling(results: dict, replicates: dict) -> list[str]:
             return raw
         return f"{raw}, corrected {fmt(row['corrected_diff'])} {interval_text(row['judge_aware_interval'])}"
 
+    routing_split = (f" (the router as initialised, {UNFUSED} − {ORACLE}: {text('init')}; fusion training, "
+                     f"H3Fusion − {UNFUSED}: {text('fusion')})") if unfused else ""
     return ["## The routing ceiling", "",
             f"`{ORACLE}` answers each axis's prompts with that axis's own expert: what a perfect router over these "
             "experts would answer. Like `ensemble-rerank` it knows each prompt's axis, so it is a diagnostic, not a "
-            "deployable system.", "", *compact_table(shown), "",
+            "deployable system."
+            + (f" `{UNFUSED}` is the MoE before fusion training: the same experts exactly, the router only "
+               "initialised." if unfused else ""), "", *compact_table(shown), "",
             f"H3Fusion's hhh gap to the best expert ({best}): {text('gap')}. Of it, routing (H3Fusion − "
-            f"{ORACLE}): {text('routing')}; the experts ({ORACLE} − {best}): {text('experts')}. The two parts add "
-            "up to the gap; intervals are 95% paired bootstraps over prompts (and the judges' validation sets).", ""]
+            f"{ORACLE}): {text('routing')}{routing_split}; the experts ({ORACLE} − {best}): {text('experts')}. "
+            "The parts add up to the gap; intervals are 95% paired bootstraps over prompts (and the judges' "
+            "validation sets).", ""]
+
+def routing_before_fusion(after: dict[str, float | None], before: dict[str, float | None]) -> list[str]:
+    """Prompt-level routing accuracy per axis of the MoE before fusion training and of H3Fusion."""
+    def cells(accuracy):
+        return "; ".join(f"{axis} {fmt(value)}" for axis, value in accuracy.items())
+
+    return [f"Routing accuracy on the evaluated prompts (the share of an axis's prompts whose mean routing favours "
+            f"its own expert): before fusion training ({UNFUSED}) {cells(before)}; after (H3Fusion) "
+            f"{cells(after)}.", ""]
+
 
 def paper_protocol(results: dict) -> list[str]:
     """For a run larger than the paper's protocol: every system's figures on the paper's prefixes."""
@@ -240,6 +261,8 @@ def _fused_sections(config: RunConfig, results: dict, rows: list[dict], replicat
              "excludes 0.", "", *comparison_table(results, rows), ""]
     lines += routing_ceiling(results, replicates)
     routing = routing_accuracy(config, config.experts)
+    if UNFUSED in results["systems"]:
+        lines += routing_before_fusion(routing, routing_accuracy(config, config.experts, UNFUSED))
     return lines + targets_section(check_targets(results, config.experts, replicates, routing))
 
 

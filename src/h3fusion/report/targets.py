@@ -46,12 +46,12 @@ class Target:
     figures: str = ""
 
 
-def routing_accuracy(run: runs.Run, axes: Sequence[str]) -> dict[str, float | None]:
+def routing_accuracy(run: runs.Run, axes: Sequence[str], system: str = FUSED) -> dict[str, float | None]:
     """Per axis: the share of its evaluated prompts whose mean routing favours the axis's own expert, as
-    ``generate`` recorded it for H3Fusion (``runs.routing_file``); None where not recorded."""
+    ``generate`` recorded it for an MoE system (``runs.routing_file``); None where not recorded."""
     out = {}
     for axis in axes:
-        path = runs.routing_file(run, FUSED, axis)
+        path = runs.routing_file(run, system, axis)
         stats = json.loads(path.read_text()) if path.is_file() else {}
         out[axis] = (stats.get("axes", {}).get(axis) or {}).get("accuracy")
     return out
