@@ -165,7 +165,7 @@ def test_generate_resumes_after_a_kill(tmp_path, uninterrupted, tiny_llama_dir, 
     """SIGKILL once the first answers are on disk; the same command finishes with the reference answers."""
     path = pipeline_config(tmp_path, tiny_llama_dir, data_dir, judge_cache)
     reference = uninterrupted[0].parent / "run"
-    for stage in ("experts", "fused"):  # the trained systems, as an earlier stage left them
+    for stage in ("experts", "moe", "fused"):  # the trained and built systems, as the earlier stages left them
         shutil.copytree(reference / stage, tmp_path / "run" / stage)
     args = [sys.executable, "-m", "h3fusion.cli", "generate", str(path)]
     run_and_kill_at(args, tmp_path / "run" / "generations" / "expert-helpful" / "helpful.jsonl")
