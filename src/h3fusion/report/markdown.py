@@ -7,8 +7,8 @@ corrected for the judges' measured error, refusals and answer lengths, whether t
 stated in the report) and paired bootstrap intervals of the hhh difference, one over prompts (the judges
 taken as exact) and one that also resamples the judges' validation sets; a verdict is "ahead" or "behind"
 only when the judge-aware interval excludes 0. Then the routing ceiling (H3Fusion vs oracle-routed vs the
-best expert, and the MoE before fusion training where the run has it), the study's targets (``report.targets``) and, for a run larger than the paper's protocol, the
-figures on the paper's prefixes. A dev-split report of a run without H3Fusion leaves out the sections about
+best expert, and the MoE before fusion training where the run has it), the study's targets
+(``report.targets``) and, for a run larger than the paper's protocol, the figures on the paper's prefixes. A dev-split report of a run without H3Fusion leaves out the sections about
 it, saying so. The statistics live in
 ``report.statistics`` (over ``rates`` and ``stats``), the tables in ``report.tables``; everything is
 computed from files the earlier stages wrote; nothing here runs a model.
@@ -154,6 +154,7 @@ def routing_ceiling(results: dict, replicates: dict) -> list[str]:
             f"{ORACLE}): {text('routing')}{routing_split}; the experts ({ORACLE} − {best}): {text('experts')}. "
             "The parts add up to the gap; intervals are 95% paired bootstraps over prompts (and the judges' "
             "validation sets).", ""]
+
 
 def routing_before_fusion(after: dict[str, float | None], before: dict[str, float | None]) -> list[str]:
     """Prompt-level routing accuracy per axis of the MoE before fusion training and of H3Fusion."""
