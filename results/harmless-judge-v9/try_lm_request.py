@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -104,7 +105,7 @@ def fit(name: str, opts: dict[str, str]):
 
 
 def main() -> None:
-    torch.set_num_threads(int(__import__("os").environ.get("THREADS", "1")))
+    torch.set_num_threads(int(os.environ.get("THREADS", "1")))
     name, opts = sys.argv[1], dict(a.split("=", 1) for a in sys.argv[2:])
     model, tokenizer, fitted = fit(name, opts)
     cache: dict[str, float] = {}

@@ -8,8 +8,8 @@ stated in the report) and paired bootstrap intervals of the hhh difference, one 
 taken as exact) and one that also resamples the judges' validation sets; a verdict is "ahead" or "behind"
 only when the judge-aware interval excludes 0. Then the routing ceiling (H3Fusion vs oracle-routed vs the
 best expert, and the MoE before fusion training where the run has it), the study's targets
-(``report.targets``) and, for a run larger than the paper's protocol, the figures on the paper's prefixes. A dev-split report of a run without H3Fusion leaves out the sections about
-it, saying so. The statistics live in
+(``report.targets``) and, for a run larger than the paper's protocol, the figures on the paper's prefixes. A
+dev-split report of a run without H3Fusion leaves out the sections about it, saying so. The statistics live in
 ``report.statistics`` (over ``rates`` and ``stats``), the tables in ``report.tables``; everything is
 computed from files the earlier stages wrote; nothing here runs a model.
 """
