@@ -11,9 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 from h3fusion.config import load_config
+from h3fusion.data import load_train
 from h3fusion.experts import align
 from h3fusion.models import load_model
 from h3fusion.runs import expert_is_complete
+from h3fusion.sft import SFTCollator, SFTDataset, response_logits_supported
 from tests.conftest import run_and_kill_at, write_config
 
 
@@ -133,3 +135,47 @@ def test_align_resumes_after_a_kill_to_the_uninterrupted_adapter(tmp_path, tiny_
     ours, theirs = (load_file(runs[n] / "adapter_model.safetensors") for n in runs)
     for name in ours:
         torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-7)
+
+
+def test_lm_head_runs_on_response_tokens_only_with_the_same_loss_and_gradients(aligned, tiny_llama_dir):
+    """The collator's ``logits_to_keep`` mask: logits for the N response positions only, the same loss and the
+    same LoRA gradients as the full head (what the Trainer computes, num_items_in_batch included)."""
+    from peft import LoraConfig, get_peft_model
+
+    config, _ = aligned
+    model, tokenizer = load_model(str(tiny_llama_dir))
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["gate_proj", "up_proj", "down_proj"],
+                                             init_lora_weights=False))
+    assert response_logits_supported(model)
+    examples = load_train("helpful", config)[:3] + load_train("honest", config)[:3]
+    rows = SFTDataset(examples, tokenizer, 96, "alpaca").rows
+    full = SFTCollator(tokenizer.pad_token_id)(rows)
+    response = SFTCollator(tokenizer.pad_token_id, response_logits=True)(rows)
+    assert "logits_to_keep" not in full and "shift_labels" not in full
+    n = int(full["labels"][:, 1:].ne(-100).sum())
+    assert response["shift_labels"].shape == (n,) and int(response["logits_to_keep"].sum()) == n
+    results = []
+    for batch in (full, response):
+        model.zero_grad()
+        out = model(**batch, num_items_in_batch=torch.tensor(n))
+        out.loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+        results.append((out.loss.detach(), out.logits.shape, grads))
+    (loss_full, shape_full, grads_full), (loss_resp, shape_resp, grads_resp) = results
+    assert shape_full[:2] == full["input_ids"].shape and shape_resp[0] == n < shape_full[0] * shape_full[1]
+    torch.testing.assert_close(loss_resp, loss_full, atol=1e-6, rtol=1e-6)
+    for name, grad in grads_full.items():
+        assert grad.abs().sum() > 0
+        torch.testing.assert_close(grads_resp[name], grad, atol=1e-7, rtol=1e-5)
+
+
+def test_response_logits_not_used_where_the_model_cannot_take_a_mask():
+    """CSM's depth decoder takes ``logits_to_keep`` but slices it itself (no boolean masks), though its module
+    imports transformers' slicer for another class: the collator must not send it a mask."""
+    from transformers import CsmDepthDecoderConfig, CsmDepthDecoderForCausalLM
+
+    model = CsmDepthDecoderForCausalLM(CsmDepthDecoderConfig(
+        num_codebooks=4, backbone_hidden_size=16, vocab_size=32, hidden_size=16, intermediate_size=32,
+        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=8))
+    assert model._supports_logits_to_keep() and not response_logits_supported(model)
+    assert not response_logits_supported(torch.nn.Linear(2, 2))

@@ -25,7 +25,7 @@ from h3fusion.fusion import (
 from h3fusion.fusion_dropout import MaskDropout, SharedInputDropout
 from h3fusion.models import load_model
 from h3fusion.moe.routing import mean_router_probs
-from h3fusion.sft import SFTCollator, SFTDataset, training_arguments
+from h3fusion.sft import SFTCollator, SFTDataset, response_logits_supported, training_arguments
 from tests.conftest import run_and_kill_at, write_config
 from tests.moe_fixtures import make_adapter
 
@@ -118,6 +118,36 @@ def test_router_and_fusion_lora_get_gradients_and_drift_grows(built, tmp_path):
     with torch.no_grad():
         model.moe_layers()[0].fusion_B["up_proj"].add_(0.1)
     assert drift_penalties(model)[0].item() > 0
+
+
+def test_fusion_loss_on_response_logits_equals_the_full_heads(built, tmp_path):
+    """The fusion stage's collator sends the MoE a response-position mask: the H3Fusion loss (LM + gate +
+    drift) and the router's gradient are those of the full head, with logits for the response tokens only."""
+    _, config = built
+    model, tokenizer = load_model(str(config.run_path / "moe"))
+    prepare_for_fusion(model, config)
+    assert response_logits_supported(model)
+    examples = load_train("helpful", config)[:2] + load_train("harmless", config)[:2] + load_train("honest", config)[:2]
+    rows = SFTDataset(examples, tokenizer, 64, "alpaca", axis_labels(config)).rows
+    trainer = FusionTrainer(model=model, args=training_arguments(config.fusion.train, tmp_path, 0),
+                            gate_lambda=1.0, gammas=[0.1] * 3, gate_loss_form="nll", expert_names=NAMES)
+    with torch.no_grad():
+        model.moe_layers()[0].fusion_B["up_proj"].add_(0.01)  # a drift term that is not zero
+    router = model.moe_layers()[1].router.weight
+    results = []
+    for response_logits in (False, True):
+        batch = SFTCollator(tokenizer.pad_token_id, keep_axis_label=True, response_logits=response_logits)(rows)
+        n = torch.tensor(int(batch["labels"][:, 1:].ne(-100).sum()))
+        model.zero_grad()
+        torch.manual_seed(0)  # the same dropout masks in both passes
+        loss, outputs = trainer.compute_loss(model, dict(batch), return_outputs=True, num_items_in_batch=n)
+        loss.backward()
+        results.append((loss.detach(), outputs.logits.shape[0], router.grad.clone()))
+    (loss_full, rows_full, grad_full), (loss_resp, rows_resp, grad_resp) = results
+    assert rows_full == len(rows) and rows_resp == int(n)  # [B, T, V] logits against [N, V]
+    torch.testing.assert_close(loss_resp, loss_full, atol=1e-6, rtol=1e-6)
+    assert grad_full.abs().sum() > 0
+    torch.testing.assert_close(grad_resp, grad_full, atol=1e-7, rtol=1e-5)
 
 
 def test_fuse_trains_router_writes_log_and_loads(built):

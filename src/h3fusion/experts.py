@@ -34,6 +34,7 @@ from h3fusion.sft import (
     drop_incomplete_checkpoints,
     last_checkpoint,
     loss_curve,
+    response_logits_supported,
     training_arguments,
     training_bytes,
 )
@@ -89,7 +90,7 @@ def train_lora_adapter(config: RunConfig, label: str, out: Path, *, examples, he
         args=training_arguments(train, checkpoints, config.seed, per_device_eval_batch_size=train.batch_size),
         train_dataset=dataset,
         eval_dataset=heldout if len(heldout) else None,
-        data_collator=SFTCollator(tokenizer.pad_token_id),
+        data_collator=SFTCollator(tokenizer.pad_token_id, response_logits=response_logits_supported(model)),
     )
     # a refused write (full disk ...) is one line; a cut checkpoint is dropped: the next call resumes before it
     with stage_writes(out, f"training {out.parent.name}/{out.name}", need=training_bytes(model) + 4 * trainable,

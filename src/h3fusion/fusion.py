@@ -55,6 +55,7 @@ from h3fusion.sft import (
     SFTDataset,
     drop_incomplete_checkpoints,
     last_checkpoint,
+    response_logits_supported,
     training_arguments,
     training_bytes,
 )
@@ -315,7 +316,8 @@ def train_fusion(model: H3FusionForCausalLM, tokenizer, dataset: SFTDataset, lab
         # an expert no token was routed to in a batch gets no gradient: DDP must not wait for it
         args=training_arguments(config.fusion.train, checkpoints, config.seed, ddp_find_unused_parameters=True),
         train_dataset=dataset,
-        data_collator=SFTCollator(tokenizer.pad_token_id, keep_axis_label=True),
+        data_collator=SFTCollator(tokenizer.pad_token_id, keep_axis_label=True,
+                                   response_logits=response_logits_supported(model)),
         gate_lambda=config.fusion.gate_lambda, gammas=config.gammas(),
         gate_loss_form=config.fusion.gate_loss, expert_names=config.experts, router_lr=config.fusion.router_lr,
     )

@@ -1,6 +1,10 @@
 """Supervised fine-tuning pieces shared by every training stage: tokenised datasets and Trainer set-up.
 
-The loss is on response tokens only (prompt tokens get label -100), as in the paper. Training
+The loss is on response tokens only (prompt tokens get label -100), as in the paper, and where the model
+allows it (``response_logits_supported``) the LM head runs on those tokens only: transformers'
+``logits_to_keep`` given a boolean mask of the positions whose next token is a response token, with
+``shift_labels`` holding those tokens. The loss is the same; what is saved is the vocabulary-sized head and
+softmax on every prompt and padding position (for a 262k-token vocabulary, as Gemma-3's, most of a step). Training
 goes through transformers' ``Trainer`` so that ``accelerate launch`` scales it without any code of
 ours: DDP / FSDP / DeepSpeed for the experts, DDP for fusion (docs/scale-out.md says why).
 """
@@ -54,11 +58,16 @@ class SFTDataset(Dataset):
 
 
 class SFTCollator:
-    """Right-pads a batch; labels padded with -100; keeps ``axis_label`` (used by fusion)."""
+    """Right-pads a batch; labels padded with -100; keeps ``axis_label`` (used by fusion).
 
-    def __init__(self, pad_token_id: int, keep_axis_label: bool = False):
+    ``response_logits``: also ``logits_to_keep`` (bool [B, T]: the positions whose next token is a response
+    token) and ``shift_labels`` (those tokens, [N]), so the model computes logits and loss there only; for a
+    model that ``response_logits_supported`` says takes them."""
+
+    def __init__(self, pad_token_id: int, keep_axis_label: bool = False, response_logits: bool = False):
         self.pad_token_id = pad_token_id
         self.keep_axis_label = keep_axis_label
+        self.response_logits = response_logits
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         width = max(len(row["input_ids"]) for row in rows)
@@ -73,7 +82,45 @@ class SFTCollator:
         }
         if self.keep_axis_label:
             batch["axis_label"] = torch.tensor([row["axis_label"] for row in rows])
+        if self.response_logits:
+            keep = torch.zeros_like(batch["labels"], dtype=torch.bool)
+            keep[:, :-1] = batch["labels"][:, 1:] != IGNORE_INDEX  # position t predicts token t + 1
+            batch["logits_to_keep"] = keep
+            # the Trainer counts num_items_in_batch from shift_labels when present: the same count as labels'
+            batch["shift_labels"] = batch["labels"][:, 1:][keep[:, :-1]]
         return batch
+
+
+def response_logits_supported(model) -> bool:
+    """Whether ``model`` (a transformers causal LM, a PEFT model around one, or the H3Fusion MoE) computes its
+    logits and loss on a boolean position mask: its ``forward`` takes ``logits_to_keep`` and slices with
+    transformers' ``slice_logits_to_keep``, and that helper takes boolean masks (recent transformers 5; older
+    modelling code, and some models still, slice ``hidden_states[:, logits_to_keep]`` themselves). Where it
+    does not, the collator leaves the batch as it was and nothing changes."""
+    import inspect
+
+    from transformers import modeling_utils
+
+    from h3fusion.moe.modeling import H3FusionForCausalLM
+
+    slicer = getattr(modeling_utils, "slice_logits_to_keep", None)
+    if slicer is None:
+        return False
+    try:
+        if slicer(torch.zeros(1, 2, 1), torch.tensor([[True, False]])).shape != (1, 1):
+            return False
+    except (IndexError, RuntimeError, TypeError):
+        return False
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if isinstance(inner, H3FusionForCausalLM):  # it passes logits_to_keep on to the causal LM it wraps
+        inner = inner.model
+    supports = getattr(inner, "_supports_logits_to_keep", None)
+    if not (supports and supports()):
+        return False
+    try:
+        return "slice_logits_to_keep(" in inspect.getsource(type(inner).forward)
+    except (OSError, TypeError):  # no source to read: do not guess
+        return False
 
 
 def training_arguments(train: TrainConfig, output_dir: Path, seed: int, **overrides):
