@@ -49,9 +49,9 @@ class ChatSession:
         if not self.fused or not ids:
             return answer, None
         from h3fusion.moe.routing import answer_routing, layer_bands
+        from h3fusion.tokens import prompt_ids
 
-        prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        return answer, layer_bands(answer_routing(self.model, prompt_ids, ids))
+        return answer, layer_bands(answer_routing(self.model, prompt_ids(self.tokenizer, prompt), ids))
 
     def command(self, line: str) -> str | None:
         """Apply a slash command; returns what to tell the user, or None for /quit."""

@@ -22,6 +22,8 @@ from collections.abc import Sequence
 
 import torch
 
+from h3fusion.tokens import prompt_batch
+
 STOP_TAIL_TOKENS = 16  # stop strings are looked for in the decoded last tokens of a row, not the whole answer
 
 
@@ -69,8 +71,7 @@ def decode_batch(
 ) -> list[list[int]]:
     """New token ids per prompt (EOS excluded; a stop string ends a row but stays in its ids)."""
     device = next(model.parameters()).device
-    tokenizer.padding_side = "left"  # every row continues from the right edge
-    batch = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    batch = prompt_batch(tokenizer, prompts, "left").to(device)  # every row continues from the right edge
     copies = len(adapters) if adapters else 1
     input_ids = batch["input_ids"].repeat_interleave(copies, dim=0)
     attention = batch["attention_mask"].repeat_interleave(copies, dim=0)

@@ -23,6 +23,7 @@ from h3fusion.data import format_prompt, prompt_text
 from h3fusion.decoding import decode_batch
 from h3fusion.errors import H3FusionError
 from h3fusion.io import append_jsonl, read_jsonl, stage_writes, write_json
+from h3fusion.tokens import prompt_ids
 
 WINDOW_BATCHES = 4  # prompts sorted by length within this many batches; bounds work lost to a kill
 
@@ -74,7 +75,7 @@ def generate_jsonl(
     window = batch_size * WINDOW_BATCHES
     for start in range(0, len(pending), window):
         chunk = pending[start:start + window]
-        lengths = {i: len(tokenizer(prompts[i], add_special_tokens=False)["input_ids"]) for i in chunk}
+        lengths = {i: len(prompt_ids(tokenizer, prompts[i])) for i in chunk}
         order = sorted(chunk, key=lengths.__getitem__, reverse=True)
         answers: dict[int, str] = {}
         for b in range(0, len(order), batch_size):

@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 from h3fusion.config import TrainConfig
 from h3fusion.data import SFTExample, format_prompt
 from h3fusion.runs import CHECKPOINT_MARKER
+from h3fusion.tokens import prompt_ids as encode_prompt
 
 IGNORE_INDEX = -100
 
@@ -35,7 +36,7 @@ class SFTDataset(Dataset):
         self.rows = []
         for example in examples:
             prompt = format_prompt(example.instruction, example.input, prompt_format, tokenizer)
-            prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            prompt_ids = encode_prompt(tokenizer, prompt)  # with the BOS the tokenizer puts in front, if any
             response_ids = tokenizer(example.response, add_special_tokens=False)["input_ids"]
             ids = (prompt_ids + response_ids + [tokenizer.eos_token_id])[:max_length]
             labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids + [tokenizer.eos_token_id])[:max_length]

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from h3fusion.data import format_prompt
+from h3fusion.tokens import prompt_ids
 
 
 @torch.no_grad()
@@ -34,7 +35,7 @@ def choice_logliks(model, tokenizer, context: str, choices: Sequence[str],
     device = next(model.parameters()).device
     copies = len(adapters) if adapters else 1
     route = (lambda rows: {"adapter_names": [a for a in adapters for _ in range(rows)]}) if adapters else (lambda _: {})
-    context_ids = tokenizer(context, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
+    context_ids = torch.tensor([prompt_ids(tokenizer, context)], device=device)
     # one context row per adapter; every choice row then continues its adapter's context (adapter-major order)
     out = model(input_ids=context_ids.expand(copies, -1), use_cache=True, **route(1))
     cache = out.cache if "cache" in out else out.past_key_values  # renamed in recent transformers

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from h3fusion.tokens import leading_special_ids
+
 
 def template_mask(input_ids: Tensor, pieces: Sequence[Sequence[int]]) -> Tensor:
     """Bool [B, T]: True on every token that is part of an occurrence of one of ``pieces`` in ``input_ids``."""
@@ -40,8 +42,5 @@ def template_token_ids(tokenizer, pieces: Sequence[str]) -> list[list[int]]:
     """
     variants = dict.fromkeys(v for piece in pieces for v in (piece, piece.strip(), piece.lstrip(), piece.rstrip()))
     ids = [list(tokenizer(piece, add_special_tokens=False)["input_ids"]) for piece in variants if piece]
-    probe = tokenizer("x")["input_ids"]
-    bare = tokenizer("x", add_special_tokens=False)["input_ids"]
-    if len(probe) > len(bare) and probe[len(probe) - len(bare):] == bare:  # added special tokens in front
-        ids.append(list(probe[: len(probe) - len(bare)]))
+    ids.append(leading_special_ids(tokenizer))  # what h3fusion.tokens puts in front of every prompt
     return [piece for piece in ids if piece]

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from h3fusion.moe.modeling import H3FusionForCausalLM
 from h3fusion.moe.router import RoutingInputs, pooled_rows
+from h3fusion.tokens import prompt_batch
 
 
 def prototype_router(x: torch.Tensor, y: torch.Tensor, n: int) -> torch.Tensor:
@@ -66,11 +67,7 @@ def init_routers(model: H3FusionForCausalLM, tokenizer, prompts: Sequence[Sequen
     router is fitted on its MLP inputs as they are with the routers below it already set."""
     texts = [text for axis_prompts in prompts for text in axis_prompts]
     labels = torch.tensor([k for k, axis_prompts in enumerate(prompts) for _ in axis_prompts])
-    padding_side, tokenizer.padding_side = tokenizer.padding_side, "right"
-    try:
-        batch = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
-    finally:
-        tokenizer.padding_side = padding_side
+    batch = prompt_batch(tokenizer, texts, "right", max_length)
     init = ROUTER_INITS[method]
 
     def set_router(layer, args):  # the forward has set the routing inputs (content and decision masks)

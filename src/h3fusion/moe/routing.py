@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from h3fusion.moe.modeling import moe_layers
+from h3fusion.tokens import prompt_batch
 
 
 def content_mask(model) -> torch.Tensor | None:
@@ -53,7 +54,6 @@ def routing_stats(model, tokenizer, prompts: Mapping[str, Sequence[str]], batch_
     layers = moe_layers(model)
     was_training = model.training
     model.eval()
-    padding_side, tokenizer.padding_side = tokenizer.padding_side, "right"
     stats = {}
     try:
         for axis, texts in prompts.items():
@@ -61,9 +61,7 @@ def routing_stats(model, tokenizer, prompts: Mapping[str, Sequence[str]], batch_
             tokens = 0.0
             samples = []
             for start in range(0, len(texts), batch_size):
-                batch = tokenizer(list(texts[start:start + batch_size]), return_tensors="pt", padding=True,
-                                  truncation=True, max_length=max_length)
-                batch = {k: v.to(model.device) for k, v in batch.items()}
+                batch = prompt_batch(tokenizer, texts[start:start + batch_size], "right", max_length).to(model.device)
                 model.decoder_forward(**batch)  # routing needs no LM head: skip the vocab-sized logits
                 tokens_mask = content_mask(model)
                 mask = tokens_mask.to(torch.float32)
@@ -84,7 +82,6 @@ def routing_stats(model, tokenizer, prompts: Mapping[str, Sequence[str]], batch_
                 "gate_loss": None if target is None else float(-sample_means[:, target].clamp_min(1e-9).log().mean()),
             }
     finally:
-        tokenizer.padding_side = padding_side
         model.train(was_training)
     return {"experts": names, "axes": stats}
 
