@@ -153,6 +153,9 @@ def training_arguments(train: TrainConfig, output_dir: Path, seed: int, **overri
         bf16=train.bf16 and not use_cpu,
         activation_checkpointing=train.gradient_checkpointing,
         remove_unused_columns=False,
+        # evaluation reports the held-out loss only (evaluate() without compute_metrics does so already): logits,
+        # [N, V] with the response-token head and N differing between processes, are never gathered
+        prediction_loss_only=True,
         dataloader_num_workers=0,
         disable_tqdm=os.environ.get("H3FUSION_NO_PROGRESS") == "1",
     )

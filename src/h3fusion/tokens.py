@@ -48,10 +48,11 @@ def prompt_batch(tokenizer, prompts: Sequence[str], side: str, max_length: int |
     from transformers import BatchEncoding
 
     rows = [prompt_ids(tokenizer, prompt)[:max_length] for prompt in prompts]
-    width = max(len(row) for row in rows)
+    width = max((len(row) for row in rows), default=0)
+    pad = pad_id(tokenizer)
     ids, mask = [], []
     for row in rows:
         fill = width - len(row)
-        ids.append([pad_id(tokenizer)] * fill + row if side == "left" else row + [pad_id(tokenizer)] * fill)
+        ids.append([pad] * fill + row if side == "left" else row + [pad] * fill)
         mask.append([0] * fill + [1] * len(row) if side == "left" else [1] * len(row) + [0] * fill)
     return BatchEncoding({"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)})
