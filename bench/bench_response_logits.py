@@ -1,7 +1,7 @@
 """The LM head on response tokens only against the head on every position: an expert LoRA training step.
 
     .venv/bin/python bench/bench_response_logits.py [--config configs/cpu-bench.yaml] [--model PATH_OR_ID] \
-        [--repeats 3] --out results/bench_response_logits.json
+        [--repeats 3] [--fusion-run RUN_DIR] --out results/bench_response_logits.json
 
 The experts, multitask-sft and fusion train on response tokens only; the collator (``sft.SFTCollator``,
 ``response_logits``) sends the model a boolean ``logits_to_keep`` mask so that the vocabulary-sized head and its
@@ -10,7 +10,9 @@ optimizer left out: it is the same in both) of the config's expert recipe: per a
 sample of its training examples, the two variants on the same batch in alternating order after a warm-up of
 each (``bench_moe.alternating``), median of the repeats; then each variant's peak memory on the helpful batch. One
 process, one thread. ``--model`` swaps the base (for example the Gemma-3-270m GGUF, whose 262k-token vocabulary
-makes the head most of a step). Prints the ratios and writes them to ``--out``.
+makes the head most of a step). ``--fusion-run`` also times a fusion step (``FusionTrainer.compute_loss``: LM,
+gating and drift terms, then backward) on that run's built MoE (``<run>/moe``), on one batch of the mixed fusion
+data. Prints the ratios and writes them to ``--out``.
 """
 
 from __future__ import annotations
@@ -64,11 +66,52 @@ def step(model, batch: dict) -> float:
     return time.perf_counter() - start
 
 
+def fusion_step_seconds(config, run_dir: Path, repeats: int) -> dict:
+    """A fusion step on ``run_dir``'s built MoE, full head vs response head, on one seeded mixed batch."""
+    import tempfile
+
+    from h3fusion.data import mixed_train
+    from h3fusion.fusion import FusionTrainer, axis_labels, prepare_for_fusion
+    from h3fusion.sft import training_arguments
+
+    model, tokenizer = load_model(str(run_dir / "moe"), config.model.dtype)
+    prepare_for_fusion(model, config)
+    model.train()
+    examples = random.Random(0).sample(mixed_train(config, per_axis=config.fusion.examples_per_axis),
+                                       config.fusion.train.batch_size)
+    rows = SFTDataset(examples, tokenizer, config.data.max_length, config.data.prompt_format, axis_labels(config)).rows
+    batches = {name: SFTCollator(tokenizer.pad_token_id, keep_axis_label=True,
+                                 response_logits=name == "response head")(rows) for name in VARIANTS}
+    log(f"fusion step on {run_dir / 'moe'}: logits at {int(batches['response head']['logits_to_keep'].sum())} of "
+        f"{batches['full head']['labels'].numel()} positions")
+    with tempfile.TemporaryDirectory() as scratch:  # the Trainer's output dir: nothing is written there
+        trainer = FusionTrainer(model=model, args=training_arguments(config.fusion.train, Path(scratch), config.seed),
+                                gate_lambda=config.fusion.gate_lambda, gammas=config.gammas(),
+                                gate_loss_form=config.fusion.gate_loss, expert_names=config.experts)
+
+        def fusion_step(batch: dict) -> float:
+            start = time.perf_counter()
+            model.zero_grad(set_to_none=True)
+            n = batch["labels"][:, 1:].ne(-100).sum()
+            trainer.compute_loss(model, dict(batch), num_items_in_batch=n).backward()
+            return time.perf_counter() - start
+
+        samples = alternating({name: (lambda b=b: fusion_step(b)) for name, b in batches.items()}, repeats)
+    seconds = {name: median(s) for name, s in samples.items()}
+    return {"positions": batches["full head"]["labels"].numel(),
+            "response_positions": int(batches["response head"]["logits_to_keep"].sum()),
+            "seconds": {n: round(s, 3) for n, s in seconds.items()},
+            "samples": {n: [round(x, 3) for x in s] for n, s in samples.items()},
+            "full / response time": round(seconds["full head"] / seconds["response head"], 3)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(REPO / "configs" / "cpu-bench.yaml"))
     parser.add_argument("--model", help="another base (hub id, directory or .gguf) in place of the config's")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--fusion-run", type=Path, help="a run directory whose built MoE (<run>/moe) a fusion step "
+                        "is timed on, with the config's fusion settings")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     config = load_config(args.config, [f"model.base={args.model}"] if args.model else [])
@@ -113,6 +156,11 @@ def main() -> None:
     print(f"peak memory of the step (helpful batch): full {results['peak_mib_helpful']['full head']} MiB, "
           f"response {results['peak_mib_helpful']['response head']} MiB "
           f"({results['full / response peak memory']:.2f}x)")
+    if args.fusion_run:
+        fusion = results["fusion_step"] = fusion_step_seconds(config, args.fusion_run, args.repeats)
+        print(f"fusion step ({fusion['response_positions']} of {fusion['positions']} positions): full "
+              f"{fusion['seconds']['full head']:.2f} s, response {fusion['seconds']['response head']:.2f} s "
+              f"({fusion['full / response time']:.2f}x)")
     if args.out:
         args.out.write_text(json.dumps(results, indent=1) + "\n")
         log(f"wrote {args.out}")
