@@ -81,3 +81,40 @@ def test_training_and_generation_read_the_prompt_with_its_bos(tiny_with_bos):
         logprobs = torch.log_softmax(model(ids).logits[0, :-1].float(), dim=-1)
         expected = logprobs[n - 1:].gather(1, ids[0, n:, None]).sum().item()
     assert first == pytest.approx(expected, abs=1e-3)
+
+
+def test_experts_trained_on_other_prompt_ids_are_refused(tmp_path, tiny_llama_dir, data_dir):
+    """align records the ids in front of its prompts; build, merges, ensembles and adapter loading refuse an expert
+    whose record differs from the tokenizer's, and one an older h3fusion trained without the BOS (no record)."""
+    import json
+    import shutil
+
+    from h3fusion import build_moe
+    from h3fusion.config import load_config
+    from h3fusion.errors import H3FusionError
+    from h3fusion.experts import align
+    from h3fusion.models import load_adapter
+    from tests.conftest import write_config
+
+    config = load_config(write_config(tmp_path / "c.yaml", model={"base": str(tiny_llama_dir)},
+                                      data={"dir": str(data_dir)}, train={"max_steps": 1}))
+    expert = align(config, axes=["helpful"])["helpful"]
+    meta = json.loads((expert / "h3fusion_expert.json").read_text())
+    assert meta["prompt_prefix_ids"] == []  # SmolLM2's tokenizer puts nothing in front
+    model, plain = load_model(str(tiny_llama_dir))
+    build_moe(model, {"helpful": expert}, top_k=1, tokenizer=plain)  # the same encoding: accepted
+    bos_tokenizer, bos_id = add_bos(load_model(str(tiny_llama_dir))[1])
+    with pytest.raises(H3FusionError, match=r"starting with ids \[\]; this tokenizer starts them with \[1\]"):
+        build_moe(load_model(str(tiny_llama_dir))[0], {"helpful": expert}, top_k=1, tokenizer=bos_tokenizer)
+    older = tmp_path / "older"  # what align wrote before it recorded the ids: no prompt_prefix_ids
+    shutil.copytree(expert, older)
+    (older / "h3fusion_expert.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "prompt_prefix_ids"}))
+    build_moe(load_model(str(tiny_llama_dir))[0], {"helpful": older}, top_k=1, tokenizer=plain)  # no BOS: nothing lost
+    with pytest.raises(H3FusionError, match="older h3fusion that left out the tokenizer's BOS"):
+        build_moe(load_model(str(tiny_llama_dir))[0], {"helpful": older}, top_k=1, tokenizer=bos_tokenizer)
+    bos_base = tmp_path / "bos-base"  # the same weights, with a tokenizer that puts BOS in front
+    shutil.copytree(tiny_llama_dir, bos_base)
+    bos_tokenizer.save_pretrained(bos_base)
+    assert load_model(str(bos_base))[1](".")["input_ids"][0] == bos_id
+    with pytest.raises(H3FusionError, match="older h3fusion"):
+        load_adapter(str(older), base=str(bos_base))

@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from h3fusion.errors import H3FusionError
 from h3fusion.models import base_fingerprint, decoder_layers
 from h3fusion.moe.lowrank import LowRankDelta
+from h3fusion.tokens import check_prompt_prefix
 
 _LORA_KEY = re.compile(r"layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.lora_([AB])(?:\.[^.]+)?\.weight$")
 
@@ -39,6 +40,8 @@ class ExpertAdapter:
     factors: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]  # (layer, proj) -> (A, B)
     fingerprint: str | None  # base fingerprint recorded by `h3fusion align`, if any
     digest: str  # hash of the weights file (duplicate detection)
+    by_h3fusion: bool = False  # `h3fusion align` trained it (its h3fusion_expert.json is there)
+    prompt_prefix: list[int] | None = None  # the ids it saw in front of every prompt, where align recorded them
 
     def delta(self, layer: int, proj: str, scaled: bool = True) -> LowRankDelta | None:
         if (layer, proj) not in self.factors:
@@ -109,13 +112,19 @@ def read_adapter(name: str, path: str | Path) -> ExpertAdapter:
         factors=factors,
         fingerprint=meta.get("base_fingerprint"),
         digest=hashlib.sha256(weights_file.read_bytes()).hexdigest(),
+        by_h3fusion=bool(meta),
+        prompt_prefix=meta.get("prompt_prefix_ids"),
     )
 
 
-def check_adapters(adapters: Sequence[ExpertAdapter], base_model) -> None:
-    """Refuse adapter sets that cannot be used together on ``base_model``, naming the culprit."""
+def check_adapters(adapters: Sequence[ExpertAdapter], base_model, tokenizer=None) -> None:
+    """Refuse adapter sets that cannot be used together on ``base_model`` (and, given its ``tokenizer``, prompts
+    encoded as it encodes them: ``h3fusion.tokens``), naming the culprit."""
     if not adapters:
         raise H3FusionError("no expert adapters given; name at least one")
+    for adapter in adapters if tokenizer is not None else ():
+        check_prompt_prefix(f"expert '{adapter.name}' ({adapter.path})", adapter.prompt_prefix, adapter.by_h3fusion,
+                            tokenizer)
     fingerprint = base_fingerprint(base_model)
     layers = decoder_layers(base_model)
     first = adapters[0]
@@ -144,3 +153,4 @@ def check_adapters(adapters: Sequence[ExpertAdapter], base_model) -> None:
                     f"expert '{adapter.name}' ({adapter.path}) does not fit the base model at "
                     f"layer {layer} {proj}: it was trained on another base model"
                 )
+

@@ -38,6 +38,7 @@ from h3fusion.sft import (
     training_arguments,
     training_bytes,
 )
+from h3fusion.tokens import leading_special_ids
 
 HELDOUT_EXAMPLES = 32  # fixed examples the expert never trains on: a noise-free "did it learn" check
 LOSS_WINDOW = 10  # logged steps averaged for the first / last training loss reported
@@ -117,6 +118,7 @@ def train_lora_adapter(config: RunConfig, label: str, out: Path, *, examples, he
             **meta,
             "base": config.model.base,
             "base_fingerprint": fingerprint,
+            "prompt_prefix_ids": leading_special_ids(tokenizer),  # what h3fusion.tokens put in front of prompts
             "r": r, "alpha": alpha, "target_modules": sorted(target_modules),
             "prompt_format": config.data.prompt_format,
         })

@@ -24,6 +24,7 @@ from torch import nn
 
 from h3fusion.errors import H3FusionError
 from h3fusion.io import write_failure
+from h3fusion.tokens import check_prompt_prefix
 
 EMBEDDED_MODELS = {
     # name -> (PyPI distribution, GGUF file name inside it)
@@ -258,10 +259,12 @@ def load_adapter(
         raise H3FusionError(f"adapter {adapter}: its base model {spec} is not on this machine; pass --base SPEC "
                             "(the model it was trained on: a local dir, .gguf file, hub id or smollm2-135m)") from None
     meta_file = Path(adapter).expanduser() / EXPERT_META
-    recorded = json.loads(meta_file.read_text()).get("base_fingerprint") if meta_file.is_file() else None
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    recorded = meta.get("base_fingerprint")
     if recorded is not None and recorded != base_fingerprint(model):
         raise H3FusionError(f"adapter {adapter} was trained on another base model than {spec}; "
                             "pass --base with the model it was trained on")
+    check_prompt_prefix(f"adapter {adapter}", meta.get("prompt_prefix_ids"), bool(meta), tokenizer)
     try:
         merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     except (RuntimeError, ValueError, KeyError) as error:  # shape mismatches, unknown target modules

@@ -101,7 +101,8 @@ def load_system(config: RunConfig, name: str):
 
         method = name[6:]
         base, tokenizer = load_model(config.model.base, config.model.dtype, **model_kwargs)
-        merged = merge_experts(base, source, method, **config.baselines.merge_params.get(method, {}))
+        merged = merge_experts(base, source, method, tokenizer=tokenizer,
+                               **config.baselines.merge_params.get(method, {}))
         return merged.eval(), tokenizer
     if name.startswith("ensemble-"):
         from h3fusion.baselines.ensembles import load_logit_ensemble

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 import torch
 
+from h3fusion.errors import H3FusionError
+
 
 def leading_special_ids(tokenizer) -> list[int]:
     """The ids the tokenizer puts before a text by default (``[bos]`` for Llama-2 or Gemma, ``[]`` for SmolLM2)."""
@@ -56,3 +58,17 @@ def prompt_batch(tokenizer, prompts: Sequence[str], side: str, max_length: int |
         ids.append([pad] * fill + row if side == "left" else row + [pad] * fill)
         mask.append([0] * fill + [1] * len(row) if side == "left" else [1] * len(row) + [0] * fill)
     return BatchEncoding({"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)})
+
+
+def check_prompt_prefix(label: str, recorded: Sequence[int] | None, by_h3fusion: bool, tokenizer) -> None:
+    """Refuse an expert adapter (``label`` names it) trained on prompts that began otherwise than ``tokenizer``
+    begins them. ``recorded``: the ids `h3fusion align` saw in front of its prompts (``prompt_prefix_ids`` of its
+    h3fusion_expert.json). h3fusion before this module left out a BOS its tokenizer puts in front (Llama-2, Gemma)
+    and recorded nothing (``by_h3fusion`` and no record); a stock PEFT adapter records nothing and is taken as is."""
+    prefix = leading_special_ids(tokenizer)
+    if recorded is None and by_h3fusion and prefix:
+        raise H3FusionError(f"{label} was trained by an older h3fusion that left out the tokenizer's BOS (ids "
+                            f"{prefix}) in front of its prompts; train it again (delete it and run `h3fusion align`)")
+    if recorded is not None and list(recorded) != prefix:
+        raise H3FusionError(f"{label} was trained on prompts starting with ids {list(recorded)}; this tokenizer "
+                            f"starts them with {prefix}: use the base model and tokenizer it was trained with")

@@ -34,7 +34,7 @@ def load_logit_ensemble(config: RunConfig):
     adapters = [read_adapter(axis, path) for axis, path in paths.items()]
     base, tokenizer = load_model(config.model.base, config.model.dtype,
                                  trust_remote_code=config.model.trust_remote_code, cache_dir=config.model.cache_dir)
-    check_adapters(adapters, base)
+    check_adapters(adapters, base, tokenizer)
     axes = list(paths)
     model = PeftModel.from_pretrained(base, str(paths[axes[0]]), adapter_name=axes[0])
     for axis in axes[1:]:

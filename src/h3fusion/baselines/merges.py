@@ -228,10 +228,11 @@ def _check_hyper(method: str, hyper: dict) -> Callable[..., Tensor]:
 
 
 @torch.no_grad()
-def merge_experts(base_model, adapters: Mapping[str, str | Path], method: str, **hyper):
+def merge_experts(base_model, adapters: Mapping[str, str | Path], method: str, *, tokenizer=None, **hyper):
     """Merge the named expert adapters into the base model's FFN weights, in place, and return it.
 
-    ``base_model`` is a loaded HF causal LM (modified in place) or any spec ``load_model`` takes.
+    ``base_model`` is a loaded HF causal LM (modified in place; pass its ``tokenizer`` to check the experts were
+    trained on prompts encoded as it encodes them) or any spec ``load_model`` takes.
     For every (layer, projection) that some adapter adapts, ``W ← W + merge([ΔW_1 … ΔW_N])`` with
     ``ΔW_k = s_k·B_k@A_k`` exact (fp32, an adapter lacking that projection contributes 0), cast back
     to the weight's dtype. ``hyper`` goes to ``METHODS[method]``; for ``linear``, ``weights`` may be a
@@ -258,9 +259,10 @@ def merge_experts(base_model, adapters: Mapping[str, str | Path], method: str, *
         hyper["generator"] = torch.Generator().manual_seed(int(hyper.pop("seed", 0)))
 
     if isinstance(base_model, str | Path):
-        base_model, _ = load_model(str(base_model))
+        base_model, loaded = load_model(str(base_model))
+        tokenizer = tokenizer or loaded
     experts = [read_adapter(name, path) for name, path in adapters.items()]
-    check_adapters(experts, base_model)
+    check_adapters(experts, base_model, tokenizer)
 
     layers = decoder_layers(base_model)
     keys = sorted(

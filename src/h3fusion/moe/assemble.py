@@ -58,7 +58,7 @@ def build_moe(
         base_model = base
     names = list(experts)
     adapters = [read_adapter(name, path) for name, path in experts.items()]
-    check_adapters(adapters, base_model)
+    check_adapters(adapters, base_model, tokenizer)
     if not 1 <= top_k <= len(adapters):
         raise H3FusionError(f"top_k={top_k} is impossible with {len(adapters)} experts; choose 1..{len(adapters)}")
 
