@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
 
+from h3fusion import build_moe
+from h3fusion.config import load_config
 from h3fusion.data import SFTExample, format_prompt
 from h3fusion.decoding import decode_batch
-from h3fusion.models import load_model
+from h3fusion.errors import H3FusionError
+from h3fusion.experts import align
+from h3fusion.models import load_adapter, load_model
 from h3fusion.moe.content import template_token_ids
 from h3fusion.sft import IGNORE_INDEX, SFTDataset
 from h3fusion.tokens import leading_special_ids, prompt_batch, prompt_ids
 from h3fusion.truthfulqa_mc import choice_logliks
+from tests.conftest import write_config
 
 BOS = "<|im_start|>"  # id 1 in SmolLM2's vocabulary; its own tokenizer never adds it
 
@@ -86,16 +94,6 @@ def test_training_and_generation_read_the_prompt_with_its_bos(tiny_with_bos):
 def test_experts_trained_on_other_prompt_ids_are_refused(tmp_path, tiny_llama_dir, data_dir):
     """align records the ids in front of its prompts; build, merges, ensembles and adapter loading refuse an expert
     whose record differs from the tokenizer's, and one an older h3fusion trained without the BOS (no record)."""
-    import json
-    import shutil
-
-    from h3fusion import build_moe
-    from h3fusion.config import load_config
-    from h3fusion.errors import H3FusionError
-    from h3fusion.experts import align
-    from h3fusion.models import load_adapter
-    from tests.conftest import write_config
-
     config = load_config(write_config(tmp_path / "c.yaml", model={"base": str(tiny_llama_dir)},
                                       data={"dir": str(data_dir)}, train={"max_steps": 1}))
     expert = align(config, axes=["helpful"])["helpful"]
