@@ -116,3 +116,29 @@ def test_experts_trained_on_other_prompt_ids_are_refused(tmp_path, tiny_llama_di
     assert load_model(str(bos_base))[1](".")["input_ids"][0] == bos_id
     with pytest.raises(H3FusionError, match="older h3fusion"):
         load_adapter(str(older), base=str(bos_base))
+
+
+def test_a_gemma3_base_with_bos_aligns_builds_fuses_and_generates(tmp_path, smollm2_dir, data_dir):
+    """The study's candidate second base, in small: a Gemma-3 decoder whose tokenizer puts BOS in front. Experts
+    record it, the fused MoE (response-token head in training) builds, fuses and answers from prompts with it."""
+    from h3fusion.build import build_run
+    from h3fusion.fusion import fuse_run
+    from h3fusion.sft import response_logits_supported
+    from tests.conftest import save_tiny_model
+
+    base = save_tiny_model(tmp_path / "gemma3", smollm2_dir, "gemma3_text")
+    tokenizer, bos_id = add_bos(load_model(str(base))[1])
+    tokenizer.save_pretrained(base)
+    config = load_config(write_config(
+        tmp_path / "c.yaml", model={"base": str(base)}, data={"dir": str(data_dir)}, train={"max_steps": 2},
+        moe={"router_init": "fitted", "prototype_prompts": 4},
+        fusion={"examples_per_axis": 4, "heldout_prompts": 2, "train": {"max_steps": 2, "batch_size": 4}}))
+    for expert in align(config).values():
+        assert json.loads((expert / "h3fusion_expert.json").read_text())["prompt_prefix_ids"] == [bos_id]
+    build_run(config)
+    fused, fused_tokenizer = load_model(str(fuse_run(config)))
+    assert fused.model.config.model_type == "gemma3_text" and response_logits_supported(fused)  # the MoE wrapper
+    assert leading_special_ids(fused_tokenizer) == [bos_id]
+    answers = decode_batch(fused, fused_tokenizer, [format_prompt("Name a prime number."), format_prompt("Hi")],
+                           max_new_tokens=4)
+    assert all(len(answer) > 0 for answer in answers)
