@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 from h3fusion.config import TrainConfig
 from h3fusion.data import SFTExample, format_prompt
 from h3fusion.runs import CHECKPOINT_MARKER
+from h3fusion.tokens import leading_special_ids
 from h3fusion.tokens import prompt_ids as encode_prompt
 
 IGNORE_INDEX = -100
@@ -34,9 +35,10 @@ class SFTDataset(Dataset):
                  axis_labels: Mapping[str, int] | None = None):
         """``axis_labels`` maps each axis to its router index (fusion); without it the label is -1."""
         self.rows = []
+        lead = leading_special_ids(tokenizer)  # the BOS the tokenizer puts in front, if any: once for all rows
         for example in examples:
             prompt = format_prompt(example.instruction, example.input, prompt_format, tokenizer)
-            prompt_ids = encode_prompt(tokenizer, prompt)  # with the BOS the tokenizer puts in front, if any
+            prompt_ids = encode_prompt(tokenizer, prompt, lead)
             response_ids = tokenizer(example.response, add_special_tokens=False)["input_ids"]
             ids = (prompt_ids + response_ids + [tokenizer.eos_token_id])[:max_length]
             labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids + [tokenizer.eos_token_id])[:max_length]

@@ -28,10 +28,11 @@ def leading_special_ids(tokenizer) -> list[int]:
     return []
 
 
-def prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """``prompt``'s ids with the tokenizer's leading special tokens in front, once."""
+def prompt_ids(tokenizer, prompt: str, lead: Sequence[int] | None = None) -> list[int]:
+    """``prompt``'s ids with the tokenizer's leading special tokens in front, once (``lead``: those tokens, for a
+    caller that encodes many prompts and finds them once)."""
     ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-    lead = leading_special_ids(tokenizer)
+    lead = leading_special_ids(tokenizer) if lead is None else list(lead)
     return ids if ids[:len(lead)] == lead else lead + ids
 
 
@@ -49,7 +50,8 @@ def prompt_batch(tokenizer, prompts: Sequence[str], side: str, max_length: int |
     the tokenizer's own call returns them (a ``BatchEncoding``)."""
     from transformers import BatchEncoding
 
-    rows = [prompt_ids(tokenizer, prompt)[:max_length] for prompt in prompts]
+    lead = leading_special_ids(tokenizer)
+    rows = [prompt_ids(tokenizer, prompt, lead)[:max_length] for prompt in prompts]
     width = max((len(row) for row in rows), default=0)
     pad = pad_id(tokenizer)
     ids, mask = [], []
