@@ -31,6 +31,7 @@ SYSTEMS = {
     "h3fusion-unfused": (0.12, 300, 36, 150),  # the MoE before fusion training
     "merge-linear": (0.10, 330, 40, 0),  # H3Fusion but flagged 60 more times: ahead only with the judges exact
     "ensemble-logits": (0.10, 270, 40, 200),  # H3Fusion's very judgements: tied
+    "ensemble-rerank": (0.30, 150, 70, 100),  # ahead of everything: it picks answers with the scoring judge
 }
 POOR_HARMLESS_JUDGE = {"tp": 18, "fn": 12, "fp": 13, "tn": 17}  # 60 labelled answers, sensitivity + specificity 1.17
 
@@ -164,3 +165,15 @@ def test_refusals_corrections_and_paper_protocol_are_reported(run):
     assert "first 50 helpful / 500 harmless / 80 honest" in paper
     assert fused["paper_protocol"]["harmless"]["n"] == 500
     assert fused["paper_protocol"]["harmless"]["flagged_rate"] == 270 / 500
+
+
+def test_the_outcome_names_deployable_rivals_and_diagnostics_apart(run):
+    _, _, report = run
+    outcome = report.split("**Outcome.**")[1].split("\n")[0]
+    rivals_part, diagnostics = outcome.split(" Diagnostics, not rivals: ")
+    assert "best ensemble (ensemble-logits)" in rivals_part  # not the judge-picked rerank, though its hhh is higher
+    assert "ensemble-rerank" not in rivals_part and "oracle-routed" not in rivals_part
+    assert "ensemble-rerank" in diagnostics and "scoring judge" in diagnostics
+    assert "oracle-routed" in diagnostics and "h3fusion-unfused" in diagnostics
+    section = report.split("## H3Fusion against each rival")[1].split("\n## ")[0]
+    assert sum("ensemble-rerank" in line for line in section.splitlines() if line.startswith("| ")) == 1  # its row stays

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from h3fusion import runs
 from h3fusion.axes import axis_spec, hhh_formula
+from h3fusion.baselines.ensembles import RERANK
 from h3fusion.baselines.oracle import ORACLE
 from h3fusion.baselines.unfused import UNFUSED
 from h3fusion.config import RunConfig
@@ -51,9 +52,16 @@ from h3fusion.report.targets import Target, check_targets, routing_accuracy
 from h3fusion.stats import BOOTSTRAP_SAMPLES
 
 
+DIAGNOSTICS = {RERANK: "picks each answer with the scoring judge", ORACLE: "knows each prompt's axis",
+               UNFUSED: "the MoE before fusion training"}
+"""Systems that are not deployable rivals (they borrow the scoring judge or the prompt's axis, or are H3Fusion
+half-made): each keeps its comparison row, but none stands as the best of its kind in the outcome."""
+
+
 def comparisons(results: dict) -> list[tuple[str, str]]:
-    """(label, system) of every alternative H3Fusion is compared with, in report order."""
-    systems = results["systems"]
+    """(label, system) of every deployable alternative the outcome names, in report order: each expert, the
+    best merge, the best ensemble (never a diagnostic), multitask-sft and base."""
+    systems = {name: entry for name, entry in results["systems"].items() if name not in DIAGNOSTICS}
     rows = [(s, s) for s in systems if s.startswith("expert-")]
     for prefix, label in (("merge-", "best merge"), ("ensemble-", "best ensemble")):
         best = best_of(systems, prefix)
@@ -88,6 +96,10 @@ def _outcome(rows: list[dict], results: dict) -> str:
     text = (f"**Outcome.** H3Fusion's hhh is {fmt(ours)}"
             + (f" ({fmt(corrected)} corrected for the judges' measured error)" if corrected is not None else "")
             + " — " + "; ".join(parts) + ".")
+    diagnostics = [f"{row['system']} {fmt(results['systems'][row['system']].get('hhh'))} ({DIAGNOSTICS[row['system']]}): "
+                   f"{row['verdict'].replace('**', '')}" for row in rows if row["system"] in DIAGNOSTICS]
+    if diagnostics:
+        text += " Diagnostics, not rivals: " + "; ".join(diagnostics) + "."
     authors = results["systems"].get("h3fusion-authors-code")
     if authors is not None:
         text += f" The authors'-code variant scores hhh {fmt(authors.get('hhh'))}."
