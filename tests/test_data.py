@@ -362,6 +362,33 @@ def test_real_training_shares(real):
     assert sum(len(e.response.split()) >= 80 for e in uniform) < 300
 
 
+def test_real_benign_examples_train_the_harmless_expert_only(real):
+    from h3fusion.data import load_expert_train
+    from h3fusion.data.alarming import is_alarming
+    from h3fusion.refusal import is_refusal
+
+    config = config_for(real.data_dir(), harmless_train_size=600, harmless_refusal_share=0.25,
+                        harmless_benign_examples=200)
+    own = load_train("harmless", config)
+    expert = load_expert_train("harmless", config)
+    benign = expert[len(own):]
+    assert expert[:len(own)] == own and len(own) == 600 and len(benign) == 200
+    # benign Alpaca requests with compliant answers, half of them alarming-sounding, none a helpful dev prompt
+    assert all(e.axis == "harmless" and e.source.startswith("alpaca:") and not e.input for e in benign)
+    assert not any(is_refusal(e.response) for e in benign)
+    assert sum(is_alarming(e.instruction) for e in benign) == 100
+    dev = {e.source for e in helpful.dev_pool(config)}
+    assert not dev & {e.source for e in benign}
+    assert benign == load_expert_train("harmless", config)[len(own):]  # seeded
+    # fusion's gating data and the other experts never see them (labelled harmless, they would route benign
+    # requests to the harmless expert)
+    mixed = mixed_train(config)
+    assert not {e.source for e in mixed if e.axis == "harmless"} & {e.source for e in benign}
+    assert load_expert_train("helpful", config) == load_train("helpful", config)
+    assert load_expert_train("harmless", config_for(real.data_dir(), harmless_train_size=600,
+                                                    harmless_refusal_share=0.25)) == own  # 0: the paper's data
+
+
 def test_real_dev_split_is_disjoint_from_test_and_training(real):
     from h3fusion.data import load_dev, load_evaluated
 

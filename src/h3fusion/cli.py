@@ -358,11 +358,11 @@ def model_info(
 @app.command("data")
 def data_stats(config: ConfigArg, set_: SetOpt = None) -> None:
     """Print the train/test record counts of every axis under this config."""
-    from h3fusion.data import load_test, load_train
+    from h3fusion.data import load_expert_train, load_test
 
     cfg = _config(config, set_, None)
     for axis in cfg.experts:
-        typer.echo(f"{axis}: train {len(load_train(axis, cfg))}, test {len(load_test(axis, cfg))}")
+        typer.echo(f"{axis}: train {len(load_expert_train(axis, cfg))}, test {len(load_test(axis, cfg))}")
 
 
 def _click_exceptions():

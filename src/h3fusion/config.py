@@ -60,6 +60,12 @@ class DataConfig(_Section):
     harmless_refusal_share: float | None = Field(None, ge=0, le=1)
     """Share of the harmless sample drawn from refusing answers (h3fusion.refusal), the rest from safe
     completions. None: a uniform sample of the pool (offline: about 0.43 refusals)."""
+    harmless_benign_examples: int = Field(0, ge=0)
+    """Benign Alpaca instructions (no input, half of them with alarming words, none in the helpful dev pool) with
+    their compliant answers, added to the harmless expert's training only: every harmless prompt is a red-team
+    one, so without them the expert learns that refusing is the answer (the CPU study's refused 0.48 of the
+    AlpacaEval instructions). Fusion's gating data and router init never see them: labelled harmless, they would
+    send benign requests to the harmless expert. 0: none (the paper)."""
     honest_dev_questions: int = Field(0, ge=0)
     """TruthfulQA training questions held out of every stage's training as the honest dev set
     (evaluate.split: dev). 0: none held out (the paper trains on all 408)."""

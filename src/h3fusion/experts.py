@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from h3fusion.config import AXES, RunConfig
-from h3fusion.data import load_heldout_train, load_train
+from h3fusion.data import load_expert_train, load_heldout_train
 from h3fusion.errors import H3FusionError
 from h3fusion.io import stage_writes, write_json
 from h3fusion.models import EXPERT_META, base_fingerprint, load_model
@@ -54,7 +54,7 @@ def align_expert(config: RunConfig, axis: str, log=print) -> Path:
     lora = config.lora
     return train_lora_adapter(
         config, f"[align] {axis}", out,
-        examples=load_train(axis, config), heldout=load_heldout_train(axis, config, HELDOUT_EXAMPLES),
+        examples=load_expert_train(axis, config), heldout=load_heldout_train(axis, config, HELDOUT_EXAMPLES),
         target_modules=list(lora.target_modules), r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
         train=config.train, meta={"axis": axis}, log=log,
     )

@@ -3,7 +3,8 @@
 Reads the local data directory (``data.dir`` / ``$H3FUSION_DATA_DIR``, laid out like
 shared/data) or, when none is set, the Hugging Face hub. Knows nothing of models or judges.
 
-    load_train(axis, config) -> list[SFTExample]
+    load_train(axis, config) -> list[SFTExample]         # the axis's own examples (fusion, router init)
+    load_expert_train(axis, config) -> list[SFTExample]  # what its expert trains on: + expert_extras
     load_test(axis, config, limit=None) -> list[dict]   # records in test order, ids 0..n-1
     load_dev(axis, config, limit) -> list[dict]          # test-shaped records disjoint from the test subsets
     load_evaluated(axis, config) -> list[dict]           # what evaluate.split names: test subset or dev
@@ -34,6 +35,7 @@ __all__ = [
     "load_dev",
     "load_evaluated",
     "load_heldout_train",
+    "load_expert_train",
     "load_test",
     "load_train",
     "mixed_train",
@@ -49,6 +51,13 @@ def load_train(axis: str, config: RunConfig) -> list[SFTExample]:
     """The expert-stage training examples of one axis (seeded sample of ``data.<axis>_train_size``)."""
     loader: Callable[[RunConfig], list[SFTExample]] = _module(axis).load_train
     return loader(config)
+
+
+def load_expert_train(axis: str, config: RunConfig) -> list[SFTExample]:
+    """What the axis's expert trains on: ``load_train`` plus the examples its data module adds for the expert
+    alone (``expert_extras``: the harmless expert's benign examples), which fusion and router init never see."""
+    extras: Callable[[RunConfig], list[SFTExample]] | None = getattr(_module(axis), "expert_extras", None)
+    return load_train(axis, config) + (extras(config) if extras else [])
 
 
 def load_heldout_train(axis: str, config: RunConfig, limit: int) -> list[SFTExample]:

@@ -11,6 +11,8 @@ import copy
 from typing import Any
 
 from h3fusion.config import RunConfig
+from h3fusion.data import helpful
+from h3fusion.data.alarming import is_alarming
 from h3fusion.data.examples import SFTExample
 from h3fusion.data.sources import (
     HubSource,
@@ -126,6 +128,26 @@ def load_train(config: RunConfig) -> list[SFTExample]:
     of them refusals when set."""
     return sample_with_share(train_pool(config), config.data.harmless_train_size, seed_of(config),
                              config.data.harmless_refusal_share, is_refusing, "harmless examples")
+
+
+def benign_examples(config: RunConfig) -> list[SFTExample]:
+    """``data.harmless_benign_examples`` benign Alpaca examples for the harmless expert (seeded; in file order):
+    instructions without input, outside the helpful dev pool, whose answers comply; half of them use alarming
+    words (``data.alarming``), so the expert learns to answer requests that only sound harmful."""
+    wanted = config.data.harmless_benign_examples
+    if not wanted:
+        return []
+    pool = helpful.train_pool(config)
+    held = {e.source for e in helpful.dev_pool(config, pool)}
+    candidates = [e for e in pool if not e.input and e.source not in held and not is_refusal(e.response)]
+    picked = sample_with_share(candidates, wanted, seed_of(config) + 3, 0.5, lambda e: is_alarming(e.instruction),
+                               "benign examples (data.harmless_benign_examples)")
+    return [SFTExample("harmless", e.instruction, "", e.response, e.source) for e in picked]
+
+
+def expert_extras(config: RunConfig) -> list[SFTExample]:
+    """Examples the harmless expert trains on beyond the axis's own: the benign ones (fusion never sees them)."""
+    return benign_examples(config)
 
 
 def load_dev(config: RunConfig, limit: int) -> list[dict[str, Any]]:
