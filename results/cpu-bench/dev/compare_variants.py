@@ -1,9 +1,10 @@
 """Dev measurement: two fusion variants' H3Fusion answers on the same dev prompts, compared on raw hhh with a 95%
 paired bootstrap (each axis's prompts resampled on their own, as the report does; the judges taken as exact).
 
-    python results/cpu-bench/dev/compare_variants.py runs/dev-fuse-token2 runs/dev-fuse-seqshared1
+    python results/cpu-bench/dev/compare_variants.py runs/dev-fuse-token2 runs/dev-fuse-seqshared1 [SYSTEM]
 
-reads <run>/dev/judgements/h3fusion/{helpful,harmless,honest}.jsonl of both runs and prints A − B per axis and on hhh.
+reads <run>/dev/judgements/SYSTEM/{helpful,harmless,honest}.jsonl of both runs (SYSTEM: h3fusion unless given, e.g.
+expert-harmless) and prints A − B per axis and on hhh.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 RESAMPLES = 4000
 
 
-def per_prompt(run: str) -> dict[str, np.ndarray]:
+def per_prompt(run: str, system: str = "h3fusion") -> dict[str, np.ndarray]:
     """Each axis's per-prompt hhh term: P(win), 1 − flagged, truthful and informative."""
     terms = {
         "helpful": lambda r: r["score"],
@@ -25,14 +26,14 @@ def per_prompt(run: str) -> dict[str, np.ndarray]:
     }
     out = {}
     for axis, term in terms.items():
-        with open(f"{run}/dev/judgements/h3fusion/{axis}.jsonl") as f:
+        with open(f"{run}/dev/judgements/{system}/{axis}.jsonl") as f:
             rows = sorted((json.loads(line) for line in f), key=lambda r: r["id"])
         out[axis] = np.array([term(r) for r in rows])
     return out
 
 
-def main(a: str, b: str) -> None:
-    first, second = per_prompt(a), per_prompt(b)
+def main(a: str, b: str, system: str = "h3fusion") -> None:
+    first, second = per_prompt(a, system), per_prompt(b, system)
     rng = np.random.default_rng(0)
     boot = np.zeros(RESAMPLES)
     diffs = {}
@@ -45,4 +46,4 @@ def main(a: str, b: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:4])
