@@ -51,7 +51,6 @@ from h3fusion.report.tables import (
 from h3fusion.report.targets import Target, check_targets, routing_accuracy
 from h3fusion.stats import BOOTSTRAP_SAMPLES
 
-
 DIAGNOSTICS = {RERANK: "picks each answer with the scoring judge", ORACLE: "knows each prompt's axis",
                UNFUSED: "the MoE before fusion training"}
 """Systems that are not deployable rivals (they borrow the scoring judge or the prompt's axis, or are H3Fusion
