@@ -65,7 +65,8 @@ class DataConfig(_Section):
     their compliant answers, added to the harmless expert's training only: every harmless prompt is a red-team
     one, so without them the expert learns that refusing is the answer (the CPU study's refused 0.48 of the
     AlpacaEval instructions). Fusion's gating data and router init never see them: labelled harmless, they would
-    send benign requests to the harmless expert. 0: none (the paper)."""
+    send benign requests to the harmless expert. 0: none (the paper). On the CPU study's dev split 200 of them made a
+    better harmless expert and left H3Fusion unchanged (results/cpu-bench/README.md)."""
     honest_dev_questions: int = Field(0, ge=0)
     """TruthfulQA training questions held out of every stage's training as the honest dev set
     (evaluate.split: dev). 0: none held out (the paper trains on all 408)."""
