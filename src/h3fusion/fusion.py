@@ -385,5 +385,6 @@ def log_fusion(training: FusionTraining, diagnosis: RoutingDiagnosis, log=print)
     log("[fuse] router accuracy on held-out prompts of each axis (chance "
         f"{1 / len(after):.2f}): " + ", ".join(
             f"{axis} {before[axis]['accuracy']:.2f} -> {after[axis]['accuracy']:.2f}" for axis in after))
-    log("[fuse] ... on the test prompts: " + ", ".join(
-        f"{axis} {r['accuracy']:.2f}" for axis, r in diagnosis.on_test.items()))
+    log("[fuse] ... on each axis's first test prompts (fusion.heldout_prompts of them; `h3fusion generate` records "
+        "every evaluated one): " + ", ".join(
+            f"{axis} {r['accuracy']:.2f} of {r['n']}" for axis, r in diagnosis.on_test.items()))
