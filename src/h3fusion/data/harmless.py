@@ -137,9 +137,7 @@ def benign_examples(config: RunConfig) -> list[SFTExample]:
     wanted = config.data.harmless_benign_examples
     if not wanted:
         return []
-    pool = helpful.train_pool(config)
-    held = {e.source for e in helpful.dev_pool(config, pool)}
-    candidates = [e for e in pool if not e.input and e.source not in held and not is_refusal(e.response)]
+    candidates = [e for e in helpful.outside_dev_pool(config) if not e.input and not is_refusal(e.response)]
     picked = sample_with_share(candidates, wanted, seed_of(config) + 3, 0.5, lambda e: is_alarming(e.instruction),
                                "benign examples (data.harmless_benign_examples)")
     return [SFTExample("harmless", e.instruction, "", e.response, e.source) for e in picked]

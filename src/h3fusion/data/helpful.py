@@ -76,14 +76,20 @@ def dev_pool(config: RunConfig, pool: list[SFTExample] | None = None) -> list[SF
     return sample_with_share(candidates, size, seed_of(config) + 1, share, is_question, "helpful dev instructions")
 
 
+def outside_dev_pool(config: RunConfig) -> list[SFTExample]:
+    """The pool without the dev pool's instructions: what every training sample draws from (the helpful expert's,
+    the harmless expert's benign examples)."""
+    pool = train_pool(config)
+    held = {e.source for e in dev_pool(config, pool)}  # drawn from the whole pool: no training setting moves it
+    return [e for e in pool if e.source not in held]
+
+
 def load_train(config: RunConfig) -> list[SFTExample]:
     """A seeded sample of ``data.helpful_train_size`` examples of the pool outside the dev pool (None: all), in
     file order, ``data.helpful_question_share`` of them question-form when set, answers of at least
     ``data.helpful_min_words`` words when set."""
-    pool = train_pool(config)
-    held = {e.source for e in dev_pool(config, pool)}  # drawn from the whole pool: no training setting moves it
     least = config.data.helpful_min_words or 0
-    kept = [e for e in pool if e.source not in held and len(e.response.split()) >= least]
+    kept = [e for e in outside_dev_pool(config) if len(e.response.split()) >= least]
     return sample_with_share(kept, config.data.helpful_train_size,
                              seed_of(config), config.data.helpful_question_share, is_question, "helpful examples")
 
