@@ -208,7 +208,7 @@ class CompactMoEMLP(MoEMLP):
         the SwiGLU and routing weight are applied in place, and the rows and their down-rank activations are added
         into [T, I] and [T, N, Rd] accumulators (``index_add_``); the training loop's out-of-place ops allocate and
         pass over [T_e, I] tensors four more times per expert. A batch-8 prefill of 32-token prompts with top-2 of
-        3 experts ran at 0.85 of the base's speed instead of 0.78 (bench/README.md)."""
+        3 experts runs at 0.87 of the base's speed instead of 0.78-0.82 (paired probes, bench/README.md)."""
         t = x.shape[0]
         f = self._prepared(x.dtype)
         wt = f.base_t or (None, None, None)
@@ -233,7 +233,7 @@ class CompactMoEMLP(MoEMLP):
         return project(self.down_proj, wt[2], mix, z.reshape(t, -1), f.down_B_flat)
 
     def _mix_routed_tokens(self, x: Tensor, top_w: Tensor, top_i: Tensor) -> Tensor:
-        """Loop over experts, each on its routed tokens only (prefill / training path)."""
+        """Loop over experts, each on its routed tokens only (training; ``_mix_routed_inference`` without autograd)."""
         t = x.shape[0]
         f = self._prepared(x.dtype)
         g0 = self.gate_proj(x)  # [T, I], once for all experts
