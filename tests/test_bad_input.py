@@ -276,6 +276,13 @@ def export_other_family(w: Inputs) -> Run:
     return Run(["export", str(w.shared.qwen_moe), "--format", "mixtral", "--out", str(w.tmp / "mixtral")])
 
 
+def export_other_family_refused_before_weights(w: Inputs) -> Run:
+    """The same model without its weights file: refused from its config alone, before any weights would load."""
+    model = Path(shutil.copytree(w.shared.qwen_moe, w.tmp / "qwen-moe-config-only"))
+    (model / "model.safetensors").unlink()
+    return Run(["export", str(model), "--format", "mixtral", "--out", str(w.tmp / "mixtral")])
+
+
 def export_sequence_routing(w: Inputs) -> Run:
     return Run(["export", str(w.shared.sequence_moe), "--format", "mixtral", "--out", str(w.tmp / "mixtral")])
 
@@ -403,6 +410,8 @@ CASES = [
     pytest.param(model_without_gated_mlp, "has no gated MLP (gate_proj, up_proj, down_proj missing)",
                  id="model-without-gated-mlp"),
     pytest.param(export_other_family, "cannot export a qwen2-based model as Mixtral", id="export-other-family"),
+    pytest.param(export_other_family_refused_before_weights, "cannot export a qwen2-based model as Mixtral",
+                 id="export-other-family-before-weights"),
     pytest.param(export_sequence_routing, "cannot export a sequence-routed model as Mixtral",
                  id="export-sequence-routing"),
     pytest.param(judge_unreachable, "is unreachable", id="judge-unreachable"),

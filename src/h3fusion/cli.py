@@ -298,9 +298,10 @@ def export(
     if format != "mixtral":
         raise H3FusionError(f"unknown export format '{format}'; supported: mixtral")
     from h3fusion.models import load_model
-    from h3fusion.moe.export import export_mixtral
+    from h3fusion.moe.export import check_exportable, export_mixtral
     from h3fusion.moe.modeling import H3FusionForCausalLM
 
+    check_exportable(model)  # what the saved config alone rules out is refused before any weights load
     loaded, tokenizer = load_model(str(model))
     if not isinstance(loaded, H3FusionForCausalLM):
         raise H3FusionError(f"{model} is not an h3fusion model (it loads as {type(loaded).__name__})")

@@ -9,11 +9,13 @@ is refused: Mixtral has no way to keep one prompt-level decision for a whole ans
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
 from h3fusion.errors import H3FusionError
+from h3fusion.moe.configuration import H3FusionConfig
 from h3fusion.moe.modeling import H3FusionForCausalLM
 
 MIXTRAL_FAMILIES = ("llama", "mistral")
@@ -24,14 +26,16 @@ _SHARED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_
                   "rope_parameters")
 
 
-def mixtral_config(model: H3FusionForCausalLM):
+def mixtral_config(config: H3FusionConfig):
+    """The ``MixtralConfig`` an h3fusion model's config exports to, or one H3FusionError saying why it cannot: read
+    from the config alone, so ``h3fusion export`` refuses before it loads any weights."""
     from transformers import MixtralConfig
 
-    if model.config.routing != "token":
-        raise H3FusionError(f"cannot export a sequence-routed model as Mixtral (moe.routing: {model.config.routing}; "
+    if config.routing != "token":
+        raise H3FusionError(f"cannot export a sequence-routed model as Mixtral (moe.routing: {config.routing}; "
                             "Mixtral routes every token on its own); keep the h3fusion format, or build with "
                             "moe.routing: token")
-    base = model.config.make_base_config()
+    base = config.make_base_config()
     family = base.model_type
     if family not in MIXTRAL_FAMILIES:
         raise H3FusionError(f"cannot export a {family}-based model as Mixtral (only {', '.join(MIXTRAL_FAMILIES)} "
@@ -39,20 +43,38 @@ def mixtral_config(model: H3FusionForCausalLM):
     for flag in ("attention_bias", "mlp_bias"):
         if getattr(base, flag, False):
             raise H3FusionError(f"cannot export as Mixtral: the base has {flag}=True, which Mixtral cannot hold")
-    if any(abs(b) > 0 for b in model.config.expert_bias):
+    if any(abs(b) > 0 for b in config.expert_bias):
         raise H3FusionError("cannot export as Mixtral with a non-zero expert bias (Mixtral routers have no bias); "
                             "set_expert_bias to zeros first")
     fields = {k: getattr(base, k) for k in _SHARED_FIELDS if getattr(base, k, None) is not None}
     return MixtralConfig(
         **fields,
-        num_local_experts=model.config.num_experts,
-        num_experts_per_tok=model.config.num_experts_per_tok,
+        num_local_experts=config.num_experts,
+        num_experts_per_tok=config.num_experts_per_tok,
         sliding_window=None,  # Mixtral's attention must not window where the base did not
         router_jitter_noise=0.0,
         output_router_logits=False,
         attention_dropout=0.0,
         architectures=["MixtralForCausalLM"],
     )
+
+
+def check_exportable(model_dir: str | Path) -> None:
+    """Refuse, from ``model_dir``'s saved config alone, an h3fusion model that cannot become a Mixtral (another
+    base family, sequence routing, an expert bias); anything else (no config, another model type, a config that
+    does not parse) is left to loading, which reports it."""
+    saved = Path(model_dir) / "config.json"
+    try:
+        fields = json.loads(saved.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if not isinstance(fields, dict) or fields.get("model_type") != H3FusionConfig.model_type:
+        return
+    try:
+        config = H3FusionConfig.from_pretrained(model_dir)
+    except Exception:  # noqa: BLE001 - a config loading cannot read either: loading reports it in its own words
+        return
+    mixtral_config(config)
 
 
 @torch.no_grad()
@@ -62,7 +84,7 @@ def export_mixtral(model: H3FusionForCausalLM, out_dir: str | Path, dtype: torch
 
     if any("lora_" in name for name, _ in model.named_parameters()):
         raise H3FusionError("the model still carries unmerged LoRA layers; export a model saved by `h3fusion fuse`")
-    config = mixtral_config(model)
+    config = mixtral_config(model.config)
     dtype = dtype or model.dtype
     with torch.device("meta"):
         mixtral = MixtralForCausalLM(config)
