@@ -264,6 +264,27 @@ def section_decode_steps(models: dict, tokenizer, args) -> dict:
     return result
 
 
+PREFILL_REPEATS = 12  # prefill section: one forward each, alternating, per model
+
+
+def section_prefill(models: dict, tokenizer, args) -> dict:
+    """The prompt's forward alone (batch 8 × PROMPT_TOKENS tokens into a fresh KV cache, the LM head on the last
+    position, as ``generate`` runs it): the models take turns, PREFILL_REPEATS each. At batch 8 it is ~18% of a
+    whole generation, and the MoE's many-token paths (token routing's routed loop, sequence routing's rank-space
+    mask) run here, not while decoding. X-LoRA is left out, as in the decode steps."""
+    from transformers import DynamicCache
+
+    inputs = gen_prompts(tokenizer, 8, args.device)
+
+    def runner(model):
+        return lambda: timed(lambda: model(**inputs, past_key_values=DynamicCache(), use_cache=True,
+                                           logits_to_keep=1), args.device)[1]
+
+    with torch.no_grad():
+        samples = alternating({name: runner(m) for name, m in models.items() if name != "xlora"}, PREFILL_REPEATS)
+    return {"b8": {name: {"tok_s": 8 * PROMPT_TOKENS / median(s), "seconds": s} for name, s in samples.items()}}
+
+
 def mixed_layers(model) -> float:
     """Share of a sequence-routed model's layers whose rows (of the last batch it decoded) kept different
     experts: a mixed batch, the case a single merged expert could not serve."""
@@ -521,7 +542,8 @@ def table(results: dict) -> str:
         if "mixed_layers" in g[b].get("compact-seq", {}):
             rows.append((f"compact-seq layers whose rows kept different experts {b}",
                          f"{g[b]['compact-seq']['mixed_layers']:.2f}", "", ""))
-    for prefix, timed_runs, unit in (("", g, "repeat"), ("decode step ", results.get("decode_steps", {}), "step")):
+    for prefix, timed_runs, unit in (("", g, "repeat"), ("decode step ", results.get("decode_steps", {}), "step"),
+                                     ("prefill ", results.get("prefill", {}), "repeat")):
         for b in ("b1", "b8"):
             runs = timed_runs.get(b, {})
             for num, den in RATIOS:
@@ -681,6 +703,7 @@ def main() -> None:
 
     results["generation"] = section_generation(models, tokenizer, args)
     results["decode_steps"] = section_decode_steps(models, tokenizer, args)
+    results["prefill"] = section_prefill(models, tokenizer, args)
     if args.generation_only:
         log("memory phase")
         memory_mode()
