@@ -71,7 +71,7 @@ def check_exportable(model_dir: str | Path) -> None:
     if not isinstance(fields, dict) or fields.get("model_type") != H3FusionConfig.model_type:
         return
     try:
-        config = H3FusionConfig.from_pretrained(model_dir)
+        config = H3FusionConfig.from_dict(fields)  # the fields already read: no second read of the file
     except Exception:  # noqa: BLE001 - a config loading cannot read either: loading reports it in its own words
         return
     mixtral_config(config)
