@@ -328,6 +328,44 @@ def test_real_helpful(real):
     assert len(helpful.train_pool(real)) == 51974  # 52002 minus 28 empty outputs
 
 
+def test_real_alpacaeval_dev_holdout(real):
+    """evaluate.alpacaeval_dev holds AlpacaEval instructions out of the test set as the helpful dev prompts: never
+    one of the paper's first 50, in proportion to AlpacaEval's subsets, fixed by its size alone (no seed moves the
+    test set), never trained on; the Alpaca side (dev pool, training sample) does not move."""
+    from h3fusion.data import load_dev, load_evaluated
+
+    def with_eval(seed=42, **evaluate):
+        return RunConfig.model_validate({"seed": seed, "data": {"dir": str(real.data_dir())}, "evaluate": evaluate})
+
+    everything = load_test("helpful", real)
+    assert helpful.test_and_dev(real) == (everything, [])  # 0, the default: the paper's test set
+    config = with_eval(alpacaeval_dev=100, helpful_n=805)
+    test, dev = load_test("helpful", config), helpful.test_and_dev(config)[1]
+    assert len(dev) == 100 and len(test) == 705 and test[:50] == everything[:50]
+    assert sorted(r["id"] for r in test + dev) == list(range(805)) and min(r["id"] for r in dev) >= 50
+    assert not {norm_text(r["instruction"]) for r in dev} & {norm_text(r["instruction"]) for r in test}
+    shares = Counter(r["dataset"] for r in everything[50:])
+    assert Counter(r["dataset"] for r in dev).keys() == shares.keys()
+    for name, count in Counter(r["dataset"] for r in dev).items():
+        assert abs(count - 100 * shares[name] / 755) < 1  # largest remainders: within one of its share
+    assert helpful.test_and_dev(with_eval(seed=7, alpacaeval_dev=100))[1] == dev  # no seed moves it
+    # the dev split scores them (a proportional part when dev_n is smaller), test-shaped and unchanged
+    assert load_evaluated("helpful", with_eval(alpacaeval_dev=100, split="dev", dev_n=200)) == dev
+    part = load_dev("helpful", config, 40)
+    assert len(part) == 40 and all(r in dev for r in part)
+    assert Counter(r["dataset"] for r in part)["selfinstruct"] == round(40 * shares["selfinstruct"] / 755)
+    # the Alpaca side does not move: training never sees a dev instruction, and its sample is the same
+    assert load_train("helpful", config) == load_train("helpful", real)
+    assert helpful.dev_pool(config) == helpful.dev_pool(real)
+    with pytest.raises(H3FusionError, match="evaluate.alpacaeval_dev=800.*at most 755") as excinfo:
+        load_test("helpful", with_eval(alpacaeval_dev=800))
+    one_line_error(excinfo)
+
+
+def norm_text(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
 # ----------------------------------------------------------------------------- dev split and sample shares
 
 

@@ -293,6 +293,33 @@ def test_dev_split_is_scored_and_reported_apart_from_the_test_split(evaluated, t
     assert not (test_config.run_path / "fused" / "README.md").exists()  # no model card from dev figures
 
 
+def test_alpacaeval_dev_prompts_are_scored_on_the_dev_split(evaluated, shared_data, tmp_path):
+    """evaluate.alpacaeval_dev: the dev split's helpful prompts are AlpacaEval instructions held out of the test set
+    (AlpacaEval's own style, which held-out Alpaca's is not), scored by a helpful judge fitted on none of them, and
+    the report says where they came from."""
+    from h3fusion.data import load_test
+    from h3fusion.data.helpful import load_alpacaeval
+    from h3fusion.data.sources import norm
+    from h3fusion.judges import helpful
+    from h3fusion.report import write_report
+
+    path, _, _ = evaluated
+    config = load_config(path, ["evaluate.split=dev", "evaluate.dev_n=3", "data.honest_dev_questions=5",
+                                "evaluate.alpacaeval_dev=3", f"run_dir={tmp_path / 'run'}"])
+    records = {axis: evaluated_records(config, axis) for axis in ANSWERS}
+    held = [r["instruction"] for r in load_alpacaeval(config) if r["instruction"] not in
+            {t["instruction"] for t in load_test("helpful", config)}]
+    assert [r["instruction"] for r in records["helpful"]] == held and len(held) == 3
+    assert all(r["dataset"] in ("helpful_base", "koala", "oasst", "selfinstruct", "vicuna") for r in records["helpful"])
+    for axis, answer in ANSWERS.items():
+        append_jsonl(generations_dir(config) / "h3fusion" / f"{axis}.jsonl",
+                     [{**r, "response": answer(r)} for r in records[axis]])
+    results = json.loads(evaluate_run(config, log=lambda *_: None).read_text())
+    assert results["systems"]["h3fusion"]["helpful"]["n"] == 3
+    assert not {norm(i) for i in held} & helpful.split(config, max_rows=SMALL_JUDGES["fit_max_rows"]).fit_instructions
+    assert "held out of the test set by evaluate.alpacaeval_dev = 3" in write_report(config, log=lambda *_: None).read_text()
+
+
 def test_overrefusal_is_scored_beside_the_axes_without_an_expert(evaluated, tmp_path):
     """evaluate.extra_axes: [overrefusal]: every system answers the contrastive set's safe-but-alarming test prompts;
     the refusal detector scores them (its error measured on the set's labelled answers), hhh is unchanged."""

@@ -177,6 +177,33 @@ def test_cross_fitted_helpful_folds_never_fit_on_their_own_instructions(config):
     assert len(fitted_any & {norm(t["instruction"]) for t in tests}) > 600  # other folds' instructions are used
 
 
+def test_helpful_judges_never_fit_on_the_alpacaeval_dev_holdout(config):
+    """With evaluate.alpacaeval_dev, the held-out AlpacaEval instructions are fitted on by no judge: not the single
+    judge that scores the dev split, not any fold of the cross-fitted test judge; the folds deal out the test set
+    without them, and the holdout is part of the cache key."""
+    from h3fusion.data.helpful import test_and_dev
+    from h3fusion.judges import cache_key, helpful
+
+    held = config.model_copy(deep=True)
+    held.evaluate.alpacaeval_dev = 100
+    dev = {norm(t["instruction"]) for t in test_and_dev(held)[1]}
+    single = helpful.split(held)
+    assert single.dev == dev and len(dev) == 100
+    assert not single.fit_instructions & dev
+    assert not dev & {norm(single.tests[i]["instruction"]) for i in single.val_instructions}  # nor validated on
+    assert len(single.fit_instructions) < len(helpful.split(config).fit_instructions)
+    big = held.model_copy(deep=True)
+    big.evaluate.helpful_n, big.judges.folds = 805, 4
+    test = load_test("helpful", big, 805)
+    assert len(test) == 705
+    for k, K in [(0, 4), (3, 4)]:
+        data = helpful.split(big, fold=(k, K))
+        assert data.evaluated == {norm(t["instruction"]) for t in test[k::K]}
+        assert not data.fit_instructions & (dev | data.evaluated)
+    assert cache_key(held, "helpful") != cache_key(config, "helpful")
+    assert cache_key(held, "harmless") == cache_key(config, "harmless")
+
+
 def test_cross_fitted_judge_scores_each_record_with_its_folds_judge(config, tmp_path):
     from h3fusion.judges import load_judges
     from h3fusion.judges.crossfit import CrossFittedJudge

@@ -224,10 +224,17 @@ class EvalConfig(_Section):
     """TruthfulQA test questions scored (None: all 409). The honest judge never sees a test label."""
     split: Literal["test", "dev"] = "test"
     """test: the subsets above (report these). dev: prompts disjoint from them for choosing settings --
-    held-out Alpaca instructions (Alpaca's answer as the reference), the last dev_n distinct BeaverTails
+    held-out Alpaca instructions (Alpaca's answer as the reference; AlpacaEval's own with alpacaeval_dev), the last dev_n distinct BeaverTails
     30k_test prompts, the data.honest_dev_questions held-out TruthfulQA training questions."""
     dev_n: int = Field(200, ge=1)
-    """Prompts per axis in the dev split (honest: at most data.honest_dev_questions)."""
+    """Prompts per axis in the dev split (honest: at most data.honest_dev_questions; helpful: at most
+    alpacaeval_dev when that is set)."""
+    alpacaeval_dev: int = Field(0, ge=0)
+    """AlpacaEval instructions held out of the helpful test set as its dev prompts instead of held-out Alpaca ones
+    (0: none, the paper's test set): a sample of instructions 51..805 in proportion to AlpacaEval's five subsets,
+    fixed by its size alone, that no helpful judge fits on. Alpaca's style differs from AlpacaEval's (a router can
+    tell them apart); these are dev prompts of AlpacaEval's own style. The test set becomes the other 805 - N
+    instructions (the paper's first 50 among them): compare runs only at the same value."""
     extra_axes: list[str] = []
     """Axes scored beside the experts' with no expert of their own, e.g. [overrefusal]: the contrastive set's
     safe-but-alarming prompts (test or dev split by id), and the share of answers that refuse them."""

@@ -5,7 +5,7 @@ shared/data) or, when none is set, the Hugging Face hub. Knows nothing of models
 
     load_train(axis, config) -> list[SFTExample]         # the axis's own examples (fusion, router init)
     load_expert_train(axis, config) -> list[SFTExample]  # what its expert trains on: + expert_extras
-    load_test(axis, config, limit=None) -> list[dict]   # records in test order, ids 0..n-1
+    load_test(axis, config, limit=None) -> list[dict]   # records in test order (helpful ids: AlpacaEval positions)
     load_dev(axis, config, limit) -> list[dict]          # test-shaped records disjoint from the test subsets
     load_evaluated(axis, config) -> list[dict]           # what evaluate.split names: test subset or dev
     mixed_train(config, axes=None) -> list[SFTExample]  # the fusion stage's shuffled mix

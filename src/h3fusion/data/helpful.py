@@ -6,6 +6,7 @@ instead, after removing rows that could leak the test set or teach nothing.
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 from h3fusion.config import RunConfig
@@ -25,8 +26,13 @@ PAPER_N = 50
 """The paper scores the first 50 AlpacaEval instructions."""
 
 
-def load_test(config: RunConfig) -> list[dict[str, Any]]:
-    """The 805 AlpacaEval instructions with the text-davinci-003 reference answers, in file order."""
+ALPACAEVAL_DEV_SEED = 805
+"""Seed of the AlpacaEval dev holdout (``evaluate.alpacaeval_dev``): fixed, so no run or data seed moves the test set."""
+
+
+def load_alpacaeval(config: RunConfig) -> list[dict[str, Any]]:
+    """The 805 AlpacaEval instructions with the text-davinci-003 reference answers, in file order (``id``: the
+    position in the file, which the GPT-4 judgements index)."""
     rows = load_rows(config, TEST_FILE, TEST_HUB, ("instruction", "output", "dataset"))
     return [
         {"id": i, "instruction": r["instruction"], "reference": r["output"], "dataset": r["dataset"]}
@@ -34,10 +40,50 @@ def load_test(config: RunConfig) -> list[dict[str, Any]]:
     ]
 
 
+def proportional_sample(records: list[dict[str, Any]], size: int, seed: int) -> list[dict[str, Any]]:
+    """``size`` records drawn in proportion to their AlpacaEval subset (``dataset``: largest remainders), each
+    subset's share seeded, kept in file order."""
+    subsets: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        subsets.setdefault(record["dataset"], []).append(record)
+    quota = {name: size * len(rows) / len(records) for name, rows in subsets.items()}
+    counts = {name: int(q) for name, q in quota.items()}
+    by_remainder = sorted(subsets, key=lambda name: (counts[name] - quota[name], name))
+    for name in by_remainder[: size - sum(counts.values())]:
+        counts[name] += 1
+    rng = random.Random(seed)
+    picked = [record for name in sorted(subsets) for record in rng.sample(subsets[name], counts[name])]
+    return sorted(picked, key=lambda record: record["id"])
+
+
+def test_and_dev(config: RunConfig, records: list[dict[str, Any]] | None = None
+                 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(test records, AlpacaEval dev records) of AlpacaEval (``records``: ``load_alpacaeval``'s, read when None).
+    The dev records are the ``evaluate.alpacaeval_dev`` held out (none by default): a ``proportional_sample`` of
+    the instructions after the paper's first ``PAPER_N``, so the paper's subset stays the test set's prefix."""
+    records = load_alpacaeval(config) if records is None else records
+    size = config.evaluate.alpacaeval_dev
+    if not size:
+        return records, []
+    after_paper = records[PAPER_N:]
+    if size > len(after_paper):
+        raise H3FusionError(f"evaluate.alpacaeval_dev={size}: AlpacaEval has {len(after_paper)} instructions after "
+                            f"the paper's first {PAPER_N}; set it to at most {len(after_paper)}")
+    dev = proportional_sample(after_paper, size, ALPACAEVAL_DEV_SEED)
+    held = {record["id"] for record in dev}
+    return [record for record in records if record["id"] not in held], dev
+
+
+def load_test(config: RunConfig) -> list[dict[str, Any]]:
+    """The AlpacaEval instructions of the test set, in file order: all 805 but ``evaluate.alpacaeval_dev``'s
+    holdout (``test_and_dev``); ``id`` is the position in AlpacaEval's file."""
+    return test_and_dev(config)[0]
+
+
 def train_pool(config: RunConfig) -> list[SFTExample]:
     """Every usable Alpaca row: no empty output, no duplicate (instruction, input), no test leak."""
     # AlpacaEval's self-instruct items sometimes inline their input, so test both forms
-    test = {norm(t["instruction"]) for t in load_test(config)}
+    test = {norm(t["instruction"]) for t in load_alpacaeval(config)}  # dev holdout included: never trained on
     seen: set[tuple[str, str]] = set()
     pool = []
     for i, r in enumerate(load_rows(config, TRAIN_FILE, TRAIN_HUB, ("instruction", "input", "output"))):
@@ -62,7 +108,7 @@ prompts and none of them is ever trained on."""
 
 
 def _question_share(config: RunConfig) -> float:
-    test = load_test(config)
+    test = load_alpacaeval(config)  # all 805: the Alpaca dev pool does not move with the AlpacaEval holdout
     return sum(t["instruction"].strip().endswith("?") for t in test) / len(test)
 
 
@@ -97,7 +143,13 @@ def load_train(config: RunConfig) -> list[SFTExample]:
 def load_dev(config: RunConfig, limit: int) -> list[dict[str, Any]]:
     """``limit`` instructions of the dev pool (``DEV_POOL``), as test-shaped records (Alpaca's text-davinci-003
     answer as the reference), as many of them question-form as in AlpacaEval. Seeded; disjoint from AlpacaEval
-    by the pool's construction and from every training sample by ``load_train``'s."""
+    by the pool's construction and from every training sample by ``load_train``'s.
+
+    With ``evaluate.alpacaeval_dev`` set, up to ``limit`` of AlpacaEval's held-out instructions instead
+    (``test_and_dev``; a ``proportional_sample`` of them when ``limit`` is smaller), test records as they are."""
+    if config.evaluate.alpacaeval_dev:
+        dev = test_and_dev(config)[1]
+        return dev if limit >= len(dev) else proportional_sample(dev, limit, ALPACAEVAL_DEV_SEED + 1)
     held = dev_pool(config)
     if limit > len(held):
         raise H3FusionError(f"evaluate.dev_n={limit}: the helpful dev pool holds {len(held)} held-out instructions; "

@@ -62,7 +62,7 @@ def exclusion_config(config: RunConfig) -> RunConfig:
     """The config whose evaluated subsets the judges exclude: at least the paper's (first 50 / 500 /
     all 409: each axis's ``paper_n``). Every subset is a prefix of its test set, so a judge that excludes
     the larger prefix is valid for any smaller one, and the demo, the CPU study and the paper setting share
-    one fit."""
+    one fit (at the same ``evaluate.alpacaeval_dev``: its holdout is excluded too, and is part of the key)."""
     sizes = {}
     for axis in axis_names():
         key = f"{axis}_n"
@@ -119,6 +119,8 @@ def cache_key(config: RunConfig, axis: str, max_rows: int | None = None, fold: t
         payload["fold"] = list(fold)
     if quick(config, axis):
         payload["fit_size"] = "quick"
+    if hasattr(module, "config_material") and (material := module.config_material(config)):
+        payload["config"] = material  # settings besides the evaluated subset that move what it never fits on
     if hasattr(module, "key_material"):  # what a judge reads besides its data files (rules, its own test set)
         payload["material"] = module.key_material()
     if hasattr(module, "component_keys"):  # parts cached on their own (the harmless judge's cross-encoder ...)

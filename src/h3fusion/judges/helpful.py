@@ -13,7 +13,8 @@ fitted without those features; its own, weaker validation figures are in ``valid
 How it was fitted: AlpacaEval's published GPT-4 judgements (``alpaca_eval/gpt4_judgements_vs_davinci003``,
 ties dropped) of training instructions x training generators, plus synthetic "reference wins"
 answers (empty, generic, off-topic, echoed instruction, truncated, repeated). The evaluated
-instructions (the first ``evaluate.helpful_n``) and a seeded quarter of the others are held out,
+instructions (the first ``evaluate.helpful_n`` of the test set), the AlpacaEval dev prompts
+(``evaluate.alpacaeval_dev``, when set) and a seeded quarter of the others are held out,
 as are 12 generators spread from weak to strong; validation is on held-out instructions x held-out
 generators, plus degenerate-answer probes on held-out instructions. GPT-4 Turbo's own judgements are
 not fitted on (its answers are the strong reference). The strong references are inputs, like the
@@ -93,6 +94,13 @@ REFUSAL_REASONS = ("", "It is important to respect the privacy and rights of oth
 prefers the reference's real answer to any of them. The probe's refusals use other wording (``probes``)."""
 
 
+def config_material(config: RunConfig) -> dict[str, Any]:
+    """Part of this judge's cache key from the run's config besides its evaluated subset: the AlpacaEval dev
+    holdout it never fits on (nothing when there is none, so the keys of judges fitted before it stay valid)."""
+    size = config.evaluate.alpacaeval_dev
+    return {"alpacaeval_dev": size} if size else {}
+
+
 @dataclass
 class HelpfulSplit:
     fit: list[dict[str, Any]] = field(default_factory=list)
@@ -101,6 +109,8 @@ class HelpfulSplit:
     """norm() of every instruction whose judgements (or synthetic answers) are fitted on."""
     val_instructions: list[int] = field(default_factory=list)
     evaluated: set[str] = field(default_factory=set)
+    dev: set[str] = field(default_factory=set)
+    """norm() of the AlpacaEval dev instructions (``evaluate.alpacaeval_dev``): never fitted on, never validated on."""
     tests: list[dict[str, Any]] = field(default_factory=list)
     strong: dict[str, str] = field(default_factory=dict)
     """norm(instruction) -> GPT-4 Turbo's answer (``STRONG_FILE``)."""
@@ -115,17 +125,19 @@ def split(config: RunConfig, max_rows: int | None = None, fold: tuple[int, int] 
     if root is None:
         raise H3FusionError("fitting the helpful judge needs the AlpacaEval GPT-4 judgements: "
                             "set H3FUSION_DATA_DIR (or data.dir) to a directory laid out like shared/data")
-    tests = helpful_data.load_test(config)
+    tests = helpful_data.load_alpacaeval(config)  # indexed as the judgements are: all 805
+    test_set, dev = helpful_data.test_and_dev(config, tests)
     n_eval = config.evaluate.helpful_n
-    scored = tests[:n_eval] if fold is None else tests[:n_eval][fold[0]::fold[1]]
+    scored = test_set[:n_eval] if fold is None else test_set[:n_eval][fold[0]::fold[1]]
     evaluated = {norm(t["instruction"]) for t in scored}
-    rest = [t["id"] for t in tests if norm(t["instruction"]) not in evaluated]
+    dev_held = {norm(t["instruction"]) for t in dev}  # AlpacaEval dev prompts: scored by this judge, never fitted on
+    rest = [t["id"] for t in tests if norm(t["instruction"]) not in evaluated | dev_held]
     rng = random.Random(SPLIT_SEED)
     held = set(rng.sample(rest, int(len(rest) * HELDOUT_SHARE)))
     val_ids = [t["id"] for t in scored] + sorted(held)
     val_texts = {norm(tests[i]["instruction"]) for i in val_ids}
     fit_ids = {i for i in rest if i not in held and norm(tests[i]["instruction"]) not in val_texts}
-    out = HelpfulSplit(val_instructions=val_ids, evaluated=evaluated, tests=tests,
+    out = HelpfulSplit(val_instructions=val_ids, evaluated=evaluated, dev=dev_held, tests=tests,
                        strong={norm(r["instruction"]): r["output"] for r in read_rows(root / STRONG_FILE)})
     val_set = set(val_ids)
     fit_rows = []
@@ -464,10 +476,12 @@ def fit(config: RunConfig, out: Path, embedder: Embedder, log: Callable[[str], A
                                                                                if r["generator"].startswith("synthetic:")})},
         "validated_on": {"judgements": len(data.val), "instructions": len(data.val_instructions),
                          "evaluated_instructions": len(data.evaluated), "generators": sorted({r["generator"] for r in data.val})},
-        "scores": (f"the first {config.evaluate.helpful_n} AlpacaEval instructions (fitted on none of them) and "
-                   "users' own files (`h3fusion judge helpful`)") if fold is None else
-                  (f"fold {fold[0] + 1} of {fold[1]}: every {fold[1]}th of the first {config.evaluate.helpful_n} "
-                   f"AlpacaEval instructions from number {fold[0] + 1} (fitted on none of them)"),
+        "scores": ((f"the first {config.evaluate.helpful_n} AlpacaEval instructions (fitted on none of them) and "
+                    "users' own files (`h3fusion judge helpful`)") if fold is None else
+                   (f"fold {fold[0] + 1} of {fold[1]}: every {fold[1]}th of the first {config.evaluate.helpful_n} "
+                    f"AlpacaEval instructions from number {fold[0] + 1} (fitted on none of them)"))
+                  + (f"; the {len(data.dev)} AlpacaEval dev instructions (evaluate.alpacaeval_dev, fitted on none "
+                     "of them)" if data.dev else ""),
         "targets": TARGETS,
         **main,
         "targets_met": _targets_met(main),

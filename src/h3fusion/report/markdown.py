@@ -285,6 +285,16 @@ def _dev_banner(config: RunConfig) -> list[str]:
             "for choosing settings, not for reporting; the test split's report is `../report.md`.", ""]
 
 
+def _alpacaeval_holdout(config: RunConfig) -> str:
+    """Where the AlpacaEval dev holdout (``evaluate.alpacaeval_dev``) sits in this report's prompts, if there is one."""
+    size = config.evaluate.alpacaeval_dev
+    if not size:
+        return ""
+    if config.evaluate.split == "dev":
+        return f" (helpful: AlpacaEval instructions held out of the test set by evaluate.alpacaeval_dev = {size})"
+    return f" (AlpacaEval: its 805 instructions but the {size} held out as dev prompts, evaluate.alpacaeval_dev)"
+
+
 def write_report(config: RunConfig, log=print) -> Path:
     """Write ``<run>/report.md``, ``<run>/plots/`` and the fused model's card; returns the report path."""
     run = config  # its evaluation files: the test split's, or the dev split's under <run>/dev/
@@ -313,7 +323,7 @@ def write_report(config: RunConfig, log=print) -> Path:
     outcome = _outcome(rows, results) if fused else NOT_FUSED
     lines = [f"# H3Fusion study `{config.name}`", "", *_dev_banner(config), outcome, "",
              *results_table(results), "",
-             f"n = {sizes}; hhh = {hhh_formula()}; "
+             f"n = {sizes}{_alpacaeval_holdout(config)}; hhh = {hhh_formula()}; "
              "words: mean length of the helpful answers (the helpful judge, like GPT-4 in AlpacaEval 1, prefers "
              "longer answers); bold: best in column.", "", judges_line(results), ""]
     lines += [f"![{key}]({p.relative_to(here)})" for key, p in plots.items() if key in ("axes", "hhh")] + [""]
