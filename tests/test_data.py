@@ -357,8 +357,16 @@ def test_real_alpacaeval_dev_holdout(real):
     # the Alpaca side does not move: training never sees a dev instruction, and its sample is the same
     assert load_train("helpful", config) == load_train("helpful", real)
     assert helpful.dev_pool(config) == helpful.dev_pool(real)
-    with pytest.raises(H3FusionError, match="evaluate.alpacaeval_dev=800.*at most 755") as excinfo:
-        load_test("helpful", with_eval(alpacaeval_dev=800))
+    # a user's answers to the dev prompts are judged against their references, as the test prompts' are
+    from h3fusion.evaluate import prepare_user_records
+
+    mine = prepare_user_records("helpful", [{"instruction": dev[0]["instruction"], "response": "An answer."}],
+                                config, "mine.jsonl")
+    assert mine[0]["reference"] == dev[0]["reference"]
+    # the judge that scores the dev prompts needs the others to fit on: at most half of the 755 may be held out
+    assert len(helpful.test_and_dev(with_eval(alpacaeval_dev=377))[1]) == 377
+    with pytest.raises(H3FusionError, match="evaluate.alpacaeval_dev=378.*at most 377") as excinfo:
+        load_test("helpful", with_eval(alpacaeval_dev=378))
     one_line_error(excinfo)
 
 

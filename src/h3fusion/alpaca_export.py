@@ -38,7 +38,7 @@ def alpaca_eval_outputs(config: RunConfig, system: str) -> list[dict[str, str]]:
     rows = []
     for line, (test, answer) in enumerate(zip(tests, answers, strict=False), 1):
         if answer.get("instruction") != test["instruction"]:
-            raise H3FusionError(f"{path} line {line} answers another instruction than AlpacaEval's #{line}; "
+            raise H3FusionError(f"{path} line {line} answers another instruction than AlpacaEval's #{test['id'] + 1}; "
                                 "it was generated for other test data: move it away and generate again")
         rows.append({"instruction": test["instruction"], "output": str(answer.get("response") or ""),
                      "generator": f"{config.name}/{system}", "dataset": str(test.get("dataset") or "")})

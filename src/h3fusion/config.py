@@ -231,9 +231,10 @@ class EvalConfig(_Section):
     alpacaeval_dev when that is set)."""
     alpacaeval_dev: int = Field(0, ge=0)
     """AlpacaEval instructions held out of the helpful test set as its dev prompts instead of held-out Alpaca ones
-    (0: none, the paper's test set): a sample of instructions 51..805 in proportion to AlpacaEval's five subsets,
-    fixed by its size alone, that no helpful judge fits on. Alpaca's style differs from AlpacaEval's (a router can
-    tell them apart); these are dev prompts of AlpacaEval's own style. The test set becomes the other 805 - N
+    (0: none, the paper's test set): a sample of instructions 51..805 (at most half of them: the judge that scores
+    them fits on the others) in proportion to AlpacaEval's five subsets, fixed by its size alone, that no helpful
+    judge fits on. Alpaca's style differs from AlpacaEval's (a router can tell them apart); these are dev prompts of
+    AlpacaEval's own style. The test set becomes the other 805 - N
     instructions (the paper's first 50 among them): compare runs only at the same value."""
     extra_axes: list[str] = []
     """Axes scored beside the experts' with no expert of their own, e.g. [overrefusal]: the contrastive set's

@@ -329,10 +329,11 @@ def _lookup(tree: dict, path: tuple[str, ...]):
 def prepare_user_records(axis: str, records: list[dict], config: RunConfig, origin: str) -> list[dict]:
     """Map a user's JSONL onto the fields a judge needs; what a record lacks of them (``AxisSpec.user_fields``)
     comes from the test record with the same prompt (case and spacing ignored)."""
-    from h3fusion.data import load_test
+    from h3fusion.data import load_answerable
 
     spec = axis_spec(axis)
-    known = {" ".join(prompt_text(r, axis=axis)[0].split()).lower(): r for r in load_test(axis, config)} if spec.user_fields else {}
+    known = ({" ".join(prompt_text(r, axis=axis)[0].split()).lower(): r for r in load_answerable(axis, config)}
+             if spec.user_fields else {})
     prepared = []
     for line, record in enumerate(records, 1):
         where = f"{origin} line {line}"

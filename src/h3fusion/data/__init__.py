@@ -7,6 +7,7 @@ shared/data) or, when none is set, the Hugging Face hub. Knows nothing of models
     load_expert_train(axis, config) -> list[SFTExample]  # what its expert trains on: + expert_extras
     load_test(axis, config, limit=None) -> list[dict]   # records in test order (helpful ids: AlpacaEval positions)
     load_dev(axis, config, limit) -> list[dict]          # test-shaped records disjoint from the test subsets
+    load_answerable(axis, config) -> list[dict]          # the test set + dev records held out of its file
     load_evaluated(axis, config) -> list[dict]           # what evaluate.split names: test subset or dev
     mixed_train(config, axes=None) -> list[SFTExample]  # the fusion stage's shuffled mix
 
@@ -80,6 +81,15 @@ def load_test(axis: str, config: RunConfig, limit: int | None = None) -> list[di
         raise H3FusionError(f"test limit must be >= 0 (or None for all), got {limit}")
     records = _module(axis).load_test(config)
     return records if limit is None else records[:limit]
+
+
+def load_answerable(axis: str, config: RunConfig) -> list[dict[str, Any]]:
+    """Every test-shaped record of ``axis`` whose prompt a user's answers may carry (``h3fusion judge`` takes the
+    reference from it): the test set, plus any records its data module holds out of the test file as dev prompts
+    (``dev_holdout``: the helpful axis's ``evaluate.alpacaeval_dev``)."""
+    module = _module(axis)
+    held = getattr(module, "dev_holdout", None)
+    return module.load_test(config) + (held(config) if held else [])
 
 
 def load_dev(axis: str, config: RunConfig, limit: int) -> list[dict[str, Any]]:

@@ -60,18 +60,25 @@ def test_and_dev(config: RunConfig, records: list[dict[str, Any]] | None = None
                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(test records, AlpacaEval dev records) of AlpacaEval (``records``: ``load_alpacaeval``'s, read when None).
     The dev records are the ``evaluate.alpacaeval_dev`` held out (none by default): a ``proportional_sample`` of
-    the instructions after the paper's first ``PAPER_N``, so the paper's subset stays the test set's prefix."""
+    the instructions after the paper's first ``PAPER_N`` (at most half of them), so the paper's subset stays the test
+    set's prefix."""
     records = load_alpacaeval(config) if records is None else records
     size = config.evaluate.alpacaeval_dev
     if not size:
         return records, []
     after_paper = records[PAPER_N:]
-    if size > len(after_paper):
-        raise H3FusionError(f"evaluate.alpacaeval_dev={size}: AlpacaEval has {len(after_paper)} instructions after "
-                            f"the paper's first {PAPER_N}; set it to at most {len(after_paper)}")
+    if size > len(after_paper) // 2:  # the judge that scores the dev prompts fits on the rest
+        raise H3FusionError(f"evaluate.alpacaeval_dev={size}: at most half of AlpacaEval's {len(after_paper)} "
+                            f"instructions after the paper's first {PAPER_N} may be held out (the helpful judge that "
+                            f"scores them fits on the others); set it to at most {len(after_paper) // 2}")
     dev = proportional_sample(after_paper, size, ALPACAEVAL_DEV_SEED)
     held = {record["id"] for record in dev}
     return [record for record in records if record["id"] not in held], dev
+
+
+def dev_holdout(config: RunConfig) -> list[dict[str, Any]]:
+    """The AlpacaEval instructions held out of the test set as dev prompts (``test_and_dev``; none by default)."""
+    return test_and_dev(config)[1]
 
 
 def load_test(config: RunConfig) -> list[dict[str, Any]]:

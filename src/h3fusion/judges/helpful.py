@@ -465,6 +465,8 @@ def fit(config: RunConfig, out: Path, embedder: Embedder, log: Callable[[str], A
         embedder.save()
         heads[head] = {**result, "uncalibrated": {k: raw[k] for k in SUMMARY}, "calibration": cal}
     main, noref = heads["strong"], heads["noref"]
+    test_set = ("AlpacaEval instructions" if not data.dev else
+                f"instructions of the AlpacaEval test set (all {len(data.tests)} but its {len(data.dev)} dev ones)")
     write_json(out / "calibration.json",
                rounded({**main["calibration"], "without_strong_reference": noref["calibration"]}))
     write_json(out / "strong_references.json", data.strong)
@@ -476,10 +478,10 @@ def fit(config: RunConfig, out: Path, embedder: Embedder, log: Callable[[str], A
                                                                                if r["generator"].startswith("synthetic:")})},
         "validated_on": {"judgements": len(data.val), "instructions": len(data.val_instructions),
                          "evaluated_instructions": len(data.evaluated), "generators": sorted({r["generator"] for r in data.val})},
-        "scores": ((f"the first {config.evaluate.helpful_n} AlpacaEval instructions (fitted on none of them) and "
+        "scores": ((f"the first {config.evaluate.helpful_n} {test_set} (fitted on none of them) and "
                     "users' own files (`h3fusion judge helpful`)") if fold is None else
                    (f"fold {fold[0] + 1} of {fold[1]}: every {fold[1]}th of the first {config.evaluate.helpful_n} "
-                    f"AlpacaEval instructions from number {fold[0] + 1} (fitted on none of them)"))
+                    f"{test_set} from number {fold[0] + 1} (fitted on none of them)"))
                   + (f"; the {len(data.dev)} AlpacaEval dev instructions (evaluate.alpacaeval_dev, fitted on none "
                      "of them)" if data.dev else ""),
         "targets": TARGETS,

@@ -281,15 +281,15 @@ def _fused_sections(config: RunConfig, results: dict, rows: list[dict], replicat
 def _dev_banner(config: RunConfig) -> list[str]:
     if config.evaluate.split != "dev":
         return []
-    return [f"**Dev split** (`evaluate.split: dev`, {config.evaluate.dev_n} prompts per axis, none of them a test prompt): "
+    return [f"**Dev split** (`evaluate.split: dev`, up to {config.evaluate.dev_n} prompts per axis, none of them a test prompt): "
             "for choosing settings, not for reporting; the test split's report is `../report.md`.", ""]
 
 
 def _alpacaeval_holdout(config: RunConfig) -> str:
     """Where the AlpacaEval dev holdout (``evaluate.alpacaeval_dev``) sits in this report's prompts, if there is one."""
     size = config.evaluate.alpacaeval_dev
-    if not size:
-        return ""
+    if not size or (config.evaluate.split != "dev" and config.evaluate.helpful_n <= axis_spec("helpful").paper_n):
+        return ""  # none, or a test subset within the paper's first 50, which the holdout never touches
     if config.evaluate.split == "dev":
         return f" (helpful: AlpacaEval instructions held out of the test set by evaluate.alpacaeval_dev = {size})"
     return f" (AlpacaEval: its 805 instructions but the {size} held out as dev prompts, evaluate.alpacaeval_dev)"
