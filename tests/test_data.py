@@ -338,9 +338,9 @@ def test_real_alpacaeval_dev_holdout(real):
         return RunConfig.model_validate({"seed": seed, "data": {"dir": str(real.data_dir())}, "evaluate": evaluate})
 
     everything = load_test("helpful", real)
-    assert helpful.test_and_dev(real) == (everything, [])  # 0, the default: the paper's test set
+    assert helpful.alpacaeval_split(real) == (everything, [])  # 0, the default: the paper's test set
     config = with_eval(alpacaeval_dev=100, helpful_n=805)
-    test, dev = load_test("helpful", config), helpful.test_and_dev(config)[1]
+    test, dev = load_test("helpful", config), helpful.alpacaeval_split(config)[1]
     assert len(dev) == 100 and len(test) == 705 and test[:50] == everything[:50]
     assert sorted(r["id"] for r in test + dev) == list(range(805)) and min(r["id"] for r in dev) >= 50
     assert not {norm_text(r["instruction"]) for r in dev} & {norm_text(r["instruction"]) for r in test}
@@ -348,7 +348,7 @@ def test_real_alpacaeval_dev_holdout(real):
     assert Counter(r["dataset"] for r in dev).keys() == shares.keys()
     for name, count in Counter(r["dataset"] for r in dev).items():
         assert abs(count - 100 * shares[name] / 755) < 1  # largest remainders: within one of its share
-    assert helpful.test_and_dev(with_eval(seed=7, alpacaeval_dev=100))[1] == dev  # no seed moves it
+    assert helpful.alpacaeval_split(with_eval(seed=7, alpacaeval_dev=100))[1] == dev  # no seed moves it
     # the dev split scores them (a proportional part when dev_n is smaller), test-shaped and unchanged
     assert load_evaluated("helpful", with_eval(alpacaeval_dev=100, split="dev", dev_n=200)) == dev
     part = load_dev("helpful", config, 40)
@@ -364,7 +364,7 @@ def test_real_alpacaeval_dev_holdout(real):
                                 config, "mine.jsonl")
     assert mine[0]["reference"] == dev[0]["reference"]
     # the judge that scores the dev prompts needs the others to fit on: at most half of the 755 may be held out
-    assert len(helpful.test_and_dev(with_eval(alpacaeval_dev=377))[1]) == 377
+    assert len(helpful.alpacaeval_split(with_eval(alpacaeval_dev=377))[1]) == 377
     with pytest.raises(H3FusionError, match="evaluate.alpacaeval_dev=378.*at most 377") as excinfo:
         load_test("helpful", with_eval(alpacaeval_dev=378))
     one_line_error(excinfo)

@@ -181,12 +181,12 @@ def test_helpful_judges_never_fit_on_the_alpacaeval_dev_holdout(config):
     """With evaluate.alpacaeval_dev, the held-out AlpacaEval instructions are fitted on by no judge: not the single
     judge that scores the dev split, not any fold of the cross-fitted test judge; the folds deal out the test set
     without them, and the holdout is part of the cache key."""
-    from h3fusion.data.helpful import test_and_dev
+    from h3fusion.data.helpful import alpacaeval_split
     from h3fusion.judges import cache_key, helpful
 
     held = config.model_copy(deep=True)
     held.evaluate.alpacaeval_dev = 100
-    dev = {norm(t["instruction"]) for t in test_and_dev(held)[1]}
+    dev = {norm(t["instruction"]) for t in alpacaeval_split(held)[1]}
     single = helpful.split(held)
     assert single.dev == dev and len(dev) == 100
     assert not single.fit_instructions & dev

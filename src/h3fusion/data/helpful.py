@@ -56,7 +56,7 @@ def proportional_sample(records: list[dict[str, Any]], size: int, seed: int) -> 
     return sorted(picked, key=lambda record: record["id"])
 
 
-def test_and_dev(config: RunConfig, records: list[dict[str, Any]] | None = None
+def alpacaeval_split(config: RunConfig, records: list[dict[str, Any]] | None = None
                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(test records, AlpacaEval dev records) of AlpacaEval (``records``: ``load_alpacaeval``'s, read when None).
     The dev records are the ``evaluate.alpacaeval_dev`` held out (none by default): a ``proportional_sample`` of
@@ -77,14 +77,14 @@ def test_and_dev(config: RunConfig, records: list[dict[str, Any]] | None = None
 
 
 def dev_holdout(config: RunConfig) -> list[dict[str, Any]]:
-    """The AlpacaEval instructions held out of the test set as dev prompts (``test_and_dev``; none by default)."""
-    return test_and_dev(config)[1]
+    """The AlpacaEval instructions held out of the test set as dev prompts (``alpacaeval_split``; none by default)."""
+    return alpacaeval_split(config)[1]
 
 
 def load_test(config: RunConfig) -> list[dict[str, Any]]:
     """The AlpacaEval instructions of the test set, in file order: all 805 but ``evaluate.alpacaeval_dev``'s
-    holdout (``test_and_dev``); ``id`` is the position in AlpacaEval's file."""
-    return test_and_dev(config)[0]
+    holdout (``alpacaeval_split``); ``id`` is the position in AlpacaEval's file."""
+    return alpacaeval_split(config)[0]
 
 
 def train_pool(config: RunConfig) -> list[SFTExample]:
@@ -153,9 +153,9 @@ def load_dev(config: RunConfig, limit: int) -> list[dict[str, Any]]:
     by the pool's construction and from every training sample by ``load_train``'s.
 
     With ``evaluate.alpacaeval_dev`` set, up to ``limit`` of AlpacaEval's held-out instructions instead
-    (``test_and_dev``; a ``proportional_sample`` of them when ``limit`` is smaller), test records as they are."""
+    (``alpacaeval_split``; a ``proportional_sample`` of them when ``limit`` is smaller), test records as they are."""
     if config.evaluate.alpacaeval_dev:
-        dev = test_and_dev(config)[1]
+        dev = alpacaeval_split(config)[1]
         return dev if limit >= len(dev) else proportional_sample(dev, limit, ALPACAEVAL_DEV_SEED + 1)
     held = dev_pool(config)
     if limit > len(held):

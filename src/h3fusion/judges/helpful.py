@@ -126,7 +126,7 @@ def split(config: RunConfig, max_rows: int | None = None, fold: tuple[int, int] 
         raise H3FusionError("fitting the helpful judge needs the AlpacaEval GPT-4 judgements: "
                             "set H3FUSION_DATA_DIR (or data.dir) to a directory laid out like shared/data")
     tests = helpful_data.load_alpacaeval(config)  # indexed as the judgements are: all 805
-    test_set, dev = helpful_data.test_and_dev(config, tests)
+    test_set, dev = helpful_data.alpacaeval_split(config, tests)
     n_eval = config.evaluate.helpful_n
     scored = test_set[:n_eval] if fold is None else test_set[:n_eval][fold[0]::fold[1]]
     evaluated = {norm(t["instruction"]) for t in scored}
