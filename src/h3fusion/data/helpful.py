@@ -57,7 +57,7 @@ def proportional_sample(records: list[dict[str, Any]], size: int, seed: int) -> 
 
 
 def alpacaeval_split(config: RunConfig, records: list[dict[str, Any]] | None = None
-                 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+                     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(test records, AlpacaEval dev records) of AlpacaEval (``records``: ``load_alpacaeval``'s, read when None).
     The dev records are the ``evaluate.alpacaeval_dev`` held out (none by default): a ``proportional_sample`` of
     the instructions after the paper's first ``PAPER_N`` (at most half of them), so the paper's subset stays the test
