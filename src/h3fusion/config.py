@@ -234,8 +234,8 @@ class EvalConfig(_Section):
     (0: none, the paper's test set): a sample of instructions 51..805 (at most half of them: the judge that scores
     them fits on the others) in proportion to AlpacaEval's five subsets, fixed by its size alone, that no helpful
     judge fits on. Alpaca's style differs from AlpacaEval's (a router can tell them apart); these are dev prompts of
-    AlpacaEval's own style. The test set becomes the other 805 - N
-    instructions (the paper's first 50 among them): compare runs only at the same value."""
+    AlpacaEval's own style. The test set becomes the other 805 - N instructions (the paper's first 50 among them):
+    compare runs only at the same value."""
     extra_axes: list[str] = []
     """Axes scored beside the experts' with no expert of their own, e.g. [overrefusal]: the contrastive set's
     safe-but-alarming prompts (test or dev split by id), and the share of answers that refuse them."""
