@@ -524,6 +524,22 @@ RATIOS = (("compact", "base"), ("compact-seq", "base"), ("compact-seq", "compact
           ("compact", "mixtral"), ("compact", "xlora"))
 
 
+def speed_ratios(results: dict) -> dict[str, tuple[float, tuple[float, str]]]:
+    """Every speed ratio of one run: ``name -> (ratio of the medians' tok/s, (median of the paired per-repeat or
+    per-step ratios, "repeat" | "step"))`` for the generation, decode-step and prefill sections it has."""
+    out = {}
+    for prefix, timed_runs, unit in (("", results.get("generation", {}), "repeat"),
+                                     ("decode step ", results.get("decode_steps", {}), "step"),
+                                     ("prefill ", results.get("prefill", {}), "repeat")):
+        for b in ("b1", "b8"):
+            runs = timed_runs.get(b, {})
+            for num, den in RATIOS:
+                if num in runs and den in runs:
+                    out[f"{prefix}{num}/{den} {b}"] = (runs[num]["tok_s"] / runs[den]["tok_s"],
+                                                       (paired(runs[den]["seconds"], runs[num]["seconds"]), unit))
+    return out
+
+
 def table(results: dict) -> str:
     """The results as a markdown table; sections a run left out (``--generation-only``, older JSON) are skipped."""
     g, p = results["generation"], results.get("parameters", {})
@@ -542,15 +558,9 @@ def table(results: dict) -> str:
         if "mixed_layers" in g[b].get("compact-seq", {}):
             rows.append((f"compact-seq layers whose rows kept different experts {b}",
                          f"{g[b]['compact-seq']['mixed_layers']:.2f}", "", ""))
-    for prefix, timed_runs, unit in (("", g, "repeat"), ("decode step ", results.get("decode_steps", {}), "step"),
-                                     ("prefill ", results.get("prefill", {}), "repeat")):
-        for b in ("b1", "b8"):
-            runs = timed_runs.get(b, {})
-            for num, den in RATIOS:
-                if num in runs and den in runs:
-                    add(f"{prefix}{num}/{den} {b}", runs[num]["tok_s"] / runs[den]["tok_s"])
-                    rows.append((f"  ({prefix}{num}/{den} {b}: median of per-{unit} ratios)",
-                                 f"{paired(runs[den]['seconds'], runs[num]['seconds']):.3f}", "", ""))
+    for name, (ratio, per_unit) in speed_ratios(results).items():
+        add(name, ratio)
+        rows.append((f"  ({name}: median of per-{per_unit[1]} ratios)", f"{per_unit[0]:.3f}", "", ""))
     for v, c in p.items():
         rows.append((f"{v} params total / active (M)", f"{c['total'] / 1e6:.2f} / {c['active_per_token'] / 1e6:.2f}",
                      "", ""))
@@ -584,16 +594,105 @@ def table(results: dict) -> str:
         add("evaluator tok/s", e["evaluator"]["tok_s"], "{:.2f}")
         add("plain loop tok/s", e["plain_loop"]["tok_s"], "{:.2f}")
         add("evaluator / plain loop tok/s", e["evaluator"]["tok_s"] / e["plain_loop"]["tok_s"])
-    widths = [max(len(r[i]) for r in [("measure", "value", "target", "verdict"), *rows]) for i in range(4)]
+    return markdown(("measure", "value", "target", "verdict"), rows)
+
+
+def markdown(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = []
-    for r in [("measure", "value", "target", "verdict"), tuple("-" * w for w in widths), *rows]:
+    for r in [header, tuple("-" * w for w in widths), *rows]:
         lines.append("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |")
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------- several processes
+# A verdict near a target is a coin flip in one process: the same code's ratio moved by 0.03-0.09 between two
+# processes on this VM (bench/README.md). ``--processes K`` runs the benchmark K times, each in a fresh process
+# (one after the other, never side by side), and judges each speed ratio by its median over the K.
+def child_argv(argv: list[str]) -> list[str]:
+    """The command line without --processes and --out (each process gets its own --out)."""
+    kept, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--processes", "--out"):
+            skip = True
+        elif not a.startswith(("--processes=", "--out=")):
+            kept.append(a)
+    return kept
+
+
+def process_out(out: Path, i: int) -> Path:
+    return out.with_name(f"{out.stem}.process{i}{out.suffix}")
+
+
+def across_processes(runs: list[dict]) -> dict:
+    """Each speed ratio every run has: its per-process values (ratio of the medians, as one run's table gives it)
+    and paired values (median of per-repeat or per-step ratios), their medians, minimum and maximum."""
+    per_run = [speed_ratios(r) for r in runs]
+    summary = {}
+    for name in per_run[0]:
+        if not all(name in r for r in per_run):
+            continue
+        values = [r[name][0] for r in per_run]
+        paired_values = [r[name][1][0] for r in per_run]
+        summary[name] = {"values": values, "median": median(values), "min": min(values), "max": max(values),
+                         "paired_values": paired_values, "paired_median": median(paired_values)}
+        if name in TARGETS:
+            summary[name]["met_in"] = sum(check(name, v)[1] == "met" for v in values)
+    return summary
+
+
+def across_table(summary: dict, processes: int) -> str:
+    rows = []
+    for name, s in summary.items():
+        target, verdict = check(name, s["median"]) if name in TARGETS else ("", "")
+        met_in = f"{s['met_in']}/{processes}" if name in TARGETS else ""
+        rows.append((name, f"{s['median']:.3f}", f"{s['min']:.3f}-{s['max']:.3f}", f"{s['paired_median']:.3f}",
+                     target, verdict, met_in))
+    return markdown((f"measure (median of {processes} processes)", "median", "min-max", "paired median", "target",
+                     "verdict (median)", "met in"), rows)
+
+
+def run_processes(args, argv: list[str]) -> None:
+    """Run the benchmark in ``args.processes`` fresh processes, one after the other, then summarise.
+
+    A process whose JSON exists and was written for the same command line is not run again, so a killed
+    series resumes where it stopped."""
+    import subprocess
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    command = child_argv(argv)
+    runs = []
+    for i in range(1, args.processes + 1):
+        path = process_out(out, i)
+        done = json.loads(path.read_text()) if path.is_file() else None
+        if done is not None and done.get("argv") == command:
+            log(f"process {i}/{args.processes}: done earlier ({path})")
+        else:
+            log(f"process {i}/{args.processes} -> {path}")
+            finished = subprocess.run([sys.executable, __file__, *command, "--out", str(path)])
+            if finished.returncode != 0:
+                sys.exit(f"bench_moe: process {i} of {args.processes} failed (exit {finished.returncode}; its "
+                         f"output is above); the {i - 1} finished ones are kept, rerun the same command to resume")
+            done = json.loads(path.read_text())
+        runs.append(done)
+    summary = across_processes(runs)
+    results = {"processes": args.processes, "argv": command, "runs": [str(process_out(out, i))
+                                                                      for i in range(1, args.processes + 1)],
+               "machine": runs[0]["machine"], "dates": [r["date"] for r in runs],
+               "wall_seconds": [r.get("wall_seconds") for r in runs], "across_processes": summary}
+    results["table"] = across_table(summary, args.processes)
+    out.write_text(json.dumps(results, indent=2, default=str))
+    print()
+    print(results["table"])
+    print(f"JSON: {out} (each process's own: {', '.join(results['runs'])})")
+
+
 # ---------------------------------------------------------------------------- main
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--quick", action="store_true", help="fewer repeats: 7 per generation timing (X-LoRA 3), 3 per training timing, 1 for the evaluator (36 minutes on the loaded 2-core box "
                         "with 3 generation repeats, most of it X-LoRA's batch-8 generations; --generation-only with 7: 17 minutes idle)")
     parser.add_argument("--out", default="results/bench.json")
@@ -614,10 +713,18 @@ def main() -> None:
                         "32-token run at batch 1 lasts ~2 s, and on a shared VM one repeat's ratio moves by +-0.05")
     parser.add_argument("--xlora-repeats", type=int, default=3,
                         help="at most this many of the generation repeats for X-LoRA (one batch-8 run: ~90 s)")
+    parser.add_argument("--processes", type=int, default=1, metavar="K",
+                        help="run the benchmark K times, each in a fresh process, one after the other, and judge "
+                        "each speed ratio by its median over the K (each process's JSON beside --out; a killed "
+                        "series resumes)")
     args = parser.parse_args()
     if args.report:
-        print(table(json.loads(Path(args.report).read_text())))
+        reported = json.loads(Path(args.report).read_text())
+        print(across_table(reported["across_processes"], reported["processes"]) if "across_processes" in reported
+              else table(reported))
         return
+    if args.processes < 1:
+        parser.error(f"--processes: {args.processes}; give 1 or more")
     args.torch_dtype = getattr(torch, args.dtype)
     args.gen_repeats = args.gen_repeats or (7 if args.quick else 9)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -626,6 +733,9 @@ def main() -> None:
         parser.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
     if not args.generation_only and not {"base", "compact"} <= set(args.variants):
         parser.error("--variants: the full run needs base and compact (the other sections use them)")
+    if args.processes > 1:
+        run_processes(args, sys.argv[1:])
+        return
     args.train_repeats = 3 if args.quick else 5
     args.eval_repeats = 1 if args.quick else 2
     args.eval_prompts = 32  # per axis: 16 did not fill the evaluator's batch of 32 and understated its gain
@@ -647,6 +757,7 @@ def main() -> None:
                     "device": args.device, "dtype": args.dtype,
                     "loadavg_start": os.getloadavg()},
         "settings": {k: v for k, v in vars(args).items() if k != "torch_dtype"},
+        "argv": child_argv(sys.argv[1:]),  # --processes reuses a process's JSON only for the same command line
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
     base_dir = resolve_model_path("smollm2-135m")
