@@ -736,6 +736,9 @@ def main() -> None:
     if args.processes > 1:
         run_processes(args, sys.argv[1:])
         return
+    if args.device == "cuda" and not torch.cuda.is_available():  # checked where the models load, not in the parent
+        sys.exit("bench_moe: --device cuda, but torch sees no CUDA device here; run on a GPU machine or use "
+                 "--device cpu")
     args.train_repeats = 3 if args.quick else 5
     args.eval_repeats = 1 if args.quick else 2
     args.eval_prompts = 32  # per axis: 16 did not fill the evaluator's batch of 32 and understated its gain

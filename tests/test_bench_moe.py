@@ -65,5 +65,7 @@ def test_a_process_written_for_another_command_line_is_run_again(tmp_path):
                                "--out", str(tmp_path / "bench.json")], capture_output=True, text=True, timeout=300)
     assert finished.returncode != 0
     assert "process 1/2 ->" in finished.stdout
-    assert finished.stderr.strip().splitlines()[-1].startswith("bench_moe: process 1 of 2 failed")
+    *_, child_line, own_line = finished.stderr.strip().splitlines()
+    assert child_line.startswith("bench_moe: --device cuda, but torch sees no CUDA device")
+    assert own_line.startswith("bench_moe: process 1 of 2 failed") and "Traceback" not in finished.stderr
     assert not (tmp_path / "bench.json").exists()
