@@ -382,3 +382,51 @@ def test_ablation_table_groups_rows_under_their_own_base_run(tmp_path):
     assert [line.split(" | ")[0].lstrip("| ") for line in lines] == [
         "**base run `old`: h3fusion**", "a-old", "c-old", "**base run `new`: h3fusion**", "b-new"]
     assert "0.401" in lines[0] and "0.410" in lines[3] and "+0.008 [-0.010, +0.030]" in lines[4]
+
+
+def tree(root):
+    return {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in root.rglob("*")}
+
+
+def status_lines(path):
+    done = subprocess.run([sys.executable, "-m", "h3fusion.cli", "status", str(path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return {" ".join(line.split()[:2]): line.split(None, 2)[2] for line in done.stdout.splitlines()[1:-1]}, \
+        done.stdout.splitlines()[-1]
+
+
+def test_status_says_where_a_run_stands_and_writes_nothing(tmp_path, uninterrupted, tiny_llama_dir, data_dir,
+                                                           judge_cache):
+    reference = uninterrupted[0].parent / "run"
+    rows, last = status_lines(uninterrupted[0])
+    assert last == "complete" and all(state.startswith("done") for state in rows.values()), rows
+    assert rows["align helpful"].split()[1:3] == ["2", "steps,"]  # from its training log (held-out loss follows)
+    assert {"generate h3fusion", "evaluate oracle-routed", "report report.md"} <= rows.keys()
+
+    # a run stopped part-way: two experts done, the third at a checkpoint (a newer one half-written), the base
+    # model's answers done on one axis and cut short on another
+    path = pipeline_config(tmp_path, tiny_llama_dir, data_dir, judge_cache)
+    run = tmp_path / "run"
+    shutil.copytree(reference / "experts", run / "experts")
+    honest = run / "experts" / "honest"
+    (honest / "training_log.json").unlink()
+    for step, state in ((1, {"global_step": 1, "max_steps": 2}), (2, None)):
+        checkpoint = honest / "checkpoints" / f"checkpoint-{step}"
+        checkpoint.mkdir(parents=True)
+        if state:  # the Trainer writes trainer_state.json last
+            (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    base = run / "generations" / "base"
+    base.mkdir(parents=True)
+    shutil.copy(reference / "generations" / "base" / "helpful.jsonl", base)
+    lines = (reference / "generations" / "base" / "harmless.jsonl").read_text().splitlines(keepends=True)
+    (base / "harmless.jsonl").write_text("".join(lines[:2]) + lines[2][:10])  # the third answer being written
+    (base / "stats.json").write_text(json.dumps({"helpful": {}}))
+    before = tree(run)
+    rows, last = status_lines(path)
+    assert tree(run) == before  # nothing repaired, dropped or written
+    assert rows["align helpful"].startswith("done") and rows["align harmless"].startswith("done")
+    assert rows["align honest"] == "part-way  resumes from step 1 of 2"
+    assert rows["build moe"] == "to do" and rows["fuse fused"] == "to do"
+    assert rows["generate base"] == "part-way  helpful 4/4, harmless 2/4, honest 0/4, honest MC1/MC2 to do"
+    assert rows["generate expert-helpful"] == "to do" and rows["evaluate base"] == "to do"
+    assert last.startswith("next: align honest (part-way)")

@@ -356,6 +356,23 @@ def model_info(
     typer.echo(f"chat template: {'yes' if tokenizer.chat_template else 'no'}; fingerprint {base_fingerprint(loaded)}")
 
 
+@app.command()
+def status(config: ConfigArg, set_: SetOpt = None, out: OutOpt = None) -> None:
+    """Where a run stands: each stage done, part-way (from which step, how many answers) or to do; reads its files
+    only, so it is safe while the run is writing."""
+    from h3fusion.status import next_row, run_status
+
+    cfg = _config(config, set_, out)
+    rows = run_status(cfg)
+    width = max(len(f"{r.stage} {r.item}") for r in rows)
+    typer.echo(f"run: {cfg.run_path}" + (" (dev split)" if cfg.evaluate.split == "dev" else ""))
+    for r in rows:
+        typer.echo(f"  {f'{r.stage} {r.item}':<{width}}  {r.state:<8}  {r.detail}".rstrip())
+    pick_up = next_row(rows)
+    typer.echo("complete" if pick_up is None else f"next: {pick_up.stage} {pick_up.item} ({pick_up.state}); "
+               "the same `h3fusion run` (or that stage's verb) continues from there")
+
+
 @app.command("data")
 def data_stats(config: ConfigArg, set_: SetOpt = None) -> None:
     """Print the train/test record counts of every axis under this config."""

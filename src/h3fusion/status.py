@@ -1,0 +1,136 @@
+"""`h3fusion status`: what a run has finished, what is part-way and what is left, read from its files.
+
+A long run (the CPU study: hours, over several sittings) is resumed by running the same command again; this says
+where that command will pick up. It reads the run directory and the evaluated prompts (to know how many answers
+finish an axis) and nothing else: it loads no model, takes no lock and writes nothing, so it is safe beside the
+process that is writing the run (a checkpoint or an answer being written is counted as not there yet).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from h3fusion import runs
+from h3fusion.config import RunConfig
+
+DONE, PART_WAY, TO_DO, GIVEN = "done", "part-way", "to do", "given"
+
+
+@dataclass(frozen=True)
+class Row:
+    stage: str
+    item: str
+    state: str  # DONE | PART_WAY | TO_DO | GIVEN
+    detail: str = ""
+
+
+def _json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # absent, or being written this instant
+        return None
+
+
+def _complete_lines(path: Path) -> int:
+    """Lines a writer has finished (a killed or running writer's last line has no newline yet)."""
+    try:
+        with path.open("rb") as handle:
+            return sum(1 for line in handle if line.endswith(b"\n"))
+    except OSError:
+        return 0
+
+
+def _checkpoint(stage_dir: Path) -> tuple[int, int] | None:
+    """(step, max steps) of the newest complete Trainer checkpoint, without dropping incomplete ones as a
+    resuming stage does (``sft.last_checkpoint``): one may be being written now."""
+    states = [_json(c / runs.CHECKPOINT_MARKER) for c in runs.checkpoints_dir(stage_dir).glob("checkpoint-*")]
+    states = [s for s in states if s and "global_step" in s]
+    if not states:
+        return None
+    newest = max(states, key=lambda s: s["global_step"])
+    return int(newest["global_step"]), int(newest.get("max_steps") or 0)
+
+
+def _trained(stage: str, item: str, stage_dir: Path, complete: bool, marker: str) -> Row:
+    """A Trainer stage (an expert, multitask-sft, fusion): done with its marker's steps, part-way at its newest
+    checkpoint, or to do."""
+    if complete:
+        log = _json(stage_dir / marker) or {}
+        detail = f"{log['steps']} steps" if "steps" in log else ""
+        if log.get("heldout_loss_before") is not None and log.get("heldout_loss_after") is not None:
+            detail += f", held-out loss {log['heldout_loss_before']:.3f} -> {log['heldout_loss_after']:.3f}"
+        return Row(stage, item, DONE, detail)
+    checkpoint = _checkpoint(stage_dir)
+    if checkpoint is not None:
+        step, total = checkpoint
+        return Row(stage, item, PART_WAY, f"resumes from step {step}" + (f" of {total}" if total else ""))
+    return Row(stage, item, TO_DO)
+
+
+def _moe_rows(run: Path) -> list[Row]:
+    build = Row("build", "moe", DONE if runs.moe_is_built(runs.moe_dir(run)) else TO_DO)
+    fused = runs.fused_dir(run)
+    return [build, _trained("fuse", "fused", fused, runs.fused_is_complete(fused), runs.FUSE_MARKER)]
+
+
+def _answer_rows(config: RunConfig, counts: dict[str, int]) -> list[Row]:
+    """generate's answers and evaluate's judgements, per system, from the counts of answered / judged lines
+    against each axis's evaluated prompts (the assembled systems' answers: evaluate's own)."""
+    from h3fusion.systems import assembled_systems, generated_systems, system_names
+
+    axes = config.evaluated_axes
+    rows = []
+    for stage, systems, path in (("generate", generated_systems(config), runs.generated_file),
+                                 ("evaluate", system_names(config), runs.judgements_file)):
+        for system in systems:
+            if stage == "generate":
+                stats = _json(runs.generation_stats_file(config, system)) or {}
+                finished = {a: a in stats and _complete_lines(path(config, system, a)) >= counts[a] for a in axes}
+            else:  # a judged axis has its stamp, written after its judgements (an assembled system's are its
+                # experts' judgements, copied whole, with no stamp of their own)
+                finished = {a: (system in assembled_systems() or runs.judge_stamp_file(config, system, a).is_file())
+                            and _complete_lines(path(config, system, a)) >= counts[a] for a in axes}
+            done = {a: counts[a] if finished[a] else min(_complete_lines(path(config, system, a)), counts[a])
+                    for a in axes}
+            detail = ", ".join(f"{a} {done[a]}/{counts[a]}" for a in axes)
+            if stage == "generate" and "honest" in axes and not runs.mc_file(config, system).is_file():
+                finished["honest MC"] = False
+                detail += ", honest MC1/MC2 to do"
+            state = DONE if all(finished.values()) else (TO_DO if not any(done.values()) else PART_WAY)
+            if stage == "evaluate":
+                detail = "judged " + detail + (" (answers assembled from the experts')"
+                                               if system in assembled_systems() else "")
+            rows.append(Row(stage, system, state, detail if state == PART_WAY else ""))
+    return rows
+
+
+def run_status(config: RunConfig) -> list[Row]:
+    """Every stage of ``h3fusion run`` for this config, in pipeline order."""
+    from h3fusion.data import load_evaluated
+
+    run = runs.root(config)
+    rows = []
+    for axis, path in runs.adapter_paths(config).items():
+        if config.moe.adapters.get(axis):
+            rows.append(Row("align", axis, GIVEN, str(path)))
+        else:
+            rows.append(_trained("align", axis, path, runs.expert_is_complete(path), runs.EXPERT_MARKER))
+    rows += _moe_rows(run)
+    if config.baselines.multitask_sft:
+        sft = runs.multitask_dir(config)
+        rows.append(_trained("baselines", "multitask-sft", sft, runs.expert_is_complete(sft), runs.EXPERT_MARKER))
+    if config.baselines.authors_code:
+        rows += [Row("baselines", f"authors-code {r.stage}", r.state, r.detail)
+                 for r in _moe_rows(runs.variant_dir(config, "authors-code"))]
+    counts = {axis: len(load_evaluated(axis, config)) for axis in config.evaluated_axes}
+    rows += _answer_rows(config, counts)
+    rows.append(Row("evaluate", "results.json", DONE if runs.results_file(config).is_file() else TO_DO))
+    rows.append(Row("report", "report.md", DONE if runs.report_file(config).is_file() else TO_DO))
+    return rows
+
+
+def next_row(rows: list[Row]) -> Row | None:
+    """Where the same `h3fusion run` picks up: the first row not done."""
+    return next((r for r in rows if r.state not in (DONE, GIVEN)), None)
