@@ -667,7 +667,10 @@ def run_processes(args, argv: list[str]) -> None:
     runs = []
     for i in range(1, args.processes + 1):
         path = process_out(out, i)
-        done = json.loads(path.read_text()) if path.is_file() else None
+        try:
+            done = json.loads(path.read_text()) if path.is_file() else None
+        except ValueError:  # cut short by a kill while it was written: run it again
+            done = None
         if done is not None and done.get("argv") == command:
             log(f"process {i}/{args.processes}: done earlier ({path})")
         else:

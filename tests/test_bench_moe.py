@@ -56,11 +56,12 @@ def test_processes_summarise_each_ratio_by_its_median_over_the_processes(tmp_pat
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where --device cuda fails")
-def test_a_process_written_for_another_command_line_is_run_again(tmp_path):
-    """A JSON written for another command line is run again, not summarised: here the rerun fails (--device cuda
-    on a machine without CUDA), so the series stops with one line of its own and summarises nothing."""
-    stale = json.loads(RUNS[0].read_text()) | {"argv": COMMAND}
-    (tmp_path / "bench.process1.json").write_text(json.dumps(stale))
+@pytest.mark.parametrize("left", ["another command line", "cut short"])
+def test_a_process_not_finished_for_this_command_line_is_run_again(tmp_path, left):
+    """A JSON written for another command line, or cut short by a kill, is run again, not summarised: here the
+    rerun fails (--device cuda on a machine without CUDA), so the series stops with one line of its own."""
+    stale = json.dumps(json.loads(RUNS[0].read_text()) | {"argv": COMMAND})  # written for COMMAND alone
+    (tmp_path / "bench.process1.json").write_text(stale if left == "another command line" else stale[:100])
     finished = subprocess.run([sys.executable, str(BENCH), *COMMAND, "--device", "cuda", "--processes", "2",
                                "--out", str(tmp_path / "bench.json")], capture_output=True, text=True, timeout=300)
     assert finished.returncode != 0
