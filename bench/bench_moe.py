@@ -33,6 +33,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("H3FUSION_NO_PROGRESS", "1")
 
 import argparse  # noqa: E402
+import hashlib  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
@@ -43,6 +44,7 @@ from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+SCRIPT_SHA256 = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()  # which code wrote a process's JSON
 os.environ.setdefault("H3FUSION_CACHE", str(REPO / ".cache" / "h3fusion"))
 os.environ.setdefault("H3FUSION_DATA_DIR", str(REPO.parent / "shared" / "data"))
 sys.path.insert(0, str(REPO))  # tests.moe_fixtures.make_adapter
@@ -657,8 +659,8 @@ def across_table(summary: dict, processes: int) -> str:
 def run_processes(args, argv: list[str]) -> None:
     """Run the benchmark in ``args.processes`` fresh processes, one after the other, then summarise.
 
-    A process whose JSON exists and was written for the same command line is not run again, so a killed
-    series resumes where it stopped."""
+    A process whose JSON exists and was written for the same command line by the same script is not run again,
+    so a killed series resumes where it stopped."""
     import subprocess
 
     out = Path(args.out)
@@ -671,7 +673,7 @@ def run_processes(args, argv: list[str]) -> None:
             done = json.loads(path.read_text()) if path.is_file() else None
         except ValueError:  # cut short by a kill while it was written: run it again
             done = None
-        if done is not None and done.get("argv") == command:
+        if isinstance(done, dict) and done.get("argv") == command and done.get("script_sha256") == SCRIPT_SHA256:
             log(f"process {i}/{args.processes}: done earlier ({path})")
         else:
             log(f"process {i}/{args.processes} -> {path}")
@@ -684,7 +686,7 @@ def run_processes(args, argv: list[str]) -> None:
     summary = across_processes(runs)
     results = {"processes": args.processes, "argv": command, "runs": [str(process_out(out, i))
                                                                       for i in range(1, args.processes + 1)],
-               "machine": runs[0]["machine"], "dates": [r["date"] for r in runs],
+               "machines": [r["machine"] for r in runs], "dates": [r["date"] for r in runs],
                "wall_seconds": [r.get("wall_seconds") for r in runs], "across_processes": summary}
     results["table"] = across_table(summary, args.processes)
     out.write_text(json.dumps(results, indent=2, default=str))
@@ -728,6 +730,9 @@ def main() -> None:
         return
     if args.processes < 1:
         parser.error(f"--processes: {args.processes}; give 1 or more")
+    if args.processes > 1 and (args.training_only or args.evaluator_only):
+        parser.error("--processes summarises the speed ratios of generation: use it without --training-only and "
+                     "--evaluator-only")
     args.torch_dtype = getattr(torch, args.dtype)
     args.gen_repeats = args.gen_repeats or (7 if args.quick else 9)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -764,6 +769,7 @@ def main() -> None:
                     "loadavg_start": os.getloadavg()},
         "settings": {k: v for k, v in vars(args).items() if k != "torch_dtype"},
         "argv": child_argv(sys.argv[1:]),  # --processes reuses a process's JSON only for the same command line
+        "script_sha256": SCRIPT_SHA256,  # ... run by the same script
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
     base_dir = resolve_model_path("smollm2-135m")

@@ -4,6 +4,7 @@ The processes' own JSONs are real earlier runs of the benchmark (results/), give
 have been written for, so the series finds them done and only summarises (running the benchmark itself takes
 minutes a process; a process whose JSON was written for another command line would be run again)."""
 
+import hashlib
 import json
 import statistics
 import subprocess
@@ -18,6 +19,7 @@ BENCH = REPO / "bench" / "bench_moe.py"
 RUNS = [REPO / "results" / name for name in ("bench_generation.json", "bench_generation_rerun.json",
                                              "bench_generation_rerun2.json")]
 COMMAND = ["--generation-only", "--quick"]
+WRITTEN_BY = {"argv": COMMAND, "script_sha256": hashlib.sha256(BENCH.read_bytes()).hexdigest()}  # what reuse needs
 
 
 def ratio(run: dict, section: str, batch: str, num: str, den: str) -> float:
@@ -28,7 +30,7 @@ def ratio(run: dict, section: str, batch: str, num: str, den: str) -> float:
 def test_processes_summarise_each_ratio_by_its_median_over_the_processes(tmp_path):
     out = tmp_path / "bench.json"
     for i, run in enumerate(RUNS, start=1):
-        done = json.loads(run.read_text()) | {"argv": COMMAND}
+        done = json.loads(run.read_text()) | WRITTEN_BY
         (tmp_path / f"bench.process{i}.json").write_text(json.dumps(done))
     finished = subprocess.run([sys.executable, str(BENCH), *COMMAND, "--processes", "3", "--out", str(out)],
                               capture_output=True, text=True, timeout=300)
@@ -56,12 +58,14 @@ def test_processes_summarise_each_ratio_by_its_median_over_the_processes(tmp_pat
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where --device cuda fails")
-@pytest.mark.parametrize("left", ["another command line", "cut short"])
+@pytest.mark.parametrize("left", ["another command line", "another script", "cut short"])
 def test_a_process_not_finished_for_this_command_line_is_run_again(tmp_path, left):
-    """A JSON written for another command line, or cut short by a kill, is run again, not summarised: here the
-    rerun fails (--device cuda on a machine without CUDA), so the series stops with one line of its own."""
-    stale = json.dumps(json.loads(RUNS[0].read_text()) | {"argv": COMMAND})  # written for COMMAND alone
-    (tmp_path / "bench.process1.json").write_text(stale if left == "another command line" else stale[:100])
+    """A JSON written for another command line or by another version of the script, or cut short by a kill, is run
+    again, not summarised: here the rerun fails (--device cuda on a machine without CUDA), so the series stops
+    with one line of its own."""
+    written = WRITTEN_BY | {"script_sha256": "0" * 64} if left == "another script" else WRITTEN_BY
+    stale = json.dumps(json.loads(RUNS[0].read_text()) | written)  # COMMAND, without --device cuda
+    (tmp_path / "bench.process1.json").write_text(stale[:100] if left == "cut short" else stale)
     finished = subprocess.run([sys.executable, str(BENCH), *COMMAND, "--device", "cuda", "--processes", "2",
                                "--out", str(tmp_path / "bench.json")], capture_output=True, text=True, timeout=300)
     assert finished.returncode != 0
