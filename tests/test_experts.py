@@ -179,3 +179,18 @@ def test_response_logits_not_used_where_the_model_cannot_take_a_mask():
         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=8))
     assert model._supports_logits_to_keep() and not response_logits_supported(model)
     assert not response_logits_supported(torch.nn.Linear(2, 2))
+
+
+def test_align_trains_no_expert_that_moe_adapters_gives(tmp_path, tiny_llama_dir, data_dir):
+    """Every later stage reads a given adapter (runs.adapter_paths): training one of its own would be hours for
+    nothing, so the given axis is skipped and the others are trained."""
+    from tests.moe_fixtures import make_adapter
+
+    given = make_adapter(tiny_llama_dir, tmp_path / "mine", seed=1)
+    path = write_config(tmp_path / "c.yaml", model={"base": str(tiny_llama_dir)}, data={"dir": str(data_dir)},
+                        train={"max_steps": 1}, moe={"adapters": {"helpful": str(given)}})
+    config, said = load_config(path), []
+    paths = align(config, ["helpful", "honest"], log=said.append)
+    assert paths["helpful"] == given and any("helpful: given by moe.adapters" in line for line in said)
+    assert not (tmp_path / "run" / "experts" / "helpful").exists()
+    assert expert_is_complete(paths["honest"]) and paths["honest"] == tmp_path / "run" / "experts" / "honest"

@@ -45,7 +45,11 @@ LOSS_WINDOW = 10  # logged steps averaged for the first / last training loss rep
 
 
 def align_expert(config: RunConfig, axis: str, log=print) -> Path:
-    """Train (or resume, or skip) the LoRA expert of one axis; returns its directory."""
+    """Train (or resume, or skip) the LoRA expert of one axis; returns its directory (a given one as it is)."""
+    given = config.moe.adapters.get(axis)
+    if given:  # the user's own expert: every later stage reads it (runs.adapter_paths), so none is trained
+        log(f"[align] {axis}: given by moe.adapters ({given}), not trained")
+        return Path(given)
     out = expert_dir(config, axis)
     if expert_is_complete(out):
         refuse_other_settings(out, config, ALIGN_SETTINGS, ignore=other_experts_data(axis, AXES))
