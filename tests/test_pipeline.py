@@ -403,14 +403,24 @@ def test_status_says_where_a_run_stands_and_writes_nothing(tmp_path, uninterrupt
     assert rows["align helpful"].split()[1:3] == ["2", "steps,"]  # from its training log (held-out loss follows)
     assert {"generate h3fusion", "evaluate oracle-routed", "report report.md"} <= rows.keys()
 
-    # a run stopped part-way: two experts done, the third at a checkpoint (a newer one half-written), the base
-    # model's answers done on one axis and cut short on another
-    path = pipeline_config(tmp_path, tiny_llama_dir, data_dir, judge_cache)
-    run = tmp_path / "run"
+    # judgements newer than results.json (a system scored again since): evaluate and report are to do
+    (tmp_path / "rescored").mkdir()
+    path = pipeline_config(tmp_path / "rescored", tiny_llama_dir, data_dir, judge_cache)
+    shutil.copytree(reference, path.parent / "run")  # copy2: the times too
+    os.utime(path.parent / "run" / "judgements" / "base" / "helpful.jsonl")
+    rows, last = status_lines(path)
+    assert rows["evaluate results.json"] == "to do     older than the answers or judgements"
+    assert rows["report report.md"] == "to do" and last.startswith("next: evaluate results.json (to do)")
+
+    # a run stopped part-way: two experts done, the third at a checkpoint (a newer one half-written, and a stray
+    # non-object state), the base model's answers done on one axis and cut short on another
+    (tmp_path / "stopped").mkdir()
+    path = pipeline_config(tmp_path / "stopped", tiny_llama_dir, data_dir, judge_cache)
+    run = path.parent / "run"
     shutil.copytree(reference / "experts", run / "experts")
     honest = run / "experts" / "honest"
     (honest / "training_log.json").unlink()
-    for step, state in ((1, {"global_step": 1, "max_steps": 2}), (2, None)):
+    for step, state in ((1, {"global_step": 1, "max_steps": 2}), (2, None), (3, 7)):
         checkpoint = honest / "checkpoints" / f"checkpoint-{step}"
         checkpoint.mkdir(parents=True)
         if state:  # the Trainer writes trainer_state.json last

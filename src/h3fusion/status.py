@@ -2,8 +2,12 @@
 
 A long run (the CPU study: hours, over several sittings) is resumed by running the same command again; this says
 where that command will pick up. It reads the run directory and the evaluated prompts (to know how many answers
-finish an axis) and nothing else: it loads no model, takes no lock and writes nothing, so it is safe beside the
-process that is writing the run (a checkpoint or an answer being written is counted as not there yet).
+finish an axis; from the hub when no data directory is set, like every stage): it loads no model, takes no lock
+and writes nothing into the run, so it is safe beside the process that is writing it (a checkpoint or an answer
+being written is counted as not there yet).
+
+What it cannot see without loading models: a finished stage made with other settings (``h3fusion run`` then stops
+with one line naming them) and judgements by a judge since refitted (``evaluate`` scores them again).
 """
 
 from __future__ import annotations
@@ -27,10 +31,16 @@ class Row:
 
 
 def _json(path: Path) -> dict | None:
+    """A JSON object's contents; None when absent, being written this instant, or not an object."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):  # absent, or being written this instant
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
         return None
+    return value if isinstance(value, dict) else None
+
+
+def _number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _complete_lines(path: Path) -> int:
@@ -46,11 +56,12 @@ def _checkpoint(stage_dir: Path) -> tuple[int, int] | None:
     """(step, max steps) of the newest complete Trainer checkpoint, without dropping incomplete ones as a
     resuming stage does (``sft.last_checkpoint``): one may be being written now."""
     states = [_json(c / runs.CHECKPOINT_MARKER) for c in runs.checkpoints_dir(stage_dir).glob("checkpoint-*")]
-    states = [s for s in states if s and "global_step" in s]
+    states = [s for s in states if s and _number(s.get("global_step"))]
     if not states:
         return None
     newest = max(states, key=lambda s: s["global_step"])
-    return int(newest["global_step"]), int(newest.get("max_steps") or 0)
+    total = newest.get("max_steps")
+    return int(newest["global_step"]), int(total) if _number(total) else 0
 
 
 def _trained(stage: str, item: str, stage_dir: Path, complete: bool, marker: str) -> Row:
@@ -58,8 +69,8 @@ def _trained(stage: str, item: str, stage_dir: Path, complete: bool, marker: str
     checkpoint, or to do."""
     if complete:
         log = _json(stage_dir / marker) or {}
-        detail = f"{log['steps']} steps" if "steps" in log else ""
-        if log.get("heldout_loss_before") is not None and log.get("heldout_loss_after") is not None:
+        detail = f"{log['steps']} steps" if _number(log.get("steps")) else ""
+        if _number(log.get("heldout_loss_before")) and _number(log.get("heldout_loss_after")):
             detail += f", held-out loss {log['heldout_loss_before']:.3f} -> {log['heldout_loss_after']:.3f}"
         return Row(stage, item, DONE, detail)
     checkpoint = _checkpoint(stage_dir)
@@ -88,12 +99,15 @@ def _answer_rows(config: RunConfig, counts: dict[str, int]) -> list[Row]:
             if stage == "generate":
                 stats = _json(runs.generation_stats_file(config, system)) or {}
                 finished = {a: a in stats and _complete_lines(path(config, system, a)) >= counts[a] for a in axes}
-            else:  # a judged axis has its stamp, written after its judgements (an assembled system's are its
-                # experts' judgements, copied whole, with no stamp of their own)
-                finished = {a: (system in assembled_systems() or runs.judge_stamp_file(config, system, a).is_file())
-                            and _complete_lines(path(config, system, a)) >= counts[a] for a in axes}
+            else:  # evaluate scores again a judgements file without its judge's stamp (an assembled system's are
+                # written whole, with no stamp of their own)
+                stamped = {a: system in assembled_systems() or runs.judge_stamp_file(config, system, a).is_file()
+                           for a in axes}
+                finished = {a: stamped[a] and _complete_lines(path(config, system, a)) >= counts[a] for a in axes}
             done = {a: counts[a] if finished[a] else min(_complete_lines(path(config, system, a)), counts[a])
                     for a in axes}
+            if stage == "evaluate":
+                done = {a: n if stamped[a] else 0 for a, n in done.items()}
             detail = ", ".join(f"{a} {done[a]}/{counts[a]}" for a in axes)
             if stage == "generate" and "honest" in axes and not runs.mc_file(config, system).is_file():
                 finished["honest MC"] = False
@@ -109,6 +123,7 @@ def _answer_rows(config: RunConfig, counts: dict[str, int]) -> list[Row]:
 def run_status(config: RunConfig) -> list[Row]:
     """Every stage of ``h3fusion run`` for this config, in pipeline order."""
     from h3fusion.data import load_evaluated
+    from h3fusion.systems import system_names
 
     run = runs.root(config)
     rows = []
@@ -126,9 +141,28 @@ def run_status(config: RunConfig) -> list[Row]:
                  for r in _moe_rows(runs.variant_dir(config, "authors-code"))]
     counts = {axis: len(load_evaluated(axis, config)) for axis in config.evaluated_axes}
     rows += _answer_rows(config, counts)
-    rows.append(Row("evaluate", "results.json", DONE if runs.results_file(config).is_file() else TO_DO))
-    rows.append(Row("report", "report.md", DONE if runs.report_file(config).is_file() else TO_DO))
+    # evaluate and report run again on every `h3fusion run` (seconds with the judgements cached): their files count
+    # as done only when written after everything they are made from
+    judged = [r for r in rows if r.stage == "evaluate"]
+    results = runs.results_file(config)
+    systems = (_json(results) or {}).get("systems") or {}
+    current = (all(r.state == DONE for r in judged) and set(system_names(config)) <= set(systems)
+               and _newer(results, [runs.judgements_file(config, r.item, a) for r in judged
+                                    for a in config.evaluated_axes]))
+    rows.append(Row("evaluate", "results.json", DONE if current else TO_DO,
+                    "" if current or not results.is_file() else "older than the answers or judgements"))
+    report = runs.report_file(config)
+    rows.append(Row("report", "report.md", DONE if current and _newer(report, [results]) else TO_DO))
     return rows
+
+
+def _newer(path: Path, sources: list[Path]) -> bool:
+    """``path`` exists and was written after every existing one of ``sources``."""
+    try:
+        written = path.stat().st_mtime_ns
+    except OSError:
+        return False
+    return all(written >= s.stat().st_mtime_ns for s in sources if s.is_file())
 
 
 def next_row(rows: list[Row]) -> Row | None:
