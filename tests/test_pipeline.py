@@ -409,7 +409,7 @@ def test_status_says_where_a_run_stands_and_writes_nothing(tmp_path, uninterrupt
     shutil.copytree(reference, path.parent / "run")  # copy2: the times too
     os.utime(path.parent / "run" / "judgements" / "base" / "helpful.jsonl")
     rows, last = status_lines(path)
-    assert rows["evaluate results.json"] == "to do     older than the answers or judgements"
+    assert rows["evaluate results.json"] == "to do     older than the judgements"
     assert rows["report report.md"] == "to do" and last.startswith("next: evaluate results.json (to do)")
 
     # a run stopped part-way: two experts done, the third at a checkpoint (a newer one half-written, and a stray

@@ -145,12 +145,16 @@ def run_status(config: RunConfig) -> list[Row]:
     # as done only when written after everything they are made from
     judged = [r for r in rows if r.stage == "evaluate"]
     results = runs.results_file(config)
-    systems = (_json(results) or {}).get("systems") or {}
-    current = (all(r.state == DONE for r in judged) and set(system_names(config)) <= set(systems)
-               and _newer(results, [runs.judgements_file(config, r.item, a) for r in judged
-                                    for a in config.evaluated_axes]))
-    rows.append(Row("evaluate", "results.json", DONE if current else TO_DO,
-                    "" if current or not results.is_file() else "older than the answers or judgements"))
+    missing = sorted(set(system_names(config)) - set((_json(results) or {}).get("systems") or {}))
+    why = ""  # why a results.json on disk is not this run's (judgements still to do say so in their own rows)
+    if results.is_file() and all(r.state == DONE for r in judged):
+        if missing:
+            why = f"lacks {', '.join(missing)}"
+        elif not _newer(results, [runs.judgements_file(config, r.item, a) for r in judged
+                                  for a in config.evaluated_axes]):
+            why = "older than the judgements"
+    current = results.is_file() and all(r.state == DONE for r in judged) and not why
+    rows.append(Row("evaluate", "results.json", DONE if current else TO_DO, why))
     report = runs.report_file(config)
     rows.append(Row("report", "report.md", DONE if current and _newer(report, [results]) else TO_DO))
     return rows
