@@ -656,6 +656,17 @@ def across_table(summary: dict, processes: int) -> str:
                      "verdict (median)", "met in"), rows)
 
 
+def finished_process(path: Path, command: list[str]) -> dict | None:
+    """A process's results, if ``path`` holds them whole and this script wrote them for ``command``."""
+    try:
+        done = json.loads(path.read_text()) if path.is_file() else None
+    except ValueError:  # cut short by a kill while it was written: run it again
+        return None
+    if isinstance(done, dict) and done.get("argv") == command and done.get("script_sha256") == SCRIPT_SHA256:
+        return done
+    return None
+
+
 def run_processes(args, argv: list[str]) -> None:
     """Run the benchmark in ``args.processes`` fresh processes, one after the other, then summarise.
 
@@ -669,11 +680,8 @@ def run_processes(args, argv: list[str]) -> None:
     runs = []
     for i in range(1, args.processes + 1):
         path = process_out(out, i)
-        try:
-            done = json.loads(path.read_text()) if path.is_file() else None
-        except ValueError:  # cut short by a kill while it was written: run it again
-            done = None
-        if isinstance(done, dict) and done.get("argv") == command and done.get("script_sha256") == SCRIPT_SHA256:
+        done = finished_process(path, command)
+        if done is not None:
             log(f"process {i}/{args.processes}: done earlier ({path})")
         else:
             log(f"process {i}/{args.processes} -> {path}")

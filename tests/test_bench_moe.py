@@ -57,15 +57,30 @@ def test_processes_summarise_each_ratio_by_its_median_over_the_processes(tmp_pat
     assert reprinted.returncode == 0 and reprinted.stdout.strip() == summary["table"]
 
 
+def test_only_a_whole_process_this_script_wrote_for_this_command_line_is_reused(tmp_path):
+    """What a resumed series skips: a JSON written whole, by this very script, for the same command line."""
+    whole = json.loads(RUNS[0].read_text()) | WRITTEN_BY
+    files = {"reused": whole, "another command line": whole | {"argv": [*COMMAND, "--gen-repeats", "3"]},
+             "another script": whole | {"script_sha256": "0" * 64}, "no record of either": json.loads(RUNS[0].read_text())}
+    for name, content in files.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(content))
+    (tmp_path / "cut short.json").write_text(json.dumps(whole)[:100])
+    (tmp_path / "not an object.json").write_text("[1, 2]")
+    names = [*files, "cut short", "not an object", "absent"]
+    check = (f"import sys, json; sys.path.insert(0, {str(BENCH.parent)!r}); import bench_moe; from pathlib import Path; "
+             f"print(json.dumps([bench_moe.finished_process(Path({str(tmp_path)!r}) / (n + '.json'), {COMMAND!r}) "
+             f"is not None for n in {names!r}]))")
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert dict(zip(names, json.loads(done.stdout.splitlines()[-1]), strict=True)) == {n: n == "reused" for n in names}
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where --device cuda fails")
-@pytest.mark.parametrize("left", ["another command line", "another script", "cut short"])
-def test_a_process_not_finished_for_this_command_line_is_run_again(tmp_path, left):
-    """A JSON written for another command line or by another version of the script, or cut short by a kill, is run
-    again, not summarised: here the rerun fails (--device cuda on a machine without CUDA), so the series stops
-    with one line of its own."""
-    written = WRITTEN_BY | {"script_sha256": "0" * 64} if left == "another script" else WRITTEN_BY
-    stale = json.dumps(json.loads(RUNS[0].read_text()) | written)  # COMMAND, without --device cuda
-    (tmp_path / "bench.process1.json").write_text(stale[:100] if left == "cut short" else stale)
+def test_a_process_cut_short_is_run_again_and_a_failing_one_stops_the_series(tmp_path):
+    """A process JSON cut short by a kill is run again, not summarised: here the rerun fails (--device cuda on a
+    machine without CUDA), so the series stops with one line of its own and summarises nothing."""
+    stale = json.dumps(json.loads(RUNS[0].read_text()) | WRITTEN_BY)  # COMMAND, without --device cuda
+    (tmp_path / "bench.process1.json").write_text(stale[:100])
     finished = subprocess.run([sys.executable, str(BENCH), *COMMAND, "--device", "cuda", "--processes", "2",
                                "--out", str(tmp_path / "bench.json")], capture_output=True, text=True, timeout=300)
     assert finished.returncode != 0
