@@ -24,13 +24,13 @@ SKIP_LINES = {"align": "[align] helpful: complete at", "build": "[build] complet
               "generate": "[generate] base: complete, skipping"}
 
 
-def pipeline_config(root, tiny_llama_dir, data_dir, judge_cache):
+def pipeline_config(root, tiny_llama_dir, data_dir, judge_cache, **sections):
     return write_config(root / "c.yaml", model={"base": str(tiny_llama_dir)}, data={"dir": str(data_dir)},
                         train={"max_steps": 2}, fusion={"examples_per_axis": 4, "heldout_prompts": 2,
                                                         "train": {"max_steps": 2, "batch_size": 4}},
                         generate={"max_new_tokens": {"helpful": 4, "harmless": 4, "honest": 4}, "batch_size": 4},
                         evaluate=EVALUATED, judges={"cache_dir": str(judge_cache), **SMALL_JUDGES},
-                        baselines={"unfused": True})
+                        baselines={"unfused": True}, **sections)
 
 
 @pytest.fixture(scope="module")
@@ -395,6 +395,21 @@ def status_lines(path):
         done.stdout.splitlines()[-1]
 
 
+def test_status_tells_a_given_adapter_from_a_directory_that_is_none(tmp_path, tiny_llama_dir, data_dir, judge_cache):
+    """align skips an axis that moe.adapters gives, so a wrong path there would surface only at build."""
+    from tests.moe_fixtures import make_adapter
+
+    given = make_adapter(tiny_llama_dir, tmp_path / "mine", seed=1)
+    (tmp_path / "empty").mkdir()
+    path = pipeline_config(tmp_path, tiny_llama_dir, data_dir, judge_cache,
+                           moe={"adapters": {"helpful": str(given), "harmless": str(tmp_path / "empty")}})
+    rows, last = status_lines(path)
+    assert rows["align helpful"] == f"given     {given}"
+    assert rows["align harmless"] == f"to do     moe.adapters gives {tmp_path / 'empty'}, which holds no adapter_config.json"
+    assert rows["align honest"] == "to do" and last.startswith("next: align harmless (to do)")
+    assert not (tmp_path / "run").exists()
+
+
 def test_status_says_where_a_run_stands_and_writes_nothing(tmp_path, uninterrupted, tiny_llama_dir, data_dir,
                                                            judge_cache):
     reference = uninterrupted[0].parent / "run"
@@ -411,6 +426,13 @@ def test_status_says_where_a_run_stands_and_writes_nothing(tmp_path, uninterrupt
     rows, last = status_lines(path)
     assert rows["evaluate results.json"] == "to do     older than the judgements"
     assert rows["report report.md"] == "to do" and last.startswith("next: evaluate results.json (to do)")
+    # a results.json written after the judgements but over other prompts (evaluate.<axis>_n changed since)
+    results = path.parent / "run" / "results.json"
+    scored = json.loads(results.read_text())
+    scored["systems"]["base"]["helpful"]["n"] += 1
+    results.write_text(json.dumps(scored))
+    rows, _ = status_lines(path)
+    assert rows["evaluate results.json"] == "to do     scored on other prompt counts"
 
     # a run stopped part-way: two experts done, the third at a checkpoint (a newer one half-written, and a stray
     # non-object state), the base model's answers done on one axis and cut short on another

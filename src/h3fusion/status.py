@@ -128,8 +128,10 @@ def run_status(config: RunConfig) -> list[Row]:
     run = runs.root(config)
     rows = []
     for axis, path in runs.adapter_paths(config).items():
-        if config.moe.adapters.get(axis):
-            rows.append(Row("align", axis, GIVEN, str(path)))
+        if config.moe.adapters.get(axis):  # build reads it as a PEFT adapter: without its config it fails there
+            given = (path / "adapter_config.json").is_file()  # what makes a directory a PEFT adapter
+            rows.append(Row("align", axis, GIVEN if given else TO_DO,
+                            str(path) if given else f"moe.adapters gives {path}, which holds no adapter_config.json"))
         else:
             rows.append(_trained("align", axis, path, runs.expert_is_complete(path), runs.EXPERT_MARKER))
     rows += _moe_rows(run)
@@ -145,11 +147,15 @@ def run_status(config: RunConfig) -> list[Row]:
     # as done only when written after everything they are made from
     judged = [r for r in rows if r.stage == "evaluate"]
     results = runs.results_file(config)
-    missing = sorted(set(system_names(config)) - set((_json(results) or {}).get("systems") or {}))
+    scored = (_json(results) or {}).get("systems")
+    scored = scored if isinstance(scored, dict) else {}
+    missing = sorted(set(system_names(config)) - set(scored))
     why = ""  # why a results.json on disk is not this run's (judgements still to do say so in their own rows)
     if results.is_file() and all(r.state == DONE for r in judged):
         if missing:
             why = f"lacks {', '.join(missing)}"
+        elif not all(_scored_n(scored[r.item], a) == counts[a] for r in judged for a in config.evaluated_axes):
+            why = "scored on other prompt counts"
         elif not _newer(results, [runs.judgements_file(config, r.item, a) for r in judged
                                   for a in config.evaluated_axes]):
             why = "older than the judgements"
@@ -166,7 +172,19 @@ def _newer(path: Path, sources: list[Path]) -> bool:
         written = path.stat().st_mtime_ns
     except OSError:
         return False
-    return all(written >= s.stat().st_mtime_ns for s in sources if s.is_file())
+    for source in sources:
+        try:  # a judgements file may vanish between listing and stat (evaluate rewrites one whose judge changed)
+            if written < source.stat().st_mtime_ns:
+                return False
+        except OSError:
+            continue
+    return True
+
+
+def _scored_n(system: object, axis: str) -> object:
+    """How many prompts of ``axis`` results.json scored ``system`` on (None when it does not say)."""
+    figures = system.get(axis) if isinstance(system, dict) else None
+    return figures.get("n") if isinstance(figures, dict) else None
 
 
 def next_row(rows: list[Row]) -> Row | None:
