@@ -63,6 +63,17 @@ def test_adapter_paths_take_brought_experts_over_the_runs_own(tmp_path):
                                           "honest": tmp_path / "r" / "experts" / "honest"}
 
 
+def test_an_ablation_takes_the_experts_its_base_run_had(tmp_path):
+    """Not a re-aligning ablation: it reads the base run's experts where they are, its own trained ones or the ones
+    its moe.adapters gave it (<run>/experts/<axis> does not exist for those)."""
+    from h3fusion.ablate import base_experts
+
+    config = build_config({"run_dir": str(tmp_path / "r"), "moe": {"adapters": {"harmless": str(tmp_path / "mine")}}})
+    assert base_experts(config) == [f"moe.adapters.helpful={tmp_path / 'r' / 'experts' / 'helpful'}",
+                                    f"moe.adapters.harmless={tmp_path / 'mine'}",
+                                    f"moe.adapters.honest={tmp_path / 'r' / 'experts' / 'honest'}"]
+
+
 def test_a_stage_is_finished_only_with_its_marker(tmp_path):
     expert = tmp_path / "experts" / "helpful"
     expert.mkdir(parents=True)

@@ -54,9 +54,7 @@ def ablate(base: RunConfig, name: str, overrides: Sequence[str], results_dir: Pa
     realign = any(k.startswith(REALIGN_PREFIXES) for k in keys)
     runtime_only = bool(keys) and all(k.startswith(RUNTIME_PREFIXES) for k in keys)
     run_dir = runs.ablation_dir(base, name)
-    extra = [f"run_dir={run_dir}"]
-    if not realign:  # the base run's experts, by path: nothing of stage 1 is redone
-        extra += [f"moe.adapters.{axis}={runs.expert_dir(base, axis)}" for axis in base.experts]
+    extra = [f"run_dir={run_dir}", *([] if realign else base_experts(base))]
     # one setting changed against what the base run's H3Fusion was made with, even if the config file
     # has moved on since (a new default, say): its recorded settings are the ablation's starting point
     recorded = next((p for p in (runs.settings_file(runs.fused_dir(base)), runs.settings_file(runs.root(base)))
@@ -173,3 +171,8 @@ def _with_interval(entry: dict | None) -> str:
     low, high = entry["interval"]
     return f"{entry['diff']:+.3f} [{low:+.3f}, {high:+.3f}]"
 
+
+def base_experts(base: RunConfig) -> list[str]:
+    """Overrides that give an ablation the base run's experts by path (nothing of stage 1 is redone): the ones it
+    trained, or the ones its own ``moe.adapters`` gave it."""
+    return [f"moe.adapters.{axis}={path}" for axis, path in runs.adapter_paths(base).items()]
