@@ -506,7 +506,7 @@ def section_evaluator(model, tokenizer, args, workdir: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------- report
-def check(name: str, value: float) -> str:
+def check(name: str, value: float) -> tuple[str, str]:
     op, target = TARGETS[name]
     ok = value >= target if op == ">=" else value <= target
     return f"{op} {target:g}", "met" if ok else "MISSED"
@@ -656,15 +656,25 @@ def across_table(summary: dict, processes: int) -> str:
                      "verdict (median)", "met in"), rows)
 
 
+def machine_facts() -> dict:
+    """What makes two processes' figures comparable: the machine, the torch build and its threads."""
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
 def finished_process(path: Path, command: list[str]) -> dict | None:
-    """A process's results, if ``path`` holds them whole and this script wrote them for ``command``."""
+    """A process's results, if ``path`` holds them whole and this script wrote them for ``command`` on this
+    machine (another machine's figures would be summarised as if they were this one's)."""
     try:
         done = json.loads(path.read_text()) if path.is_file() else None
     except ValueError:  # cut short by a kill while it was written: run it again
         return None
-    if isinstance(done, dict) and done.get("argv") == command and done.get("script_sha256") == SCRIPT_SHA256:
-        return done
-    return None
+    if not (isinstance(done, dict) and done.get("argv") == command and done.get("script_sha256") == SCRIPT_SHA256):
+        return None
+    machine = done.get("machine")
+    if not isinstance(machine, dict) or any(machine.get(k) != v for k, v in machine_facts().items()):
+        return None
+    return done
 
 
 def run_processes(args, argv: list[str]) -> None:
@@ -685,11 +695,18 @@ def run_processes(args, argv: list[str]) -> None:
             log(f"process {i}/{args.processes}: done earlier ({path})")
         else:
             log(f"process {i}/{args.processes} -> {path}")
-            finished = subprocess.run([sys.executable, __file__, *command, "--out", str(path)])
+            try:
+                finished = subprocess.run([sys.executable, __file__, *command, "--out", str(path)])
+            except KeyboardInterrupt:
+                sys.exit(f"bench_moe: interrupted in process {i} of {args.processes}; the {i - 1} finished ones are "
+                         "kept, rerun the same command to resume")
             if finished.returncode != 0:
                 sys.exit(f"bench_moe: process {i} of {args.processes} failed (exit {finished.returncode}; its "
                          f"output is above); the {i - 1} finished ones are kept, rerun the same command to resume")
-            done = json.loads(path.read_text())
+            done = finished_process(path, command)
+            if done is None:  # the script was edited while the series ran, or the process wrote nothing
+                sys.exit(f"bench_moe: process {i} of {args.processes} left no results of this script in {path}; "
+                         "do not edit bench_moe.py while a series runs, then rerun the same command")
         runs.append(done)
     summary = across_processes(runs)
     results = {"processes": args.processes, "argv": command, "runs": [str(process_out(out, i))
@@ -771,10 +788,7 @@ def main() -> None:
 
     started = time.perf_counter()
     results: dict = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "device": args.device, "dtype": args.dtype,
-                    "loadavg_start": os.getloadavg()},
+        "machine": {**machine_facts(), "device": args.device, "dtype": args.dtype, "loadavg_start": os.getloadavg()},
         "settings": {k: v for k, v in vars(args).items() if k != "torch_dtype"},
         "argv": child_argv(sys.argv[1:]),  # --processes reuses a process's JSON only for the same command line
         "script_sha256": SCRIPT_SHA256,  # ... run by the same script

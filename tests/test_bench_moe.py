@@ -19,7 +19,22 @@ BENCH = REPO / "bench" / "bench_moe.py"
 RUNS = [REPO / "results" / name for name in ("bench_generation.json", "bench_generation_rerun.json",
                                              "bench_generation_rerun2.json")]
 COMMAND = ["--generation-only", "--quick"]
-WRITTEN_BY = {"argv": COMMAND, "script_sha256": hashlib.sha256(BENCH.read_bytes()).hexdigest()}  # what reuse needs
+SCRIPT_SHA256 = hashlib.sha256(BENCH.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def machine() -> dict:
+    """The benchmark's record of this machine (from its own process: it runs torch on one thread)."""
+    code = (f"import sys, json; sys.path.insert(0, {str(BENCH.parent)!r}); import bench_moe; "
+            "print(json.dumps(bench_moe.machine_facts()))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def written_here(run: Path, machine: dict) -> dict:
+    """An earlier run's JSON as this script would have written it for COMMAND on this machine (what reuse needs)."""
+    done = json.loads(run.read_text())
+    return done | {"argv": COMMAND, "script_sha256": SCRIPT_SHA256, "machine": done["machine"] | machine}
 
 
 def ratio(run: dict, section: str, batch: str, num: str, den: str) -> float:
@@ -27,10 +42,10 @@ def ratio(run: dict, section: str, batch: str, num: str, den: str) -> float:
     return runs[num]["tok_s"] / runs[den]["tok_s"]
 
 
-def test_processes_summarise_each_ratio_by_its_median_over_the_processes(tmp_path):
+def test_processes_summarise_each_ratio_by_its_median_over_the_processes(tmp_path, machine):
     out = tmp_path / "bench.json"
     for i, run in enumerate(RUNS, start=1):
-        done = json.loads(run.read_text()) | WRITTEN_BY
+        done = written_here(run, machine)
         (tmp_path / f"bench.process{i}.json").write_text(json.dumps(done))
     finished = subprocess.run([sys.executable, str(BENCH), *COMMAND, "--processes", "3", "--out", str(out)],
                               capture_output=True, text=True, timeout=300)
@@ -57,10 +72,13 @@ def test_processes_summarise_each_ratio_by_its_median_over_the_processes(tmp_pat
     assert reprinted.returncode == 0 and reprinted.stdout.strip() == summary["table"]
 
 
-def test_only_a_whole_process_this_script_wrote_for_this_command_line_is_reused(tmp_path):
-    """What a resumed series skips: a JSON written whole, by this very script, for the same command line."""
-    whole = json.loads(RUNS[0].read_text()) | WRITTEN_BY
+def test_only_a_whole_process_this_script_wrote_for_this_command_line_is_reused(tmp_path, machine):
+    """What a resumed series skips: a JSON written whole, by this very script, for the same command line, on this
+    machine."""
+    whole = written_here(RUNS[0], machine)
     files = {"reused": whole, "another command line": whole | {"argv": [*COMMAND, "--gen-repeats", "3"]},
+             "another machine": whole | {"machine": whole["machine"] | {"cpus": machine["cpus"] + 1}},
+             "another torch": whole | {"machine": whole["machine"] | {"torch": "0.0.0"}},
              "another script": whole | {"script_sha256": "0" * 64}, "no record of either": json.loads(RUNS[0].read_text())}
     for name, content in files.items():
         (tmp_path / f"{name}.json").write_text(json.dumps(content))
@@ -76,10 +94,10 @@ def test_only_a_whole_process_this_script_wrote_for_this_command_line_is_reused(
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where --device cuda fails")
-def test_a_process_cut_short_is_run_again_and_a_failing_one_stops_the_series(tmp_path):
+def test_a_process_cut_short_is_run_again_and_a_failing_one_stops_the_series(tmp_path, machine):
     """A process JSON cut short by a kill is run again, not summarised: here the rerun fails (--device cuda on a
     machine without CUDA), so the series stops with one line of its own and summarises nothing."""
-    stale = json.dumps(json.loads(RUNS[0].read_text()) | WRITTEN_BY)  # COMMAND, without --device cuda
+    stale = json.dumps(written_here(RUNS[0], machine))  # COMMAND, without --device cuda
     (tmp_path / "bench.process1.json").write_text(stale[:100])
     finished = subprocess.run([sys.executable, str(BENCH), *COMMAND, "--device", "cuda", "--processes", "2",
                                "--out", str(tmp_path / "bench.json")], capture_output=True, text=True, timeout=300)
