@@ -154,7 +154,7 @@ def run_status(config: RunConfig) -> list[Row]:
     if results.is_file() and all(r.state == DONE for r in judged):
         if missing:
             why = f"lacks {', '.join(missing)}"
-        elif not all(_scored_n(scored[r.item], a) == counts[a] for r in judged for a in config.evaluated_axes):
+        elif not all(_scored_n(scored.get(r.item), a) == counts[a] for r in judged for a in config.evaluated_axes):
             why = "scored on other prompt counts"
         elif not _newer(results, [runs.judgements_file(config, r.item, a) for r in judged
                                   for a in config.evaluated_axes]):
