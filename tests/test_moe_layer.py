@@ -682,7 +682,8 @@ def test_sequence_routing_decides_once_per_row_from_its_decision_tokens():
 
 def test_sequence_routing_top1_runs_each_rows_expert_mixed_or_agreeing():
     """One expert per sequence: rows that chose different experts (rank-masked path) and rows that all agree
-    (only that expert's factors read) both give each row's expert MLP exactly, at prefill and while decoding."""
+    (only that expert's factors read) both give each row's expert MLP exactly, at prefill and while decoding
+    (mixed, then once only agreeing rows are left)."""
     n, t = 3, 6
     base, deltas = make_base(), make_deltas(n)
     layer = MoEMLP(base, deltas, top_k=1, router_weight=router_w(n, scale=4.0), routing="sequence")
@@ -695,6 +696,11 @@ def test_sequence_routing_top1_runs_each_rows_expert_mixed_or_agreeing():
         torch.testing.assert_close(y[row], mlp_with(expert_weights(base, deltas[k]), x[row]), **F64)
     step = torch.cat([tokens(1, seed=s) for s in (10, 11, 12, 13, 14)])
     layer.routing_inputs.continuing = True
+    for _ in range(2):  # decoding steps of the mixed batch (the second reuses the rank masks the first built)
+        with torch.no_grad():
+            y = layer(step)
+        for row, k in enumerate(chosen):
+            torch.testing.assert_close(y[row], mlp_with(expert_weights(base, deltas[k]), step[row]), **F64)
     keep = torch.tensor([row for row, k in enumerate(chosen) if k == chosen[0]])  # the rows that agree
     layer.select_rows(keep)
     with torch.no_grad():
