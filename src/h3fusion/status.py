@@ -131,7 +131,7 @@ def run_status(config: RunConfig) -> list[Row]:
         if config.moe.adapters.get(axis):  # build reads it as a PEFT adapter: without its config it fails there
             given = (path / runs.ADAPTER_CONFIG).is_file()
             rows.append(Row("align", axis, GIVEN if given else TO_DO,
-                            str(path) if given else f"moe.adapters gives {path}, which holds no adapter_config.json"))
+                            str(path) if given else f"moe.adapters gives {path}, which holds no {runs.ADAPTER_CONFIG}"))
         else:
             rows.append(_trained("align", axis, path, runs.expert_is_complete(path), runs.EXPERT_MARKER))
     rows += _moe_rows(run)
