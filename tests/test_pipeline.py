@@ -396,17 +396,25 @@ def status_lines(path):
 
 
 def test_status_tells_a_given_adapter_from_a_directory_that_is_none(tmp_path, tiny_llama_dir, data_dir, judge_cache):
-    """align skips an axis that moe.adapters gives, so a wrong path there would surface only at build."""
+    """align skips an axis that moe.adapters gives, so a wrong path there would surface only at build: status names
+    the files missing there, and the fix rather than a stage to rerun."""
     from tests.moe_fixtures import make_adapter
 
     given = make_adapter(tiny_llama_dir, tmp_path / "mine", seed=1)
     (tmp_path / "empty").mkdir()
+    (tmp_path / "config-only").mkdir()  # e.g. an adapter saved with adapter_model.bin, which build never unpickles
+    shutil.copy(given / "adapter_config.json", tmp_path / "config-only")
     path = pipeline_config(tmp_path, tiny_llama_dir, data_dir, judge_cache,
-                           moe={"adapters": {"helpful": str(given), "harmless": str(tmp_path / "empty")}})
+                           moe={"adapters": {"helpful": str(given), "harmless": str(tmp_path / "empty"),
+                                             "honest": str(tmp_path / "config-only")}})
     rows, last = status_lines(path)
     assert rows["align helpful"] == f"given     {given}"
-    assert rows["align harmless"] == f"to do     moe.adapters gives {tmp_path / 'empty'}, which holds no adapter_config.json"
-    assert rows["align honest"] == "to do" and last.startswith("next: align harmless (to do)")
+    assert rows["align harmless"] == (f"missing   moe.adapters gives {tmp_path / 'empty'}, which holds no "
+                                      "adapter_config.json, adapter_model.safetensors")
+    assert rows["align honest"] == (f"missing   moe.adapters gives {tmp_path / 'config-only'}, which holds no "
+                                    "adapter_model.safetensors")
+    assert rows["build moe"] == "to do"
+    assert last == "next: point moe.adapters.harmless at a PEFT LoRA adapter directory; a run stops at build until then"
     assert not (tmp_path / "run").exists()
 
 

@@ -360,7 +360,7 @@ def model_info(
 def status(config: ConfigArg, set_: SetOpt = None, out: OutOpt = None) -> None:
     """Where a run stands: each stage done, part-way (from which step, how many answers) or to do; reads its files
     only, so it is safe while the run is writing."""
-    from h3fusion.status import next_row, run_status
+    from h3fusion.status import MISSING, next_row, run_status
 
     cfg = _config(config, set_, out)
     rows = run_status(cfg)
@@ -369,8 +369,14 @@ def status(config: ConfigArg, set_: SetOpt = None, out: OutOpt = None) -> None:
     for r in rows:
         typer.echo(f"  {f'{r.stage} {r.item}':<{width}}  {r.state:<8}  {r.detail}".rstrip())
     pick_up = next_row(rows)
-    typer.echo("complete" if pick_up is None else f"next: {pick_up.stage} {pick_up.item} ({pick_up.state}); "
-               "the same `h3fusion run` (or that stage's verb) continues from there")
+    if pick_up is None:
+        typer.echo("complete")
+    elif pick_up.state == MISSING:  # no stage makes a given input: rerunning would stop at the stage that reads it
+        typer.echo(f"next: point moe.adapters.{pick_up.item} at a PEFT LoRA adapter directory; a run stops at build "
+                   "until then")
+    else:
+        typer.echo(f"next: {pick_up.stage} {pick_up.item} ({pick_up.state}); "
+                   "the same `h3fusion run` (or that stage's verb) continues from there")
 
 
 @app.command("data")

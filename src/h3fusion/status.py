@@ -19,14 +19,14 @@ from pathlib import Path
 from h3fusion import runs
 from h3fusion.config import RunConfig
 
-DONE, PART_WAY, TO_DO, GIVEN = "done", "part-way", "to do", "given"
+DONE, PART_WAY, TO_DO, GIVEN, MISSING = "done", "part-way", "to do", "given", "missing"
 
 
 @dataclass(frozen=True)
 class Row:
     stage: str
     item: str
-    state: str  # DONE | PART_WAY | TO_DO | GIVEN
+    state: str  # DONE | PART_WAY | TO_DO | GIVEN | MISSING (a given input that is not there: no stage makes it)
     detail: str = ""
 
 
@@ -128,10 +128,10 @@ def run_status(config: RunConfig) -> list[Row]:
     run = runs.root(config)
     rows = []
     for axis, path in runs.adapter_paths(config).items():
-        if config.moe.adapters.get(axis):  # build reads it as a PEFT adapter: without its config it fails there
-            given = (path / runs.ADAPTER_CONFIG).is_file()
-            rows.append(Row("align", axis, GIVEN if given else TO_DO,
-                            str(path) if given else f"moe.adapters gives {path}, which holds no {runs.ADAPTER_CONFIG}"))
+        if config.moe.adapters.get(axis):  # align skips it and build reads it as a PEFT adapter: fails there if not one
+            absent = [name for name in (runs.ADAPTER_CONFIG, runs.ADAPTER_WEIGHTS) if not (path / name).is_file()]
+            rows.append(Row("align", axis, MISSING, f"moe.adapters gives {path}, which holds no {', '.join(absent)}")
+                        if absent else Row("align", axis, GIVEN, str(path)))
         else:
             rows.append(_trained("align", axis, path, runs.expert_is_complete(path), runs.EXPERT_MARKER))
     rows += _moe_rows(run)
