@@ -656,25 +656,48 @@ def across_table(summary: dict, processes: int) -> str:
                      "verdict (median)", "met in"), rows)
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo; ``platform.processor()`` there says only "x86_64" or nothing)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine_facts() -> dict:
-    """What makes two processes' figures comparable: the machine, the torch build and its threads."""
+    """What makes two processes' figures comparable: the machine (its CPU model, and GPU where there is one), the
+    torch build and its threads."""
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_model": cpu_model(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
-def finished_process(path: Path, command: list[str]) -> dict | None:
+def process_record(path: Path, command: list[str]) -> tuple[dict | None, str]:
     """A process's results, if ``path`` holds them whole and this script wrote them for ``command`` on this
-    machine (another machine's figures would be summarised as if they were this one's)."""
+    machine (another machine's figures would be summarised as if they were this one's); else None and why not."""
     try:
         done = json.loads(path.read_text()) if path.is_file() else None
     except ValueError:  # cut short by a kill while it was written: run it again
-        return None
-    if not (isinstance(done, dict) and done.get("argv") == command and done.get("script_sha256") == SCRIPT_SHA256):
-        return None
+        return None, "its JSON is cut short"
+    if not isinstance(done, dict):
+        return None, "it holds no results" if done is None else "its JSON is no results of this script"
+    if done.get("script_sha256") != SCRIPT_SHA256:
+        return None, "another version of bench_moe.py wrote it (do not edit the script while a series runs)"
+    if done.get("argv") != command:
+        return None, "it was written for another command line"
     machine = done.get("machine")
-    if not isinstance(machine, dict) or any(machine.get(k) != v for k, v in machine_facts().items()):
-        return None
-    return done
+    changed = [k for k, v in machine_facts().items() if not isinstance(machine, dict) or machine.get(k) != v]
+    if changed:
+        return None, f"it was written on another machine (other {', '.join(changed)})"
+    return done, ""
+
+
+def finished_process(path: Path, command: list[str]) -> dict | None:
+    """``process_record``'s results alone."""
+    return process_record(path, command)[0]
 
 
 def run_processes(args, argv: list[str]) -> None:
@@ -703,10 +726,10 @@ def run_processes(args, argv: list[str]) -> None:
             if finished.returncode != 0:
                 sys.exit(f"bench_moe: process {i} of {args.processes} failed (exit {finished.returncode}; its "
                          f"output is above); the {i - 1} finished ones are kept, rerun the same command to resume")
-            done = finished_process(path, command)
+            done, why = process_record(path, command)
             if done is None:  # the script was edited while the series ran, or the process wrote nothing
-                sys.exit(f"bench_moe: process {i} of {args.processes} left no results of this script in {path}; "
-                         "do not edit bench_moe.py while a series runs, then rerun the same command")
+                sys.exit(f"bench_moe: process {i} of {args.processes} left no usable results in {path}: {why}; "
+                         "rerun the same command")
         runs.append(done)
     summary = across_processes(runs)
     results = {"processes": args.processes, "argv": command, "runs": [str(process_out(out, i))

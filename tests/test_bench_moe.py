@@ -79,6 +79,7 @@ def test_only_a_whole_process_this_script_wrote_for_this_command_line_is_reused(
     files = {"reused": whole, "another command line": whole | {"argv": [*COMMAND, "--gen-repeats", "3"]},
              "another machine": whole | {"machine": whole["machine"] | {"cpus": machine["cpus"] + 1}},
              "another torch": whole | {"machine": whole["machine"] | {"torch": "0.0.0"}},
+             "another CPU model": whole | {"machine": whole["machine"] | {"cpu_model": "another CPU"}},
              "another script": whole | {"script_sha256": "0" * 64}, "no record of either": json.loads(RUNS[0].read_text())}
     for name, content in files.items():
         (tmp_path / f"{name}.json").write_text(json.dumps(content))
@@ -91,6 +92,16 @@ def test_only_a_whole_process_this_script_wrote_for_this_command_line_is_reused(
     done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert dict(zip(names, json.loads(done.stdout.splitlines()[-1]), strict=True)) == {n: n == "reused" for n in names}
+    # and why not, in the line that stops a series whose new process left no usable results
+    why = (f"import sys, json; sys.path.insert(0, {str(BENCH.parent)!r}); import bench_moe; from pathlib import Path; "
+           f"print(json.dumps([bench_moe.process_record(Path({str(tmp_path)!r}) / (n + '.json'), {COMMAND!r})[1] "
+           f"for n in {names!r}]))")
+    done = subprocess.run([sys.executable, "-c", why], capture_output=True, text=True, timeout=300)
+    reasons = dict(zip(names, json.loads(done.stdout.splitlines()[-1]), strict=True))
+    assert reasons["reused"] == "" and reasons["another CPU model"] == "it was written on another machine (other cpu_model)"
+    assert reasons["another script"].startswith("another version of bench_moe.py wrote it")
+    assert reasons["another command line"] == "it was written for another command line"
+    assert reasons["cut short"] == "its JSON is cut short" and reasons["absent"] == "it holds no results"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where --device cuda fails")

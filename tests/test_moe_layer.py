@@ -696,11 +696,14 @@ def test_sequence_routing_top1_runs_each_rows_expert_mixed_or_agreeing():
         torch.testing.assert_close(y[row], mlp_with(expert_weights(base, deltas[k]), x[row]), **F64)
     step = torch.cat([tokens(1, seed=s) for s in (10, 11, 12, 13, 14)])
     layer.routing_inputs.continuing = True
+    masks = []
     for _ in range(2):  # decoding steps of the mixed batch (the second reuses the rank masks the first built)
         with torch.no_grad():
             y = layer(step)
         for row, k in enumerate(chosen):
             torch.testing.assert_close(y[row], mlp_with(expert_weights(base, deltas[k]), step[row]), **F64)
+        masks.append(layer._rank_mask_cache)
+    assert masks[0] is masks[1] and masks[0][0] is layer.sequence_decision.indices
     keep = torch.tensor([row for row, k in enumerate(chosen) if k == chosen[0]])  # the rows that agree
     layer.select_rows(keep)
     with torch.no_grad():
