@@ -69,9 +69,12 @@ def test_an_ablation_takes_the_experts_its_base_run_had(tmp_path):
     from h3fusion.ablate import base_experts
 
     config = build_config({"run_dir": str(tmp_path / "r"), "moe": {"adapters": {"harmless": str(tmp_path / "mine")}}})
-    assert base_experts(config) == [f"moe.adapters.helpful={tmp_path / 'r' / 'experts' / 'helpful'}",
-                                    f"moe.adapters.harmless={tmp_path / 'mine'}",
-                                    f"moe.adapters.honest={tmp_path / 'r' / 'experts' / 'honest'}"]
+    recorded = {"harmless": str(tmp_path / "mine")}  # the moe.adapters the base run's H3Fusion was made with
+    assert base_experts(config, recorded) == [f"moe.adapters.helpful={tmp_path / 'r' / 'experts' / 'helpful'}",
+                                              f"moe.adapters.harmless={tmp_path / 'mine'}",
+                                              f"moe.adapters.honest={tmp_path / 'r' / 'experts' / 'honest'}"]
+    # the config file named other adapters since: the ablation still takes the experts the base run had
+    assert base_experts(config, {})[1] == f"moe.adapters.harmless={tmp_path / 'r' / 'experts' / 'harmless'}"
 
 
 def test_a_stage_is_finished_only_with_its_marker(tmp_path):

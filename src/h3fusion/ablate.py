@@ -18,7 +18,7 @@ so a killed ablation resumes with the same command.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from h3fusion import runs
@@ -54,11 +54,12 @@ def ablate(base: RunConfig, name: str, overrides: Sequence[str], results_dir: Pa
     realign = any(k.startswith(REALIGN_PREFIXES) for k in keys)
     runtime_only = bool(keys) and all(k.startswith(RUNTIME_PREFIXES) for k in keys)
     run_dir = runs.ablation_dir(base, name)
-    extra = [f"run_dir={run_dir}", *([] if realign else base_experts(base))]
     # one setting changed against what the base run's H3Fusion was made with, even if the config file
     # has moved on since (a new default, say): its recorded settings are the ablation's starting point
     recorded = next((p for p in (runs.settings_file(runs.fused_dir(base)), runs.settings_file(runs.root(base)))
                      if p.is_file()), None)
+    given = (base if recorded is None else load_config(recorded)).moe.adapters  # the experts it was made with
+    extra = [f"run_dir={run_dir}", *([] if realign else base_experts(base, given))]
     if recorded is None:
         config = build_config(base.model_dump(mode="json"), str(source), [*overrides, *extra])
     else:
@@ -172,7 +173,8 @@ def _with_interval(entry: dict | None) -> str:
     return f"{entry['diff']:+.3f} [{low:+.3f}, {high:+.3f}]"
 
 
-def base_experts(base: RunConfig) -> list[str]:
+def base_experts(base: RunConfig, given: Mapping[str, str]) -> list[str]:
     """Overrides that give an ablation the base run's experts by path (nothing of stage 1 is redone): the ones it
-    trained, or the ones its own ``moe.adapters`` gave it."""
-    return [f"moe.adapters.{axis}={path}" for axis, path in runs.adapter_paths(base).items()]
+    trained (under ``base``'s run directory), or the ones ``given``, the ``moe.adapters`` its H3Fusion was made with
+    (its recorded settings: the config file may name other adapters since)."""
+    return [f"moe.adapters.{axis}={given.get(axis) or runs.expert_dir(base, axis)}" for axis in base.experts]
