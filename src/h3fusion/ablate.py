@@ -9,7 +9,8 @@ reusing the base run's experts (``moe.adapters``) and judges, and
 writes ``results/ablations/<name>.json``: the overrides, the ablated H3Fusion's metrics and the base
 run's systems beside them, so one file answers "what did this setting change". Overrides that change
 the experts themselves (``lora.*``, ``train.*``, ``data.*``, ``experts``, ``seed``, ``model.*``)
-re-align them inside the ablation's directory instead; overrides of runtime dials only
+re-align them inside the ablation's directory instead (refused while ``moe.adapters`` gives experts, which align
+never trains, unless the overrides clear it); overrides of runtime dials only
 (``moe.expert_bias``, read when the fused model is loaded) reuse the base run's fused model as it is
 (``<ablation>/fused`` links to it) and only generate and evaluate. Every stage skips what is complete,
 so a killed ablation resumes with the same command.
@@ -69,6 +70,11 @@ def ablate(base: RunConfig, name: str, overrides: Sequence[str], results_dir: Pa
         if drifted:
             log(f"[ablate] starting from {recorded} (the base run's settings); {source} has since changed "
                 f"{'; '.join(drifted)}: not applied")
+    if realign and config.moe.adapters:  # align trains no given axis: the ablation would not change those experts
+        raise H3FusionError(
+            f"ablation '{name}' re-aligns the experts ({', '.join(k for k in keys if k.startswith(REALIGN_PREFIXES))}), "
+            f"but moe.adapters gives {', '.join(sorted(config.moe.adapters))}, which align never trains: add "
+            "--set 'moe.adapters={}' to train every expert afresh in the ablation, or leave out the expert settings")
     log(f"[ablate] {name}: {' '.join(overrides) or '(no overrides)'} -> {run_dir}"
         + (" (re-aligning the experts)" if realign else "")
         + (" (runtime dial: the base run's fused model)" if runtime_only else ""))
