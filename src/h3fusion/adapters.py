@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from h3fusion.errors import H3FusionError
 from h3fusion.models import base_fingerprint, decoder_layers
 from h3fusion.moe.lowrank import LowRankDelta
-from h3fusion.runs import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EXPERT_META
+from h3fusion.runs import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EXPERT_META, missing_adapter_files
 from h3fusion.tokens import check_prompt_prefix
 
 _LORA_KEY = re.compile(r"layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.lora_([AB])(?:\.[^.]+)?\.weight$")
@@ -55,12 +55,12 @@ def read_adapter(name: str, path: str | Path) -> ExpertAdapter:
     """Read a PEFT LoRA adapter directory of FFN-only LoRA (safetensors; nothing is unpickled)."""
     path = Path(path)
     config_file, weights_file = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
-    for needed in (config_file, weights_file):
-        if not needed.is_file():
-            raise H3FusionError(
-                f"expert '{name}': {needed} is missing; point at a PEFT LoRA adapter directory "
-                "(run `h3fusion align` to train one)"
-            )
+    missing = missing_adapter_files(path)
+    if missing:
+        raise H3FusionError(
+            f"expert '{name}': {path / missing[0]} is missing; point at a PEFT LoRA adapter directory "
+            "(run `h3fusion align` to train one)"
+        )
     try:
         config = json.loads(config_file.read_text())
     except json.JSONDecodeError as error:

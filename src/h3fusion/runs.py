@@ -81,6 +81,11 @@ def adapter_paths(config: RunConfig) -> dict[str, Path]:
     return {axis: Path(config.moe.adapters.get(axis) or expert_dir(config, axis)) for axis in config.experts}
 
 
+def missing_adapter_files(path: Path) -> list[str]:
+    """Which of a PEFT LoRA adapter's two files (config, safetensors weights) ``path`` lacks, in that order."""
+    return [name for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if not (Path(path) / name).is_file()]
+
+
 def expert_is_complete(path: Path) -> bool:
     """An adapter `align` trained (or a trained baseline) is finished: its marker and every file it loads."""
     return all((path / name).is_file() for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, EXPERT_MARKER, EXPERT_META))
