@@ -441,6 +441,12 @@ def test_status_says_where_a_run_stands_and_writes_nothing(tmp_path, uninterrupt
     results.write_text(json.dumps(scored))
     rows, _ = status_lines(path)
     assert rows["evaluate results.json"] == "to do     scored on other prompt counts"
+    # the same counts under another evaluate setting (AlpacaEval instructions held out as dev): not this config's
+    scored["systems"]["base"]["helpful"]["n"] -= 1
+    scored["run"]["config"]["evaluate"]["alpacaeval_dev"] = 10
+    results.write_text(json.dumps(scored))
+    rows, _ = status_lines(path)
+    assert rows["evaluate results.json"] == "to do     scored with other evaluate settings (alpacaeval_dev)"
 
     # a run stopped part-way: two experts done, the third at a checkpoint (a newer one half-written, and a stray
     # non-object state), the base model's answers done on one axis and cut short on another

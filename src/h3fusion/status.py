@@ -129,7 +129,7 @@ def run_status(config: RunConfig) -> list[Row]:
     rows = []
     for axis, path in runs.adapter_paths(config).items():
         if config.moe.adapters.get(axis):  # align skips it and build reads it as a PEFT adapter: fails there if not one
-            absent = [name for name in (runs.ADAPTER_CONFIG, runs.ADAPTER_WEIGHTS) if not (path / name).is_file()]
+            absent = runs.missing_adapter_files(path)
             rows.append(Row("align", axis, MISSING, f"moe.adapters gives {path}, which holds no {', '.join(absent)}")
                         if absent else Row("align", axis, GIVEN, str(path)))
         else:
@@ -152,8 +152,11 @@ def run_status(config: RunConfig) -> list[Row]:
     missing = sorted(set(system_names(config)) - set(scored))
     why = ""  # why a results.json on disk is not this run's (judgements still to do say so in their own rows)
     if results.is_file() and all(r.state == DONE for r in judged):
+        changed = _changed_evaluate_settings(_json(results) or {}, config)
         if missing:
             why = f"lacks {', '.join(missing)}"
+        elif changed:
+            why = f"scored with other evaluate settings ({', '.join(changed)})"
         elif not all(_scored_n(scored.get(r.item), a) == counts[a] for r in judged for a in config.evaluated_axes):
             why = "scored on other prompt counts"
         elif not _newer(results, [runs.judgements_file(config, r.item, a) for r in judged
@@ -179,6 +182,19 @@ def _newer(path: Path, sources: list[Path]) -> bool:
         except OSError:
             continue
     return True
+
+
+def _changed_evaluate_settings(results: dict, config: RunConfig) -> list[str]:
+    """The ``evaluate`` keys whose value differs from the one results.json records (evaluate itself refuses to
+    keep entries scored under other settings); all of them when it records none."""
+    try:
+        recorded = results["run"]["config"]["evaluate"]
+    except (KeyError, TypeError):
+        recorded = None
+    now = config.evaluate.model_dump(mode="json")
+    if not isinstance(recorded, dict):
+        return sorted(now)
+    return sorted(k for k in now if recorded.get(k) != now[k])
 
 
 def _scored_n(system: object, axis: str) -> object:
