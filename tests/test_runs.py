@@ -77,24 +77,34 @@ def test_an_ablation_takes_the_experts_its_base_run_had(tmp_path):
     assert base_experts(config, {})[1] == f"moe.adapters.harmless={tmp_path / 'r' / 'experts' / 'harmless'}"
 
 
-def test_a_realigning_ablation_of_a_run_with_given_experts_is_refused(tmp_path):
-    """align trains no axis that moe.adapters gives, so an ablation of expert settings over a run made with given
-    experts would re-fuse the very same experts and report them as re-aligned: refused in one line naming the fix,
-    before anything is written; the fix (clearing moe.adapters) trains every expert in the ablation."""
-    from h3fusion.ablate import ablate
+def test_an_ablation_of_expert_settings_trains_only_experts_it_can(tmp_path):
+    """align trains no axis that moe.adapters gives. With every expert given, an ablation of lora/train settings
+    would re-fuse the very same experts and call them re-aligned: refused in one line naming the fix, before
+    anything is written (the fix, clearing moe.adapters, trains every expert in the ablation); a seed override
+    still acts on fusion (re-fused, not re-aligned); with some experts given, the others are re-aligned."""
+    from h3fusion.ablate import ablate, realigns_experts
     from h3fusion.config import load_config
 
     base = build_config({"run_dir": str(tmp_path / "r")})
     runs.results_file(base).parent.mkdir(parents=True)
     runs.results_file(base).write_text("{}")  # a finished base run (ablate reads it only after the checks)
     recorded = runs.settings_file(runs.fused_dir(base))
-    dump_config(build_config({"run_dir": str(tmp_path / "r"), "moe": {"adapters": {"harmless": "/mine/h"}}}),
-                recorded)
-    with pytest.raises(H3FusionError, match=r"^ablation 'lr' re-aligns the experts \(train.lr\), but moe.adapters "
-                       r"gives harmless, which align never trains: add --set 'moe.adapters=\{\}'"):
+    every = {axis: f"/mine/{axis}" for axis in AXES}
+    dump_config(build_config({"run_dir": str(tmp_path / "r"), "moe": {"adapters": every}}), recorded)
+    with pytest.raises(H3FusionError, match=rf"^ablation 'lr' changes only how experts train \(train.lr\), but "
+                       rf"{recorded} gives every expert by moe.adapters, which align never trains: add --set "
+                       r"'moe.adapters=\{\}'"):
         ablate(base, "lr", ["train.lr=0.001"], results_dir=tmp_path / "results", log=lambda *_: None)
     assert not runs.ablation_dir(base, "lr").exists() and not (tmp_path / "results").exists()
     assert load_config(recorded, overrides=["train.lr=0.001", "moe.adapters={}"]).moe.adapters == {}
+
+    lines = []
+    all_given = build_config({"moe": {"adapters": every}})
+    assert not realigns_experts(all_given, ["seed"], "s", "here", lines.append)
+    some_given = build_config({"moe": {"adapters": {"harmless": "/mine/h"}}})
+    assert realigns_experts(some_given, ["train.lr"], "lr", "here", lines.append)
+    assert lines == ["[ablate] here gives harmless by moe.adapters: kept as given, the other experts are re-aligned"]
+    assert realigns_experts(build_config({}), ["train.lr"], "lr", "here", lines.append) and len(lines) == 1
 
 
 def test_a_stage_is_finished_only_with_its_marker(tmp_path):

@@ -9,8 +9,8 @@ reusing the base run's experts (``moe.adapters``) and judges, and
 writes ``results/ablations/<name>.json``: the overrides, the ablated H3Fusion's metrics and the base
 run's systems beside them, so one file answers "what did this setting change". Overrides that change
 the experts themselves (``lora.*``, ``train.*``, ``data.*``, ``experts``, ``seed``, ``model.*``)
-re-align them inside the ablation's directory instead (refused while ``moe.adapters`` gives experts, which align
-never trains, unless the overrides clear it); overrides of runtime dials only
+re-align them inside the ablation's directory instead (align trains no expert that ``moe.adapters`` gives: with
+every expert given, lora and train overrides are refused, the others re-fuse); overrides of runtime dials only
 (``moe.expert_bias``, read when the fused model is loaded) reuse the base run's fused model as it is
 (``<ablation>/fused`` links to it) and only generate and evaluate. Every stage skips what is complete,
 so a killed ablation resumes with the same command.
@@ -70,11 +70,9 @@ def ablate(base: RunConfig, name: str, overrides: Sequence[str], results_dir: Pa
         if drifted:
             log(f"[ablate] starting from {recorded} (the base run's settings); {source} has since changed "
                 f"{'; '.join(drifted)}: not applied")
-    if realign and config.moe.adapters:  # align trains no given axis: the ablation would not change those experts
-        raise H3FusionError(
-            f"ablation '{name}' re-aligns the experts ({', '.join(k for k in keys if k.startswith(REALIGN_PREFIXES))}), "
-            f"but moe.adapters gives {', '.join(sorted(config.moe.adapters))}, which align never trains: add "
-            "--set 'moe.adapters={}' to train every expert afresh in the ablation, or leave out the expert settings")
+    if realign:
+        realign = realigns_experts(config, [k for k in keys if k.startswith(REALIGN_PREFIXES)], name,
+                                   recorded or source, log)
     log(f"[ablate] {name}: {' '.join(overrides) or '(no overrides)'} -> {run_dir}"
         + (" (re-aligning the experts)" if realign else "")
         + (" (runtime dial: the base run's fused model)" if runtime_only else ""))
@@ -177,6 +175,25 @@ def _with_interval(entry: dict | None) -> str:
         return ""
     low, high = entry["interval"]
     return f"{entry['diff']:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
+def realigns_experts(config: RunConfig, keys: Sequence[str], name: str, where: str | Path, log=print) -> bool:
+    """Whether an ablation whose overrides ``keys`` touch the experts' settings trains any expert: align trains
+    no axis that ``moe.adapters`` gives (``where``: the settings that give them). With every expert given, lora
+    and train settings would change nothing (refused in one line); seed, data and model settings still act on
+    build, fusion and generation (re-fused, not re-aligned). With some given, the others are re-aligned."""
+    given = [axis for axis in config.experts if config.moe.adapters.get(axis)]
+    if len(given) < len(config.experts):
+        if given:
+            log(f"[ablate] {where} gives {', '.join(given)} by moe.adapters: kept as given, the other experts "
+                "are re-aligned")
+        return True
+    if all(k.startswith(("lora.", "train.")) for k in keys):
+        raise H3FusionError(
+            f"ablation '{name}' changes only how experts train ({', '.join(keys)}), but {where} gives every expert "
+            "by moe.adapters, which align never trains: add --set 'moe.adapters={}' to train them afresh in the "
+            "ablation, or ablate another setting")
+    return False
 
 
 def base_experts(base: RunConfig, given: Mapping[str, str]) -> list[str]:

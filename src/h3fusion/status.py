@@ -147,14 +147,17 @@ def run_status(config: RunConfig) -> list[Row]:
     # as done only when written after everything they are made from
     judged = [r for r in rows if r.stage == "evaluate"]
     results = runs.results_file(config)
-    scored = (_json(results) or {}).get("systems")
+    written = _json(results) or {}
+    scored = written.get("systems")
     scored = scored if isinstance(scored, dict) else {}
     missing = sorted(set(system_names(config)) - set(scored))
     why = ""  # why a results.json on disk is not this run's (judgements still to do say so in their own rows)
     if results.is_file() and all(r.state == DONE for r in judged):
-        changed = _changed_evaluate_settings(_json(results) or {}, config)
+        changed = _changed_evaluate_settings(written, config)
         if missing:
             why = f"lacks {', '.join(missing)}"
+        elif changed is None:
+            why = "records no evaluate settings"
         elif changed:
             why = f"scored with other evaluate settings ({', '.join(changed)})"
         elif not all(_scored_n(scored.get(r.item), a) == counts[a] for r in judged for a in config.evaluated_axes):
@@ -184,17 +187,18 @@ def _newer(path: Path, sources: list[Path]) -> bool:
     return True
 
 
-def _changed_evaluate_settings(results: dict, config: RunConfig) -> list[str]:
-    """The ``evaluate`` keys whose value differs from the one results.json records (evaluate itself refuses to
-    keep entries scored under other settings); all of them when it records none."""
+def _changed_evaluate_settings(results: dict, config: RunConfig) -> list[str] | None:
+    """The ``evaluate`` keys whose value differs from the one results.json records, by the rule evaluate itself
+    keeps earlier entries by (the whole section equal); None when it records none."""
     try:
         recorded = results["run"]["config"]["evaluate"]
     except (KeyError, TypeError):
-        recorded = None
-    now = config.evaluate.model_dump(mode="json")
+        return None
     if not isinstance(recorded, dict):
-        return sorted(now)
-    return sorted(k for k in now if recorded.get(k) != now[k])
+        return None
+    now = config.evaluate.model_dump(mode="json")
+    absent = object()  # a key one side lacks differs from any value, None included
+    return sorted(k for k in recorded.keys() | now.keys() if recorded.get(k, absent) != now.get(k, absent))
 
 
 def _scored_n(system: object, axis: str) -> object:
