@@ -422,16 +422,16 @@ def test_status_keeps_results_by_the_rule_evaluate_keeps_them():
     """results.json counts as this config's only with the whole recorded evaluate section equal, as evaluate keeps
     earlier entries: a key recorded but gone from the config, or new in it, is a change; no record is no match."""
     from h3fusion.config import build_config
-    from h3fusion.status import _changed_evaluate_settings
+    from h3fusion.runs import changed_evaluate_settings
 
     config = build_config({})
     now = config.evaluate.model_dump(mode="json")
-    assert _changed_evaluate_settings({"run": {"config": {"evaluate": dict(now)}}}, config) == []
+    assert changed_evaluate_settings({"run": {"config": {"evaluate": dict(now)}}}, config) == []
     older = {k: v for k, v in now.items() if k != "alpacaeval_dev"} | {"retired": 3, "helpful_n": 805}
-    assert _changed_evaluate_settings({"run": {"config": {"evaluate": older}}}, config) == [
+    assert changed_evaluate_settings({"run": {"config": {"evaluate": older}}}, config) == [
         "alpacaeval_dev", "helpful_n", "retired"]
-    assert _changed_evaluate_settings({"run": {"config": {}}}, config) is None
-    assert _changed_evaluate_settings({"systems": {}}, config) is None
+    assert changed_evaluate_settings({"run": {"config": {}}}, config) is None
+    assert changed_evaluate_settings({"systems": {}}, config) is None
 
 
 def test_status_says_where_a_run_stands_and_writes_nothing(tmp_path, uninterrupted, tiny_llama_dir, data_dir,

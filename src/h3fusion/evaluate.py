@@ -235,7 +235,7 @@ def _comparable_entries(path: Path, config: RunConfig, judge_figures: dict, log)
         return {}
     try:
         earlier = json.loads(path.read_text())
-        same_subsets = earlier["run"]["config"]["evaluate"] == config.evaluate.model_dump(mode="json")
+        same_subsets = runs.changed_evaluate_settings(earlier, config) == []
         same_judges = all(_headline(earlier["judges"][axis]) == _headline(figures)
                           for axis, figures in judge_figures.items())
         entries = dict(earlier["systems"])

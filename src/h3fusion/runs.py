@@ -184,6 +184,21 @@ def results_file(run: Run) -> Path:
     return evaluation_root(run) / "results.json"
 
 
+def changed_evaluate_settings(results: Any, config: RunConfig) -> list[str] | None:
+    """The ``evaluate`` keys whose value differs from the one a results.json (its parsed ``results``) records;
+    None when it records none. A results.json's entries stay comparable only while this is empty: evaluate keeps
+    them on a partial re-evaluation by it, status counts the file as done by it."""
+    try:
+        recorded = results["run"]["config"]["evaluate"]
+    except (KeyError, TypeError):
+        return None
+    if not isinstance(recorded, dict):
+        return None
+    now = config.evaluate.model_dump(mode="json")
+    absent = object()  # a key one side lacks differs from any value, None included
+    return sorted(k for k in recorded.keys() | now.keys() if recorded.get(k, absent) != now.get(k, absent))
+
+
 def report_file(run: Run) -> Path:
     return evaluation_root(run) / "report.md"
 

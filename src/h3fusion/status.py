@@ -153,7 +153,7 @@ def run_status(config: RunConfig) -> list[Row]:
     missing = sorted(set(system_names(config)) - set(scored))
     why = ""  # why a results.json on disk is not this run's (judgements still to do say so in their own rows)
     if results.is_file() and all(r.state == DONE for r in judged):
-        changed = _changed_evaluate_settings(written, config)
+        changed = runs.changed_evaluate_settings(written, config)
         if missing:
             why = f"lacks {', '.join(missing)}"
         elif changed is None:
@@ -185,20 +185,6 @@ def _newer(path: Path, sources: list[Path]) -> bool:
         except OSError:
             continue
     return True
-
-
-def _changed_evaluate_settings(results: dict, config: RunConfig) -> list[str] | None:
-    """The ``evaluate`` keys whose value differs from the one results.json records, by the rule evaluate itself
-    keeps earlier entries by (the whole section equal); None when it records none."""
-    try:
-        recorded = results["run"]["config"]["evaluate"]
-    except (KeyError, TypeError):
-        return None
-    if not isinstance(recorded, dict):
-        return None
-    now = config.evaluate.model_dump(mode="json")
-    absent = object()  # a key one side lacks differs from any value, None included
-    return sorted(k for k in recorded.keys() | now.keys() if recorded.get(k, absent) != now.get(k, absent))
 
 
 def _scored_n(system: object, axis: str) -> object:
