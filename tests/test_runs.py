@@ -78,8 +78,9 @@ def test_an_ablation_takes_the_experts_its_base_run_had(tmp_path):
 
 
 def test_an_ablation_of_expert_settings_trains_only_experts_it_can(tmp_path):
-    """align trains no axis that moe.adapters gives. With every expert given, an ablation of lora/train settings
-    would re-fuse the very same experts and call them re-aligned: refused in one line naming the fix, before
+    """align trains no axis that moe.adapters gives. With every expert given, an ablation setting any lora/train key
+    (beside other settings, or as a whole section) would re-fuse the very same experts and report a change it never
+    made: refused in one line naming the fix and what gives the experts, before
     anything is written (the fix, clearing moe.adapters, trains every expert in the ablation); a seed override
     still acts on fusion (re-fused, not re-aligned); with some experts given, the others are re-aligned."""
     from h3fusion.ablate import ablate, realigns_experts
@@ -91,10 +92,19 @@ def test_an_ablation_of_expert_settings_trains_only_experts_it_can(tmp_path):
     recorded = runs.settings_file(runs.fused_dir(base))
     every = {axis: f"/mine/{axis}" for axis in AXES}
     dump_config(build_config({"run_dir": str(tmp_path / "r"), "moe": {"adapters": every}}), recorded)
-    with pytest.raises(H3FusionError, match=rf"^ablation 'lr' changes only how experts train \(train.lr\), but "
-                       rf"{recorded} gives every expert by moe.adapters, which align never trains: add --set "
+    with pytest.raises(H3FusionError, match=rf"^ablation 'lr' sets train.lr, which would change nothing: "
+                       rf"{recorded} gives every expert by moe.adapters, which align never trains; add --set "
                        r"'moe.adapters=\{\}'"):
         ablate(base, "lr", ["train.lr=0.001"], results_dir=tmp_path / "results", log=lambda *_: None)
+    # with another setting beside it (the summary would list train.lr as applied), or the whole section at once
+    for name, overrides, idle in [("mixed", ["train.lr=0.001", "seed=1"], "train.lr"),
+                                  ("section", ["train={lr: 0.001}"], "train")]:
+        with pytest.raises(H3FusionError, match=rf"^ablation '{name}' sets {idle}, which would change nothing"):
+            ablate(base, name, overrides, results_dir=tmp_path / "results", log=lambda *_: None)
+    # experts given by the ablation's own overrides: the line names those, not the base run's settings
+    mine = [f"moe.adapters.{axis}=/other/{axis}" for axis in AXES]
+    with pytest.raises(H3FusionError, match=rf"nothing: --set {', '.join(k.split('=')[0] for k in mine)} gives"):
+        ablate(base, "own", [*mine, "lora.r=4"], results_dir=tmp_path / "results", log=lambda *_: None)
     assert not runs.ablation_dir(base, "lr").exists() and not (tmp_path / "results").exists()
     assert load_config(recorded, overrides=["train.lr=0.001", "moe.adapters={}"]).moe.adapters == {}
 

@@ -10,7 +10,8 @@ writes ``results/ablations/<name>.json``: the overrides, the ablated H3Fusion's 
 run's systems beside them, so one file answers "what did this setting change". Overrides that change
 the experts themselves (``lora.*``, ``train.*``, ``data.*``, ``experts``, ``seed``, ``model.*``)
 re-align them inside the ablation's directory instead (align trains no expert that ``moe.adapters`` gives: with
-every expert given, lora and train overrides are refused, the others re-fuse); overrides of runtime dials only
+every expert given, an ablation setting any lora or train key is refused, and seed, data and model overrides
+re-fuse the given experts); overrides of runtime dials only
 (``moe.expert_bias``, read when the fused model is loaded) reuse the base run's fused model as it is
 (``<ablation>/fused`` links to it) and only generate and evaluate. Every stage skips what is complete,
 so a killed ablation resumes with the same command.
@@ -51,9 +52,9 @@ def ablate(base: RunConfig, name: str, overrides: Sequence[str], results_dir: Pa
     base_results = runs.results_file(base)
     if not base_results.is_file():
         raise H3FusionError(f"no {base_results}: finish the base run first (`h3fusion run {source}`)")
-    keys = [o.split("=", 1)[0] for o in overrides if not o.startswith("run_dir=")]  # run_dir: --out
-    realign = any(k.startswith(REALIGN_PREFIXES) for k in keys)
-    runtime_only = bool(keys) and all(k.startswith(RUNTIME_PREFIXES) for k in keys)
+    keys = [k for k in (o.split("=", 1)[0].strip() for o in overrides) if k != "run_dir"]  # run_dir: --out
+    realign = any(touches(k, REALIGN_PREFIXES) for k in keys)
+    runtime_only = bool(keys) and all(touches(k, RUNTIME_PREFIXES) for k in keys)
     run_dir = runs.ablation_dir(base, name)
     # one setting changed against what the base run's H3Fusion was made with, even if the config file
     # has moved on since (a new default, say): its recorded settings are the ablation's starting point
@@ -71,8 +72,10 @@ def ablate(base: RunConfig, name: str, overrides: Sequence[str], results_dir: Pa
             log(f"[ablate] starting from {recorded} (the base run's settings); {source} has since changed "
                 f"{'; '.join(drifted)}: not applied")
     if realign:
-        realign = realigns_experts(config, [k for k in keys if k.startswith(REALIGN_PREFIXES)], name,
-                                   recorded or source, log)
+        # who gives the experts: the overrides when they set moe.adapters, else the settings the run was made with
+        where = "--set " + ", ".join(k for k in keys if touches(k, ("moe.adapters",))) \
+            if any(touches(k, ("moe.adapters",)) for k in keys) else recorded or source
+        realign = realigns_experts(config, [k for k in keys if touches(k, REALIGN_PREFIXES)], name, where, log)
     log(f"[ablate] {name}: {' '.join(overrides) or '(no overrides)'} -> {run_dir}"
         + (" (re-aligning the experts)" if realign else "")
         + (" (runtime dial: the base run's fused model)" if runtime_only else ""))
@@ -177,21 +180,29 @@ def _with_interval(entry: dict | None) -> str:
     return f"{entry['diff']:+.3f} [{low:+.3f}, {high:+.3f}]"
 
 
+def touches(key: str, prefixes: Sequence[str]) -> bool:
+    """Whether the override key ``key`` sets something under one of ``prefixes``: a key inside the section
+    (``train.lr``) or the whole section (``train={lr: 0.001}``)."""
+    return any(key == p.removesuffix(".") or key.startswith(p) for p in prefixes)
+
+
 def realigns_experts(config: RunConfig, keys: Sequence[str], name: str, where: str | Path, log=print) -> bool:
     """Whether an ablation whose overrides ``keys`` touch the experts' settings trains any expert: align trains
-    no axis that ``moe.adapters`` gives (``where``: the settings that give them). With every expert given, lora
-    and train settings would change nothing (refused in one line); seed, data and model settings still act on
-    build, fusion and generation (re-fused, not re-aligned). With some given, the others are re-aligned."""
+    no axis that ``moe.adapters`` gives (``where``: what gives them). With every expert given, a lora or train
+    setting would change nothing, whatever else is set (refused in one line: the ablation would report a change it
+    never made); seed, data and model settings still act on build, fusion and generation (re-fused, not
+    re-aligned). With some given, the others are re-aligned."""
     given = [axis for axis in config.experts if config.moe.adapters.get(axis)]
     if len(given) < len(config.experts):
         if given:
             log(f"[ablate] {where} gives {', '.join(given)} by moe.adapters: kept as given, the other experts "
                 "are re-aligned")
         return True
-    if all(k.startswith(("lora.", "train.")) for k in keys):
+    idle = [k for k in keys if touches(k, ("lora.", "train."))]
+    if idle:
         raise H3FusionError(
-            f"ablation '{name}' changes only how experts train ({', '.join(keys)}), but {where} gives every expert "
-            "by moe.adapters, which align never trains: add --set 'moe.adapters={}' to train them afresh in the "
+            f"ablation '{name}' sets {', '.join(idle)}, which would change nothing: {where} gives every expert by "
+            "moe.adapters, which align never trains; add --set 'moe.adapters={}' to train them afresh in the "
             "ablation, or ablate another setting")
     return False
 
