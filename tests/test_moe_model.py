@@ -194,6 +194,35 @@ def test_refusals(tmp_path, tiny_llama_dir, smollm2_dir, adapters):
         build_moe(str(tiny_llama_dir), {"helpful": attention}, top_k=1)
 
 
+def test_adapter_files_unlike_peft_s_are_refused_in_one_line(tmp_path):
+    """A config that is not an object, lacks r or lora_alpha, or an unreadable h3fusion_expert.json: one line
+    naming the file, never a KeyError or JSONDecodeError traceback."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from h3fusion.adapters import read_adapter
+
+    path = tmp_path / "a"
+    path.mkdir()
+    prefix = "base_model.model.model.layers.0.mlp.gate_proj"
+    save_file({f"{prefix}.lora_A.weight": torch.zeros(2, 4), f"{prefix}.lora_B.weight": torch.zeros(4, 2)},
+              path / "adapter_model.safetensors")
+    config = path / "adapter_config.json"
+    for text, message in [("[1, 2]", "holds a list, not a JSON object"),
+                          ('{"lora_alpha": 8}', "needs a positive integer 'r' and a number 'lora_alpha'"),
+                          ('{"r": "four", "lora_alpha": 8}', "it has r='four'"),
+                          ('{"r": 0, "lora_alpha": 8}', "it has r=0")]:
+        config.write_text(text)
+        with pytest.raises(H3FusionError, match=rf"^expert 'helpful': {config} .*{message}"):
+            read_adapter("helpful", path)
+    config.write_text(json.dumps({"r": 2, "lora_alpha": 4, "target_modules": ["gate_proj"]}))
+    assert read_adapter("helpful", path).scale == 2.0
+    (path / "h3fusion_expert.json").write_text('{"base_fingerprint": ')
+    with pytest.raises(H3FusionError, match=r"h3fusion_expert.json is not valid JSON"):
+        read_adapter("helpful", path)
+
+
 def test_fitted_router_init_separates_its_prompts(tiny_llama_dir, adapters):
     from h3fusion.moe.routing import routing_stats
 

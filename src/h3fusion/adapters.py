@@ -58,13 +58,10 @@ def read_adapter(name: str, path: str | Path) -> ExpertAdapter:
     missing = missing_adapter_files(path)
     if missing:
         raise H3FusionError(
-            f"expert '{name}': {path / missing[0]} is missing; point at a PEFT LoRA adapter directory "
-            "(run `h3fusion align` to train one)"
+            f"expert '{name}': {path / missing[0]} is missing; point moe.adapters.{name} at a complete PEFT LoRA "
+            "adapter directory, or leave it out for `h3fusion align` to train one"
         )
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as error:
-        raise H3FusionError(f"expert '{name}': {config_file} is not valid JSON ({error})") from None
+    config = _json_object(name, config_file)
     if config.get("peft_type", "LORA") != "LORA" or config.get("use_dora"):
         raise H3FusionError(
             f"expert '{name}': {path} is not a plain LoRA adapter (peft_type "
@@ -74,7 +71,14 @@ def read_adapter(name: str, path: str | Path) -> ExpertAdapter:
         raise H3FusionError(
             f"expert '{name}': per-module rank/alpha patterns are not supported; retrain with one r"
         )
-    r, alpha = int(config["r"]), float(config["lora_alpha"])
+    try:
+        r, alpha = int(config["r"]), float(config["lora_alpha"])
+        if r < 1:
+            raise ValueError
+    except (KeyError, TypeError, ValueError):
+        raise H3FusionError(f"expert '{name}': {config_file} needs a positive integer 'r' and a number "
+                            f"'lora_alpha' (it has r={config.get('r')!r}, lora_alpha={config.get('lora_alpha')!r}); "
+                            "re-create the adapter or copy it again") from None
     scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
     try:
         weights = load_file(weights_file)
@@ -102,7 +106,7 @@ def read_adapter(name: str, path: str | Path) -> ExpertAdapter:
             )
         factors[key] = (pair["A"], pair["B"])
     meta_file = path / EXPERT_META
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    meta = _json_object(name, meta_file) if meta_file.is_file() else {}
     targets = config.get("target_modules") or []
     targets = frozenset([targets] if isinstance(targets, str) else targets)
     return ExpertAdapter(
@@ -117,6 +121,18 @@ def read_adapter(name: str, path: str | Path) -> ExpertAdapter:
         prompt_prefix=meta.get("prompt_prefix_ids"),
     )
 
+
+def _json_object(name: str, path: Path) -> dict:
+    """An adapter's JSON file read as an object, or one line naming the file (not a traceback)."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise H3FusionError(f"expert '{name}': {path} is not valid JSON ({error}); re-create the adapter or copy "
+                            "it again") from None
+    if not isinstance(value, dict):
+        raise H3FusionError(f"expert '{name}': {path} holds a {type(value).__name__}, not a JSON object; re-create "
+                            "the adapter or copy it again")
+    return value
 
 def check_adapters(adapters: Sequence[ExpertAdapter], base_model, tokenizer=None) -> None:
     """Refuse adapter sets that cannot be used together on ``base_model`` (and, given its ``tokenizer``, prompts
