@@ -217,7 +217,8 @@ def test_evaluating_one_system_keeps_the_others(evaluated):
         messages: list[str] = []
         after = json.loads(evaluate_run(smaller, systems=["h3fusion"], log=messages.append).read_text())
         assert list(after["systems"]) == ["h3fusion"] and after["systems"]["h3fusion"]["helpful"]["n"] == 2
-        assert any("dropped" in m for m in messages)
+        assert any("scored with other evaluate settings (helpful_n): its other systems are dropped" in m
+                   for m in messages), messages
     finally:
         out.write_text(json.dumps(before))
 

@@ -463,6 +463,9 @@ def test_status_says_where_a_run_stands_and_writes_nothing(tmp_path, uninterrupt
     results.write_text(json.dumps(scored))
     rows, _ = status_lines(path)
     assert rows["evaluate results.json"] == "to do     scored with other evaluate settings (alpacaeval_dev)"
+    results.write_text('{"systems": ')  # cut short (a copy stopped part-way): said so, not read as lacking systems
+    rows, _ = status_lines(path)
+    assert rows["evaluate results.json"] == "to do     unreadable (not a JSON object)"
 
     # a run stopped part-way: two experts done, the third at a checkpoint (a newer one half-written, and a stray
     # non-object state), the base model's answers done on one axis and cut short on another

@@ -235,16 +235,19 @@ def _comparable_entries(path: Path, config: RunConfig, judge_figures: dict, log)
         return {}
     try:
         earlier = json.loads(path.read_text())
-        same_subsets = runs.changed_evaluate_settings(earlier, config) == []
-        same_judges = all(_headline(earlier["judges"][axis]) == _headline(figures)
-                          for axis, figures in judge_figures.items())
+        changed = runs.changed_evaluate_settings(earlier, config)
+        other_judges = [axis for axis, figures in judge_figures.items()
+                        if _headline(earlier["judges"][axis]) != _headline(figures)]
         entries = dict(earlier["systems"])
     except (OSError, ValueError, KeyError, TypeError):
         log(f"[evaluate] {path} is unreadable: writing only the systems scored now")
         return {}
-    if not (same_subsets and same_judges):
-        log(f"[evaluate] {path} was scored on other test subsets or by other judges: "
-            "its other systems are dropped (run `h3fusion evaluate` without --system to rescore them)")
+    why = ("records no evaluate settings" if changed is None
+           else f"was scored with other evaluate settings ({', '.join(changed)})" if changed
+           else f"was scored by other judges ({', '.join(other_judges)})" if other_judges else "")
+    if why:
+        log(f"[evaluate] {path} {why}: its other systems are dropped (run `h3fusion evaluate` without --system "
+            "to rescore them)")
         return {}
     return entries
 

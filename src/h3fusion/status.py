@@ -147,14 +147,16 @@ def run_status(config: RunConfig) -> list[Row]:
     # as done only when written after everything they are made from
     judged = [r for r in rows if r.stage == "evaluate"]
     results = runs.results_file(config)
-    written = _json(results) or {}
-    scored = written.get("systems")
+    written = _json(results)
+    scored = (written or {}).get("systems")
     scored = scored if isinstance(scored, dict) else {}
     missing = sorted(set(system_names(config)) - set(scored))
     why = ""  # why a results.json on disk is not this run's (judgements still to do say so in their own rows)
     if results.is_file() and all(r.state == DONE for r in judged):
         changed = runs.changed_evaluate_settings(written, config)
-        if missing:
+        if written is None:
+            why = "unreadable (not a JSON object)"
+        elif missing:
             why = f"lacks {', '.join(missing)}"
         elif changed is None:
             why = "records no evaluate settings"
