@@ -17,6 +17,7 @@ computed from files the earlier stages wrote; nothing here runs a model.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from h3fusion import runs
@@ -48,7 +49,7 @@ from h3fusion.report.tables import (
     results_table,
     signed,
 )
-from h3fusion.report.targets import Target, check_targets, routing_accuracy
+from h3fusion.report.targets import MISSED, Target, check_targets, routing_accuracy
 from h3fusion.stats import BOOTSTRAP_SAMPLES
 
 DIAGNOSTICS = {RERANK: "picks each answer with the scoring judge", ORACLE: "knows each prompt's axis",
@@ -129,21 +130,30 @@ def _cost_table(run: runs.Run, systems: list[str], experts: list[str]) -> list[s
             lines.append(f"| {name} | — | — | {speed} | — |")
     return lines
 
-def routing_ceiling(results: dict, replicates: dict) -> list[str]:
-    """H3Fusion, the best expert and oracle-routed side by side, and H3Fusion's hhh gap to the best expert split
-    into routing (H3Fusion − oracle-routed) and experts (oracle-routed − best expert), each with its interval.
-    With h3fusion-unfused in the run, routing splits again: the router as initialised (h3fusion-unfused −
-    oracle-routed) and fusion training (H3Fusion − h3fusion-unfused)."""
+def routing_ceiling(results: dict, replicates: dict, experts: Sequence[str], missed: Sequence[str] = ()) -> list[str]:
+    """H3Fusion, the best of the run's ``experts`` and oracle-routed side by side, and H3Fusion's hhh gap to the best
+    expert split into routing (H3Fusion − oracle-routed) and experts (oracle-routed − best expert), each with its
+    interval. With h3fusion-unfused in the run, routing splits again: the router as initialised (h3fusion-unfused −
+    oracle-routed) and fusion training (H3Fusion − h3fusion-unfused). Each rival of ``missed`` (the hhh targets
+    H3Fusion misses) gets the same split: routing, and the experts' ceiling against it (oracle-routed − rival)."""
     systems = results["systems"]
-    experts = [s for s in systems if s.startswith("expert-") and systems[s].get("hhh") is not None]
-    if ORACLE not in systems or not experts:
+    best = best_of({s: systems[s] for s in (f"expert-{axis}" for axis in experts) if s in systems}, "expert-")
+    if best is None:
         return []
-    best = max(experts, key=lambda s: systems[s]["hhh"])
+    if ORACLE not in systems:
+        return ["## The routing ceiling", "",
+                f"`{ORACLE}` (each axis answered by its own expert, assembled from every expert's judged answers) is "
+                "not in this run, so H3Fusion's gap to the experts cannot be split into routing and the experts' "
+                "ceiling: evaluate every expert to have it.", ""]
     unfused = UNFUSED in systems and systems[UNFUSED].get("hhh") is not None
     shown = {name: systems[name] for name in (FUSED, *([UNFUSED] if unfused else []), best, ORACLE)}
+    others = [r for r in dict.fromkeys(missed) if r not in (best, ORACLE, FUSED) and systems.get(r, {}).get("hhh")
+              is not None]
     pairs = {"gap": (FUSED, best), "routing": (FUSED, ORACLE), "experts": (ORACLE, best)}
     if unfused:
         pairs |= {"init": (UNFUSED, ORACLE), "fusion": (FUSED, UNFUSED)}
+    for rival in others:
+        pairs |= {f"gap {rival}": (FUSED, rival), f"ceiling {rival}": (ORACLE, rival)}
     parts = {part: compare(results, ours, theirs, replicates) for part, (ours, theirs) in pairs.items()}
 
     def text(part):
@@ -155,16 +165,20 @@ def routing_ceiling(results: dict, replicates: dict) -> list[str]:
 
     routing_split = (f" (the router as initialised, {UNFUSED} − {ORACLE}: {text('init')}; fusion training, "
                      f"H3Fusion − {UNFUSED}: {text('fusion')})") if unfused else ""
-    return ["## The routing ceiling", "",
-            f"`{ORACLE}` answers each axis's prompts with that axis's own expert: what a perfect router over these "
-            "experts would answer. Like `ensemble-rerank` it knows each prompt's axis, so it is a diagnostic, not a "
-            "deployable system."
-            + (f" `{UNFUSED}` is the MoE before fusion training: the same experts exactly, the router only "
-               "initialised." if unfused else ""), "", *compact_table(shown), "",
-            f"H3Fusion's hhh gap to the best expert ({best}): {text('gap')}. Of it, routing (H3Fusion − "
-            f"{ORACLE}): {text('routing')}{routing_split}; the experts ({ORACLE} − {best}): {text('experts')}. "
-            "The parts add up to the gap; intervals are 95% paired bootstraps over prompts (and the judges' "
-            "validation sets).", ""]
+    lines = ["## The routing ceiling", "",
+             f"`{ORACLE}` answers each axis's prompts with that axis's own expert: what a perfect router over these "
+             "experts would answer. Like `ensemble-rerank` it knows each prompt's axis, so it is a diagnostic, not a "
+             "deployable system."
+             + (f" `{UNFUSED}` is the MoE before fusion training: the same experts exactly, the router only "
+                "initialised." if unfused else ""), "", *compact_table(shown), "",
+             f"H3Fusion's hhh gap to the best expert ({best}): {text('gap')}. Of it, routing (H3Fusion − "
+             f"{ORACLE}): {text('routing')}{routing_split}; the experts ({ORACLE} − {best}): {text('experts')}. "
+             "The parts add up to the gap; intervals are 95% paired bootstraps over prompts (and the judges' "
+             "validation sets).", ""]
+    lines += [f"- Against {rival}, whose hhh target H3Fusion misses: the gap {text(f'gap {rival}')} is routing (as "
+              f"above) plus the experts' ceiling against it ({ORACLE} − {rival}): {text(f'ceiling {rival}')}."
+              for rival in others]
+    return lines + ([""] if others else [])
 
 
 def routing_before_fusion(after: dict[str, float | None], before: dict[str, float | None]) -> list[str]:
@@ -271,11 +285,13 @@ def _fused_sections(config: RunConfig, results: dict, rows: list[dict], replicat
              "prompts and the judges' validation sets with every rate corrected for its judge's error. A verdict "
              "reads the judge-aware interval (where the judges' error is recorded) and is in bold when it "
              "excludes 0.", "", *comparison_table(results, rows), ""]
-    lines += routing_ceiling(results, replicates)
     routing = routing_accuracy(config, config.experts)
+    targets = check_targets(results, config.experts, replicates, routing)
+    lines += routing_ceiling(results, replicates, config.experts,
+                             [t.rival for t in targets if t.rival and t.status == MISSED])
     if UNFUSED in results["systems"]:
         lines += routing_before_fusion(routing, routing_accuracy(config, config.experts, UNFUSED))
-    return lines + targets_section(check_targets(results, config.experts, replicates, routing))
+    return lines + targets_section(targets)
 
 
 def _dev_banner(config: RunConfig) -> list[str]:

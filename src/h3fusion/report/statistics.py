@@ -53,9 +53,13 @@ def hhh_difference_interval(ours: dict, theirs: dict, seed: int = 0, samples: in
 
 
 def best_of(systems: dict, prefix: str) -> str | None:
-    """The system named ``prefix``… with the highest hhh (None if none has one)."""
+    """The system named ``prefix``… with the highest hhh (None if none has one): judge-corrected hhh when every
+    candidate has it, as the verdicts against it read the judge-aware comparison; raw hhh otherwise."""
     candidates = [s for s in systems if s.startswith(prefix) and systems[s].get("hhh") is not None]
-    return max(candidates, key=lambda s: systems[s]["hhh"]) if candidates else None
+    if not candidates:
+        return None
+    key = "hhh_corrected" if all(systems[s].get("hhh_corrected") is not None for s in candidates) else "hhh"
+    return max(candidates, key=lambda s: systems[s][key])
 
 
 def judge_rates(results: dict) -> dict[str, AxisRates]:

@@ -44,6 +44,7 @@ class Target:
     text: str
     status: str
     figures: str = ""
+    rival: str | None = None  # hhh targets: the system H3Fusion is compared with
 
 
 def routing_accuracy(run: runs.Run, axes: Sequence[str], system: str = FUSED) -> dict[str, float | None]:
@@ -75,15 +76,18 @@ def _hhh_target(results: dict, label: str, name: str | None, replicates: dict) -
     text = f"H3Fusion ahead of {label} on hhh, the interval excluding 0"
     if name is None:
         return Target(text, ABSENT)
+    if results["systems"][name].get("hhh") is None:
+        return Target(text, NOT_RECORDED, f"{name} has no hhh (an axis unscored)", rival=name)
     row = compare(results, FUSED, name, replicates)
     read, judge_aware = read_interval(row)
     if read is None:
-        return Target(text, NOT_RECORDED, "no per-prompt judgements to resample")
+        return Target(text, NOT_RECORDED, "no per-prompt judgements to resample", rival=name)
     diff = row["corrected_diff"] if judge_aware else row["diff"]
-    figures = (f"hhh {fmt(results['systems'][FUSED].get('hhh'))} vs {fmt(results['systems'][name].get('hhh'))}; "
-               f"{'corrected ' if judge_aware else ''}diff {signed(diff)} {interval_text(read)} "
+    key, said = ("hhh_corrected", "corrected ") if judge_aware else ("hhh", "")  # the figures the verdict reads
+    figures = (f"{said}hhh {fmt(results['systems'][FUSED].get(key))} vs {fmt(results['systems'][name].get(key))}; "
+               f"{said}diff {signed(diff)} {interval_text(read)} "
                f"({'prompts + judges' if judge_aware else 'prompts, judges taken as exact'})")
-    return Target(text, MET if read[0] > 0 else MISSED, figures)
+    return Target(text, MET if read[0] > 0 else MISSED, figures, rival=name)
 
 
 def _stretch_target(results: dict, label: str, name: str | None, margin: float) -> Target:
