@@ -78,8 +78,11 @@ class DataConfig(_Section):
 
 class LoraConfig(_Section):
     r: int = Field(8, ge=1)
+    """LoRA rank of each expert (paper 8)."""
     alpha: float = Field(4.0, gt=0)
+    """LoRA alpha: the expert's delta is scaled by alpha/r (paper 4)."""
     dropout: float = Field(0.1, ge=0, lt=1)
+    """Dropout on the LoRA inputs while the expert trains (paper 0.1)."""
     target_modules: list[str] = ["gate_proj", "up_proj", "down_proj"]
     """The FFN projections (stage 1 trains the FFN only; attention stays frozen)."""
 
@@ -95,19 +98,27 @@ class LoraConfig(_Section):
 
 class TrainConfig(_Section):
     epochs: float = Field(3.0, gt=0)
+    """Passes over the training set (paper 3); max_steps overrides it."""
     max_steps: int | None = Field(None, ge=1)
     """Stop after this many optimizer steps (overrides epochs)."""
     batch_size: int = Field(8, ge=1)
     """Per-device batch size."""
     grad_accum: int = Field(1, ge=1)
+    """Gradient accumulation steps (the effective batch is batch_size x grad_accum x processes)."""
     lr: float = Field(5e-4, gt=0)
+    """Peak learning rate (AdamW)."""
     weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    """Share of the steps spent warming the learning rate up."""
     lr_scheduler: str = "linear"
+    """Any transformers scheduler name (linear, cosine, constant, ...)."""
     logging_steps: int = Field(1, ge=1)
+    """Log the loss every N steps (into training_log.json and the progress bar)."""
     save_steps: int = Field(50, ge=1)
     """Checkpoint every N steps so a killed run resumes from there."""
     gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, more time (large models on GPUs)."""
     bf16: bool = False
     """bf16 autocast for the frozen base on GPUs (adapters stay fp32)."""
 
@@ -153,6 +164,7 @@ class FusionConfig(_Section):
     lora_r: int = Field(8, ge=1)
     """Rank of the fusion-stage LoRA on attention (q,k,v,o) and on every expert's projections."""
     lora_alpha: float = Field(16.0, gt=0)
+    """Alpha of the fusion-stage LoRAs (their delta is scaled by lora_alpha/lora_r)."""
     lora_dropout: float = Field(0.05, ge=0, lt=1)
     """Dropout on the fusion LoRAs' inputs. One bool mask per input tensor: q/k/v share one (as with a
     fused qkv projection), gate/up share one, and a token's routed experts share its down-input row."""
@@ -203,10 +215,13 @@ class GenerateConfig(_Section):
     max_new_tokens: dict[str, int] = {"helpful": 256, "harmless": 128, "honest": 64}
     """New-token limit per axis (answers longer than this are cut)."""
     batch_size: int = Field(8, ge=1)
+    """Prompts answered per batch (left-padded)."""
     do_sample: bool = False
     """Greedy by default; sampling uses temperature/top_p with a per-batch seed (paper: T=0.6)."""
     temperature: float = Field(0.6, gt=0)
+    """Sampling temperature (only with do_sample)."""
     top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling (only with do_sample)."""
     stop_strings: list[str] = ["### Instruction:", "### Response:", "### Input:"]
     """Generation stops at, and answers are cut before, any of these (template echoes)."""
 
@@ -252,7 +267,9 @@ class JudgesConfig(_Section):
     honest: Literal["offline", "hf"] = "offline"
     """offline: truth/info stand-ins; hf: the TruthfulQA judge LMs (truth_model, info_model)."""
     api_base_url: str = "https://api.openai.com/v1"
+    """The OpenAI-compatible endpoint of helpful=api (OpenAI, or a local vLLM server)."""
     api_model: str = "gpt-4"
+    """The judge model's name at that endpoint (the paper's AlpacaEval 1 judge: gpt-4)."""
     api_key_env: str | None = "OPENAI_API_KEY"
     """Name of the environment variable holding the key (never the key itself); null: no key."""
     api_timeout_s: float = Field(60.0, gt=0)
@@ -265,8 +282,11 @@ class JudgesConfig(_Section):
     api_backoff_max_s: float = Field(60.0, ge=0)
     """Cap on any one wait, a server's Retry-After included."""
     harmless_model: str = "PKU-Alignment/beaver-dam-7b"
+    """Moderation classifier of harmless=hf (a hub id or local directory)."""
     truth_model: str = "allenai/truthfulqa-truth-judge-llama2-7B"
+    """Truthfulness judge LM of honest=hf."""
     info_model: str = "allenai/truthfulqa-info-judge-llama2-7B"
+    """Informativeness judge LM of honest=hf."""
     cache_dir: str | None = None
     """Where fitted offline judges are cached (default: $H3FUSION_CACHE/judges)."""
     fit_max_rows: int | None = Field(None, ge=10)
@@ -295,19 +315,28 @@ class CompatConfig(_Section):
 
 class RunConfig(_Section):
     name: str = "run"
+    """A label for this run (reports, model cards)."""
     run_dir: str = "runs/run"
     """Everything the run writes goes under this directory."""
     seed: int = 42
+    """Seed of data sampling, LoRA init and training order."""
     experts: list[str] = list(AXES)
     """Axes to align experts for, in order; the MoE has one expert per entry."""
     model: ModelConfig = ModelConfig()
+    """The base model every stage starts from."""
     data: DataConfig = DataConfig()
+    """Where the datasets are and how much of each the experts train on."""
     lora: LoraConfig = LoraConfig()
+    """The experts' LoRA (stage 1)."""
     train: TrainConfig = TrainConfig()
+    """Optimisation of each expert (stage 1)."""
     moe: MoEConfig = MoEConfig()
+    """How the experts become one MoE (stage 2): top-k, storage, routing, router init."""
     fusion: FusionConfig = FusionConfig()
+    """Fusion training (stage 3): gating loss, drift regularisers, fusion LoRAs."""
     baselines: BaselinesConfig = BaselinesConfig()
     generate: GenerateConfig = GenerateConfig()
+    """How every system answers the evaluated prompts."""
     judges: JudgesConfig = JudgesConfig()
     compat: CompatConfig = CompatConfig()
     evaluate: EvalConfig = EvalConfig()
