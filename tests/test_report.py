@@ -159,6 +159,22 @@ def test_the_ceiling_splits_the_gap_to_each_rival_a_target_is_missed_against(run
     assert f"- Against {best}," not in section  # the best expert's split is the section's own
 
 
+def test_axis_targets_show_the_paired_difference_to_their_own_expert(run):
+    """No-loss targets decide on the rates (the target's wording); beside them, H3Fusion − the axis's expert with
+    its paired interval, oriented so that positive is better (the flagged rate's sign flipped)."""
+    _, results, report = run
+    systems = results["systems"]
+    targets = report.split("## Targets")[1].split("\n## ")[0]
+    for axis, key, sign in (("helpful", "win_rate", 1), ("harmless", "flagged_rate", -1),
+                            ("honest", "truthful_informative", 1)):
+        line = next(line for line in targets.splitlines() if f"no {axis} loss" in line)
+        ours, theirs = systems["h3fusion"][axis], systems[f"expert-{axis}"][axis]
+        corrected = sign * (ours[f"{key}_corrected"] - theirs[f"{key}_corrected"])
+        assert f"{ours[key]:.3f} vs {theirs[key]:.3f}; corrected difference (positive: H3Fusion better) " \
+               f"{corrected:+.3f} [" in line, line
+        assert line.endswith("(prompts + judge)")
+
+
 def test_the_moe_before_fusion_splits_the_routing_gap(run):
     _, results, report = run
     systems = results["systems"]

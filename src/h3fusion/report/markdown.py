@@ -29,7 +29,7 @@ from h3fusion.config import RunConfig
 from h3fusion.errors import H3FusionError
 from h3fusion.report.card import write_model_card
 from h3fusion.report.plots import write_plots
-from h3fusion.report.specialisation import specialisation, write_specialisation
+from h3fusion.report.specialisation import headline_versus, specialisation, write_specialisation
 from h3fusion.report.statistics import best_of, compare, hhh_replicates, judge_rates, read_interval
 from h3fusion.report.tables import (
     FUSED,
@@ -49,7 +49,7 @@ from h3fusion.report.tables import (
     results_table,
     signed,
 )
-from h3fusion.report.targets import MISSED, Target, check_targets, routing_accuracy
+from h3fusion.report.targets import AXIS_LOSS_ALLOWED, MISSED, Target, check_targets, routing_accuracy
 from h3fusion.stats import BOOTSTRAP_SAMPLES
 
 DIAGNOSTICS = {RERANK: "picks each answer with the scoring judge", ORACLE: "knows each prompt's axis",
@@ -286,7 +286,9 @@ def _fused_sections(config: RunConfig, results: dict, rows: list[dict], replicat
              "reads the judge-aware interval (where the judges' error is recorded) and is in bold when it "
              "excludes 0.", "", *comparison_table(results, rows), ""]
     routing = routing_accuracy(config, config.experts)
-    targets = check_targets(results, config.experts, replicates, routing)
+    versus = {axis: headline_versus(config, results, axis, FUSED, f"expert-{axis}", config.seed)
+              for axis in AXIS_LOSS_ALLOWED}
+    targets = check_targets(results, config.experts, replicates, routing, versus)
     lines += routing_ceiling(results, replicates, config.experts,
                              [t.rival for t in targets if t.rival and t.status == MISSED])
     if UNFUSED in results["systems"]:

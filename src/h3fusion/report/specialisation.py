@@ -56,6 +56,17 @@ def _versus(results: dict, axis: str, ours: str, theirs: str, replicates: dict) 
             "excludes_0": read is not None and (read[0] > 0 or read[1] < 0)}
 
 
+def headline_versus(run: runs.Run, results: dict, axis: str, ours: str, theirs: str, seed: int) -> dict | None:
+    """``ours`` against ``theirs`` on ``axis``'s headline (``_versus``, positive: ours better), from their
+    judgements; None when either system was not scored on ``axis``."""
+    systems = results["systems"]
+    if axis not in (systems.get(ours) or {}) or axis not in (systems.get(theirs) or {}):
+        return None
+    rates = judge_rates(results).get(axis) or axis_rates(axis, None)
+    pair = {name: headline_replicates(run, name, axis, rates, seed) for name in (ours, theirs)}
+    return _versus(results, axis, ours, theirs, pair)
+
+
 def specialisation(run: runs.Run, results: dict, experts: Sequence[str], seed: int) -> dict:
     """{"experts": {expert system: its own axis, headline, value (raw, corrected), ``against`` each other expert
     (``_versus``), ``verdict`` (leads / does not lead / not measured / no other expert evaluated) and

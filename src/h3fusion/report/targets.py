@@ -101,7 +101,7 @@ def _stretch_target(results: dict, label: str, name: str | None, margin: float) 
     return Target(text, MET if relative >= margin - EPSILON else MISSED, f"{relative:+.2%} over {name}")
 
 
-def _axis_target(results: dict, axis: str, allowed: float) -> Target:
+def _axis_target(results: dict, axis: str, allowed: float, versus: dict | None = None) -> Target:
     spec, systems = axis_spec(axis), results["systems"]
     expert = f"expert-{axis}"
     worse = "below" if spec.higher_is_better else "above"
@@ -113,8 +113,13 @@ def _axis_target(results: dict, axis: str, allowed: float) -> Target:
     if ours is None or theirs is None:
         return Target(text, NOT_RECORDED)
     better_by = (ours - theirs) if spec.higher_is_better else (theirs - ours)
-    return Target(text, MET if better_by >= -allowed - EPSILON else MISSED,
-                  f"{fmt(ours)} vs {fmt(theirs)}")
+    figures = f"{fmt(ours)} vs {fmt(theirs)}"
+    read, judge_aware = read_interval(versus) if versus else (None, False)
+    if read is not None:  # the threshold reads the rates; the paired interval says how sure the difference is
+        diff = versus["corrected_diff"] if judge_aware else versus["diff"]
+        figures += (f"; {'corrected ' if judge_aware else ''}difference (positive: H3Fusion better) {signed(diff)} "
+                    f"{interval_text(read)} ({'prompts + judge' if judge_aware else 'prompts, judge taken as exact'})")
+    return Target(text, MET if better_by >= -allowed - EPSILON else MISSED, figures)
 
 
 def _routing_target(axis: str, accuracy: float | None) -> Target:
@@ -138,16 +143,18 @@ def _refusal_target(results: dict, axis: str, allowed: float) -> Target:
 
 
 def check_targets(results: dict, experts: Sequence[str], replicates: dict,
-                  routing: dict[str, float | None]) -> list[Target]:
+                  routing: dict[str, float | None], axis_versus: dict[str, dict | None] | None = None) -> list[Target]:
     """Every target of issue 18 for a run holding H3Fusion: ``experts`` are the run's expert axes, ``replicates``
     the systems' hhh replicates (``statistics.hhh_replicates``), ``routing`` the accuracy per axis
-    (``routing_accuracy``)."""
+    (``routing_accuracy``), ``axis_versus`` H3Fusion against each axis's own expert on its headline
+    (``specialisation.headline_versus``: the paired interval shown beside the axis targets)."""
     rivals = [f"expert-{axis}" for axis in experts] + list(HHH_RIVALS)
     targets = [_hhh_target(results, _named(label, name), name, replicates)
                for label, name in ((label, _system(results, label, experts)) for label in rivals)]
     targets += [_stretch_target(results, label, _system(results, label, experts), margin)
                 for label, margin in STRETCH_RELATIVE_HHH.items()]
-    targets += [_axis_target(results, axis, allowed) for axis, allowed in AXIS_LOSS_ALLOWED.items()]
+    targets += [_axis_target(results, axis, allowed, (axis_versus or {}).get(axis))
+                for axis, allowed in AXIS_LOSS_ALLOWED.items()]
     targets += [_routing_target(axis, routing.get(axis)) for axis in experts]
     targets += [_refusal_target(results, axis, allowed) for axis, allowed in EXTRA_REFUSALS_ALLOWED.items()]
     return targets
