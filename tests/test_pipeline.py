@@ -434,6 +434,45 @@ def test_status_keeps_results_by_the_rule_evaluate_keeps_them():
     assert changed_evaluate_settings({"systems": {}}, config) is None
 
 
+def test_generation_left_follows_the_run_s_own_pace(tmp_path):
+    """Answers left x the median seconds per answer of the finished parts on their axis (a resumed part counts only
+    what its process generated), scaled by the system's own speed against those medians; unknown until every axis
+    with answers left has a finished part."""
+    from h3fusion import runs
+    from h3fusion.config import build_config
+    from h3fusion.status import generation_left
+    from h3fusion.systems import generated_systems
+
+    config = build_config({"run_dir": str(tmp_path / "run")})
+    counts = {axis: 10 for axis in config.evaluated_axes}
+    first, *others = counts
+    systems = generated_systems(config)
+    assert len(systems) >= 3 and generation_left(config, counts) is None  # nothing generated: no pace yet
+
+    def generated(system: str, axis: str, lines: int, stats: dict | None = None) -> None:
+        path = runs.generated_file(config, system, axis)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text('{"response": "x"}\n' * lines + '{"response": "cut sh')  # a line being written
+        if stats is not None:
+            stats_file = runs.generation_stats_file(config, system)
+            recorded = json.loads(stats_file.read_text()) if stats_file.is_file() else {}
+            stats_file.write_text(json.dumps({**recorded, axis: stats}))
+
+    fast, slow, partial = systems[:3]
+    for axis in counts:  # 2 s an answer everywhere (the first axis resumed after 5: its 5 answers took 10 s)
+        generated(fast, axis, 10, {"prompts": 10, "resumed_after": 5 if axis == first else 0,
+                                   "seconds": 10.0 if axis == first else 20.0})
+    generated(slow, first, 10, {"prompts": 10, "resumed_after": 0, "seconds": 60.0})  # 3x the median
+    generated(slow, others[0], 4)  # part-way: no stats yet
+    generated(partial, first, 10, {"prompts": 10, "resumed_after": 0, "seconds": 20.0})
+    seconds, parts = generation_left(config, counts)
+    rest = len(systems) - 3  # the systems with nothing generated: every axis, at the medians (2 s)
+    expected = 2.0 * (3 * (6 + 10 * (len(others) - 1)) + 10 * len(others) + 10 * len(counts) * rest)
+    assert seconds == pytest.approx(expected) and parts == len(counts) + 2
+    runs.generation_stats_file(config, fast).write_text(json.dumps({first: {"prompts": 10, "seconds": 20.0}}))
+    assert generation_left(config, counts) is None  # the other axes have answers left and no finished part
+
+
 def test_status_says_where_a_run_stands_and_writes_nothing(tmp_path, uninterrupted, tiny_llama_dir, data_dir,
                                                            judge_cache):
     reference = uninterrupted[0].parent / "run"

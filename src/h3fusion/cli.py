@@ -360,14 +360,21 @@ def model_info(
 def status(config: ConfigArg, set_: SetOpt = None, out: OutOpt = None) -> None:
     """Where a run stands: each stage done, part-way (from which step, how many answers) or to do; reads its files
     only, so it is safe while the run is writing."""
-    from h3fusion.status import MISSING, next_row, run_status
+    from h3fusion.status import MISSING, evaluated_counts, generation_left, next_row, run_status
 
     cfg = _config(config, set_, out)
-    rows = run_status(cfg)
+    counts = evaluated_counts(cfg)
+    rows = run_status(cfg, counts)
     width = max(len(f"{r.stage} {r.item}") for r in rows)
     typer.echo(f"run: {cfg.run_path}" + (" (dev split)" if cfg.evaluate.split == "dev" else ""))
     for r in rows:
         typer.echo(f"  {f'{r.stage} {r.item}':<{width}}  {r.state:<8}  {r.detail}".rstrip())
+    left = generation_left(cfg, counts)
+    if left is not None:
+        minutes = round(left[0] / 60)
+        took = f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
+        typer.echo(f"generation left: about {took} at this run's pace so far "
+                   f"(seconds per answer from {left[1]} finished parts, scaled by each system's own speed where known)")
     pick_up = next_row(rows)
     if pick_up is None:
         typer.echo("complete")

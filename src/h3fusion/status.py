@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import median
 
 from h3fusion import runs
 from h3fusion.config import RunConfig
@@ -120,9 +121,50 @@ def _answer_rows(config: RunConfig, counts: dict[str, int]) -> list[Row]:
     return rows
 
 
-def run_status(config: RunConfig) -> list[Row]:
-    """Every stage of ``h3fusion run`` for this config, in pipeline order."""
+def evaluated_counts(config: RunConfig) -> dict[str, int]:
+    """How many answers finish each evaluated axis: its evaluated prompts."""
     from h3fusion.data import load_evaluated
+
+    return {axis: len(load_evaluated(axis, config)) for axis in config.evaluated_axes}
+
+
+def generation_left(config: RunConfig, counts: dict[str, int]) -> tuple[float, int] | None:
+    """(seconds, finished parts they are estimated from) of the answers still to generate, at this run's pace: the
+    median seconds per answer of every finished part on that axis (``stats.json``), times the system's own speed
+    against those medians on the axes it has finished (ensemble-logits, three passes a token, runs slower; 1 for a
+    system with none finished). None when nothing is left to generate or an axis with answers left has no
+    finished part yet."""
+    from h3fusion.systems import generated_systems
+
+    systems = generated_systems(config)
+    paces: dict[str, dict[str, float]] = {}  # system -> axis -> seconds per answer
+    for system in systems:
+        stats = _json(runs.generation_stats_file(config, system)) or {}
+        for axis in counts:
+            part = stats.get(axis)
+            if not isinstance(part, dict) or not _number(part.get("seconds")) or not _number(part.get("prompts")):
+                continue
+            resumed = part.get("resumed_after") if _number(part.get("resumed_after")) else 0
+            if part["prompts"] > resumed:  # the answers this process generated, in the seconds it recorded
+                paces.setdefault(system, {})[axis] = part["seconds"] / (part["prompts"] - resumed)
+    medians = {axis: median(found) for axis in counts if (found := [p[axis] for p in paces.values() if axis in p])}
+    left = 0.0
+    for system in systems:
+        own = [pace / medians[axis] for axis, pace in paces.get(system, {}).items() if medians[axis] > 0]
+        factor = median(own) if own else 1.0
+        for axis, needed in counts.items():
+            remaining = needed - min(_complete_lines(runs.generated_file(config, system, axis)), needed)
+            if remaining <= 0:
+                continue
+            if axis not in medians:
+                return None
+            left += remaining * medians[axis] * factor
+    return (left, sum(len(p) for p in paces.values())) if left > 0 else None
+
+
+def run_status(config: RunConfig, counts: dict[str, int] | None = None) -> list[Row]:
+    """Every stage of ``h3fusion run`` for this config, in pipeline order (``counts``: ``evaluated_counts``, read
+    here when not given)."""
     from h3fusion.systems import system_names
 
     run = runs.root(config)
@@ -141,7 +183,7 @@ def run_status(config: RunConfig) -> list[Row]:
     if config.baselines.authors_code:
         rows += [Row("baselines", f"authors-code {r.stage}", r.state, r.detail)
                  for r in _moe_rows(runs.variant_dir(config, "authors-code"))]
-    counts = {axis: len(load_evaluated(axis, config)) for axis in config.evaluated_axes}
+    counts = counts or evaluated_counts(config)
     rows += _answer_rows(config, counts)
     # evaluate and report run again on every `h3fusion run` (seconds with the judgements cached): their files count
     # as done only when written after everything they are made from
