@@ -210,8 +210,10 @@ def test_adapter_files_unlike_peft_s_are_refused_in_one_line(tmp_path):
               path / "adapter_model.safetensors")
     config = path / "adapter_config.json"
     for text, message in [("[1, 2]", "holds a list, not a JSON object"),
-                          ('{"lora_alpha": 8}', "needs a positive integer 'r' and a number 'lora_alpha'"),
+                          ('{"lora_alpha": 8}', "needs a positive integer 'r' and a positive number 'lora_alpha'"),
                           ('{"r": "four", "lora_alpha": 8}', "it has r='four'"),
+                          ('{"r": 4.7, "lora_alpha": 8}', "it has r=4.7"),
+                          ('{"r": 4, "lora_alpha": NaN}', "lora_alpha=nan"),
                           ('{"r": 0, "lora_alpha": 8}', "it has r=0")]:
         config.write_text(text)
         with pytest.raises(H3FusionError, match=rf"^expert 'helpful': {config} .*{message}"):

@@ -435,8 +435,8 @@ def test_status_keeps_results_by_the_rule_evaluate_keeps_them():
 
 
 def test_generation_left_follows_the_run_s_own_pace(tmp_path):
-    """Answers left x the median seconds per answer of the finished parts on their axis (a resumed part counts only
-    what its process generated), scaled by the system's own speed against those medians; unknown until every axis
+    """Answers left x the median seconds per answer of the finished parts on their axis (a resumed part records only
+    what its last process generated), scaled by the system's own speed against those medians; unknown until every axis
     with answers left has a finished part."""
     from h3fusion import runs
     from h3fusion.config import build_config
@@ -459,9 +459,9 @@ def test_generation_left_follows_the_run_s_own_pace(tmp_path):
             stats_file.write_text(json.dumps({**recorded, axis: stats}))
 
     fast, slow, partial = systems[:3]
-    for axis in counts:  # 2 s an answer everywhere (the first axis resumed after 5: its 5 answers took 10 s)
-        generated(fast, axis, 10, {"prompts": 10, "resumed_after": 5 if axis == first else 0,
-                                   "seconds": 10.0 if axis == first else 20.0})
+    for axis in counts:  # 2 s an answer everywhere (the first axis resumed after 5: its last 5 answers took 10 s)
+        generated(fast, axis, 10, {"prompts": 5, "resumed_after": 5, "seconds": 10.0} if axis == first
+                  else {"prompts": 10, "resumed_after": 0, "seconds": 20.0})
     generated(slow, first, 10, {"prompts": 10, "resumed_after": 0, "seconds": 60.0})  # 3x the median
     generated(slow, others[0], 4)  # part-way: no stats yet
     generated(partial, first, 10, {"prompts": 10, "resumed_after": 0, "seconds": 20.0})
@@ -469,7 +469,8 @@ def test_generation_left_follows_the_run_s_own_pace(tmp_path):
     rest = len(systems) - 3  # the systems with nothing generated: every axis, at the medians (2 s)
     expected = 2.0 * (3 * (6 + 10 * (len(others) - 1)) + 10 * len(others) + 10 * len(counts) * rest)
     assert seconds == pytest.approx(expected) and parts == len(counts) + 2
-    runs.generation_stats_file(config, fast).write_text(json.dumps({first: {"prompts": 10, "seconds": 20.0}}))
+    runs.generation_stats_file(config, fast).write_text(json.dumps({first: {"prompts": 10, "seconds": 20.0},
+                                                                    others[0]: {"prompts": 0, "seconds": 0.0}}))
     assert generation_left(config, counts) is None  # the other axes have answers left and no finished part
 
 
@@ -504,7 +505,7 @@ def test_status_says_where_a_run_stands_and_writes_nothing(tmp_path, uninterrupt
     assert rows["evaluate results.json"] == "to do     scored with other evaluate settings (alpacaeval_dev)"
     results.write_text('{"systems": ')  # cut short (a copy stopped part-way): said so, not read as lacking systems
     rows, _ = status_lines(path)
-    assert rows["evaluate results.json"] == "to do     unreadable (not a JSON object)"
+    assert rows["evaluate results.json"] == "to do     unreadable"
 
     # a run stopped part-way: two experts done, the third at a checkpoint (a newer one half-written, and a stray
     # non-object state), the base model's answers done on one axis and cut short on another

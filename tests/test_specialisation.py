@@ -215,3 +215,18 @@ def test_each_target_is_met_or_missed_by_its_numbers():
     assert any(line.startswith("- **not in this run** — H3Fusion ahead of ensemble-logits") for line in lines)
     without_base = {"systems": {k: v for k, v in results["systems"].items() if k != "base"}}
     assert [t.status for t in check_targets(without_base, [], reps, {}) if "than base" in t.text] == [ABSENT, ABSENT]
+
+
+def test_stretch_margins_read_the_figures_the_hhh_verdicts_read():
+    """Judge-corrected hhh where H3Fusion and the rival both have it (as their hhh verdict reads), raw otherwise."""
+    results = {"systems": {
+        "expert-helpful": entry(0.40, 0.1, 0.4, 0.3, hhh_corrected=0.50),
+        "merge-linear": entry(0.40, 0.1, 0.4, 0.3),
+        "h3fusion": entry(0.46, 0.1, 0.4, 0.3, hhh_corrected=0.52),
+    }}
+    reps = {name: replicates(0.4, k, corrected=0.5) for k, name in enumerate(results["systems"])}
+    targets = {t.text: t for t in check_targets(results, ["helpful"], reps, {})}
+    over_expert = next(t for text, t in targets.items() if "over best expert" in text)
+    over_merge = next(t for text, t in targets.items() if "over best merge" in text)
+    assert over_expert.status == MISSED and over_expert.figures == "+4.00% over expert-helpful (corrected hhh)"
+    assert over_merge.status == MET and over_merge.figures == "+15.00% over merge-linear"  # raw: 0.46 / 0.40

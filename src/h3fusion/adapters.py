@@ -71,14 +71,12 @@ def read_adapter(name: str, path: str | Path) -> ExpertAdapter:
         raise H3FusionError(
             f"expert '{name}': per-module rank/alpha patterns are not supported; retrain with one r"
         )
-    try:
-        r, alpha = int(config["r"]), float(config["lora_alpha"])
-        if r < 1:
-            raise ValueError
-    except (KeyError, TypeError, ValueError):
-        raise H3FusionError(f"expert '{name}': {config_file} needs a positive integer 'r' and a number "
+    r, alpha = config.get("r"), config.get("lora_alpha")
+    if not (isinstance(r, int) and not isinstance(r, bool) and r >= 1 and isinstance(alpha, int | float)
+            and not isinstance(alpha, bool) and math.isfinite(alpha) and alpha > 0):
+        raise H3FusionError(f"expert '{name}': {config_file} needs a positive integer 'r' and a positive number "
                             f"'lora_alpha' (it has r={config.get('r')!r}, lora_alpha={config.get('lora_alpha')!r}); "
-                            "re-create the adapter or copy it again") from None
+                            "re-create the adapter or copy it again")
     scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
     try:
         weights = load_file(weights_file)
@@ -126,7 +124,10 @@ def _json_object(name: str, path: Path) -> dict:
     """An adapter's JSON file read as an object, or one line naming the file (not a traceback)."""
     try:
         value = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    except OSError as error:
+        raise H3FusionError(f"expert '{name}': {path} is unreadable ({error.strerror or error}); check its "
+                            "permissions, or copy the adapter again") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise H3FusionError(f"expert '{name}': {path} is not valid JSON ({error}); re-create the adapter or copy "
                             "it again") from None
     if not isinstance(value, dict):

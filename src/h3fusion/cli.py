@@ -372,7 +372,8 @@ def status(config: ConfigArg, set_: SetOpt = None, out: OutOpt = None) -> None:
     left = generation_left(cfg, counts)
     if left is not None:
         minutes = round(left[0] / 60)
-        took = f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
+        took = f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min" if minutes else \
+            "under a minute"
         typer.echo(f"generation left: about {took} at this run's pace so far "
                    f"(seconds per answer from {left[1]} finished parts, scaled by each system's own speed where known)")
     pick_up = next_row(rows)

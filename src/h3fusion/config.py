@@ -319,7 +319,7 @@ class RunConfig(_Section):
     run_dir: str = "runs/run"
     """Everything the run writes goes under this directory."""
     seed: int = 42
-    """Seed of data sampling, LoRA init and training order."""
+    """Seed of data sampling, LoRA and router init, training order, sampled generation and the report's bootstraps."""
     experts: list[str] = list(AXES)
     """Axes to align experts for, in order; the MoE has one expert per entry."""
     model: ModelConfig = ModelConfig()

@@ -237,7 +237,7 @@ def _comparable_entries(path: Path, config: RunConfig, judge_figures: dict, log)
         earlier = json.loads(path.read_text())
         changed = runs.changed_evaluate_settings(earlier, config)
         other_judges = [axis for axis, figures in judge_figures.items()
-                        if _headline(earlier["judges"][axis]) != _headline(figures)]
+                        if _headline((earlier.get("judges") or {}).get(axis) or {}) != _headline(figures)]
         entries = dict(earlier["systems"])
     except (OSError, ValueError, KeyError, TypeError):
         log(f"[evaluate] {path} is unreadable: writing only the systems scored now")

@@ -130,7 +130,8 @@ def evaluated_counts(config: RunConfig) -> dict[str, int]:
 
 def generation_left(config: RunConfig, counts: dict[str, int]) -> tuple[float, int] | None:
     """(seconds, finished parts they are estimated from) of the answers still to generate, at this run's pace: the
-    median seconds per answer of every finished part on that axis (``stats.json``), times the system's own speed
+    median seconds per answer of every finished part on that axis (``stats.json``: a resumed part's ``prompts`` and
+    ``seconds`` are what its last process generated, and took), times the system's own speed
     against those medians on the axes it has finished (ensemble-logits, three passes a token, runs slower; 1 for a
     system with none finished). None when nothing is left to generate or an axis with answers left has no
     finished part yet."""
@@ -144,9 +145,8 @@ def generation_left(config: RunConfig, counts: dict[str, int]) -> tuple[float, i
             part = stats.get(axis)
             if not isinstance(part, dict) or not _number(part.get("seconds")) or not _number(part.get("prompts")):
                 continue
-            resumed = part.get("resumed_after") if _number(part.get("resumed_after")) else 0
-            if part["prompts"] > resumed:  # the answers this process generated, in the seconds it recorded
-                paces.setdefault(system, {})[axis] = part["seconds"] / (part["prompts"] - resumed)
+            if part["prompts"] > 0:  # none: every answer was there before that process (no pace to read)
+                paces.setdefault(system, {})[axis] = part["seconds"] / part["prompts"]
     medians = {axis: median(found) for axis in counts if (found := [p[axis] for p in paces.values() if axis in p])}
     left = 0.0
     for system in systems:
@@ -197,7 +197,7 @@ def run_status(config: RunConfig, counts: dict[str, int] | None = None) -> list[
     if results.is_file() and all(r.state == DONE for r in judged):
         changed = runs.changed_evaluate_settings(written, config)
         if written is None:
-            why = "unreadable (not a JSON object)"
+            why = "unreadable"
         elif missing:
             why = f"lacks {', '.join(missing)}"
         elif changed is None:

@@ -49,7 +49,14 @@ from h3fusion.report.tables import (
     results_table,
     signed,
 )
-from h3fusion.report.targets import AXIS_LOSS_ALLOWED, MISSED, Target, check_targets, routing_accuracy
+from h3fusion.report.targets import (
+    AXIS_LOSS_ALLOWED,
+    MISSED,
+    Target,
+    check_targets,
+    rival_system,
+    routing_accuracy,
+)
 from h3fusion.stats import BOOTSTRAP_SAMPLES
 
 DIAGNOSTICS = {RERANK: "picks each answer with the scoring judge", ORACLE: "knows each prompt's axis",
@@ -137,7 +144,7 @@ def routing_ceiling(results: dict, replicates: dict, experts: Sequence[str], mis
     oracle-routed) and fusion training (H3Fusion − h3fusion-unfused). Each rival of ``missed`` (the hhh targets
     H3Fusion misses) gets the same split: routing, and the experts' ceiling against it (oracle-routed − rival)."""
     systems = results["systems"]
-    best = best_of({s: systems[s] for s in (f"expert-{axis}" for axis in experts) if s in systems}, "expert-")
+    best = rival_system(results, "best expert", experts)
     if best is None:
         return []
     if ORACLE not in systems:

@@ -22,7 +22,8 @@ from h3fusion.report.tables import FUSED, fmt, interval_text, metric, signed
 
 # ----------------------------------------------------------------------------- issue 18's targets, in one place
 HHH_RIVALS = ("best merge", "ensemble-logits", "multitask-sft")
-"""Besides every expert: the rivals H3Fusion must be ahead of on hhh ("best merge": the merge-* best by hhh)."""
+"""Besides every expert: the rivals H3Fusion must be ahead of on hhh ("best merge": the merge-* best by hhh,
+judge-corrected where recorded, ``statistics.best_of``)."""
 STRETCH_RELATIVE_HHH = {"best expert": 0.1137, "best merge": 0.0618, "ensemble-logits": 0.1377}
 """The paper's margins, relative hhh improvement over each (a stretch target)."""
 AXIS_LOSS_ALLOWED = {"helpful": 0.0, "harmless": 0.02, "honest": 0.02}
@@ -58,8 +59,9 @@ def routing_accuracy(run: runs.Run, axes: Sequence[str], system: str = FUSED) ->
     return out
 
 
-def _system(results: dict, label: str, experts: Sequence[str]) -> str | None:
-    """The system a target's label names in this run ("best expert", "best merge": the best by hhh), or None."""
+def rival_system(results: dict, label: str, experts: Sequence[str]) -> str | None:
+    """The system a target's label names in this run ("best expert", "best merge": the best by hhh, judge-corrected
+    where recorded, ``statistics.best_of``), or None."""
     systems = results["systems"]
     if label == "best expert":
         return best_of({s: systems[s] for s in (f"expert-{axis}" for axis in experts) if s in systems}, "expert-")
@@ -94,11 +96,16 @@ def _stretch_target(results: dict, label: str, name: str | None, margin: float) 
     text = f"stretch: hhh at least {margin:+.2%} relative over {label} (the paper's margin)"
     if name is None:
         return Target(text, ABSENT)
-    ours, theirs = results["systems"][FUSED].get("hhh"), results["systems"][name].get("hhh")
+    fused, rival = results["systems"][FUSED], results["systems"][name]
+    # the figures the hhh verdicts read: judge-corrected where both have them
+    key = "hhh_corrected" if fused.get("hhh_corrected") is not None and rival.get("hhh_corrected") is not None \
+        else "hhh"
+    ours, theirs = fused.get(key), rival.get(key)
     if ours is None or theirs is None or theirs == 0:
         return Target(text, NOT_RECORDED)
     relative = (ours - theirs) / theirs
-    return Target(text, MET if relative >= margin - EPSILON else MISSED, f"{relative:+.2%} over {name}")
+    return Target(text, MET if relative >= margin - EPSILON else MISSED,
+                  f"{relative:+.2%} over {name}{' (corrected hhh)' if key == 'hhh_corrected' else ''}")
 
 
 def _axis_target(results: dict, axis: str, allowed: float, versus: dict | None = None) -> Target:
@@ -150,8 +157,8 @@ def check_targets(results: dict, experts: Sequence[str], replicates: dict,
     (``specialisation.headline_versus``: the paired interval shown beside the axis targets)."""
     rivals = [f"expert-{axis}" for axis in experts] + list(HHH_RIVALS)
     targets = [_hhh_target(results, _named(label, name), name, replicates)
-               for label, name in ((label, _system(results, label, experts)) for label in rivals)]
-    targets += [_stretch_target(results, label, _system(results, label, experts), margin)
+               for label, name in ((label, rival_system(results, label, experts)) for label in rivals)]
+    targets += [_stretch_target(results, label, rival_system(results, label, experts), margin)
                 for label, margin in STRETCH_RELATIVE_HHH.items()]
     targets += [_axis_target(results, axis, allowed, (axis_versus or {}).get(axis))
                 for axis, allowed in AXIS_LOSS_ALLOWED.items()]
