@@ -44,15 +44,25 @@ def test_generates_one_line_per_prompt_in_input_order(tmp_path, tiny):
     assert single["prompts"] == 7
 
 
-def test_resume_keeps_finished_lines_and_redoes_a_truncated_one(tmp_path, tiny):
+def test_resume_keeps_finished_windows_and_redoes_a_cut_one(tmp_path, tiny):
+    """Answers are written a window (batch_size x 4 prompts) at a time; a writer killed part-way through one leaves
+    some of its lines: the resume starts at that window's start, so its batches are an uninterrupted run's."""
     model, tokenizer = tiny
     full = tmp_path / "full.jsonl"
-    generate_jsonl(model, tokenizer, RECORDS, full, max_new_tokens=5, batch_size=2, progress=False)
+    generate_jsonl(model, tokenizer, RECORDS, full, max_new_tokens=5, batch_size=1, progress=False)  # windows of 4
     killed = tmp_path / "killed.jsonl"
     text = full.read_text().splitlines(keepends=True)
-    killed.write_text("".join(text[:3]) + text[3][: len(text[3]) // 2])  # a writer killed mid-line
-    stats = generate_jsonl(model, tokenizer, RECORDS, killed, max_new_tokens=5, batch_size=2, progress=False)
-    assert stats["resumed_after"] == 3 and stats["prompts"] == 4
+    killed.write_text("".join(text[:5]) + text[5][: len(text[5]) // 2])  # killed mid-line in the second window
+    said: list[str] = []
+    stats = generate_jsonl(model, tokenizer, RECORDS, killed, max_new_tokens=5, batch_size=1, progress=False,
+                           log=said.append)
+    assert stats["resumed_after"] == 4 and stats["prompts"] == 3
+    assert killed.read_text() == full.read_text()
+    assert said == ["[generate] killed.jsonl: resuming at answer 5, the start of its window of 4 (1 answer after it made "
+                    "again, as an uninterrupted run makes them)"]
+    killed.write_text("".join(text[:4]))  # a whole window written: nothing redone
+    assert generate_jsonl(model, tokenizer, RECORDS, killed, max_new_tokens=5, batch_size=1,
+                          progress=False)["resumed_after"] == 4
     assert killed.read_text() == full.read_text()
 
 

@@ -22,10 +22,11 @@ from h3fusion.costs import PeakMemory, system_param_counts
 from h3fusion.data import format_prompt, prompt_text
 from h3fusion.decoding import decode_batch
 from h3fusion.errors import H3FusionError
-from h3fusion.io import append_jsonl, read_jsonl, stage_writes, write_json
+from h3fusion.io import append_jsonl, read_jsonl, stage_writes, write_json, write_jsonl
 from h3fusion.tokens import prompt_ids
 
-WINDOW_BATCHES = 4  # prompts sorted by length within this many batches; bounds work lost to a kill
+WINDOW_BATCHES = 4  # prompts sorted by length within this many batches; bounds work lost to a kill (a resume starts
+# on a window boundary, so the batches are an uninterrupted run's)
 
 
 def cut_at_stops(text: str, stops: Sequence[str]) -> str:
@@ -59,6 +60,16 @@ def generate_jsonl(
         raise H3FusionError(f"{output} has {len(done)} answers but there are only {len(records)} prompts; "
                             "it belongs to another prompt set: move it away")
     check_answers(done, records, output)
+    window = batch_size * WINDOW_BATCHES
+    kept = len(done) - len(done) % window if len(done) < len(records) else len(done)
+    if kept < len(done):
+        # a writer killed part-way through a window's lines: resume at the window's start, so every later batch
+        # holds the prompts an uninterrupted run's would (batch composition moves floats, and near-ties with them)
+        log(f"[generate] {output.name}: resuming at answer {kept + 1}, the start of its window of {window} "
+            f"({len(done) - kept} answer{'s' if len(done) - kept > 1 else ''} after it made again, as an uninterrupted "
+            "run makes them)")
+        write_jsonl(output, done[:kept])
+        done = done[:kept]
     pending = list(range(len(done), len(records)))
     prompts = [format_prompt(*prompt_text(r, f"prompt {i + 1}"), prompt_format, tokenizer)
                for i, r in enumerate(records)]
@@ -72,7 +83,6 @@ def generate_jsonl(
     started = time.time()
     # about what the answers take on disk: each record again, plus ~4 bytes per new token
     need = sum(len(json.dumps(records[i], ensure_ascii=False)) + 4 * max_new_tokens for i in pending)
-    window = batch_size * WINDOW_BATCHES
     for start in range(0, len(pending), window):
         chunk = pending[start:start + window]
         lengths = {i: len(prompt_ids(tokenizer, prompts[i])) for i in chunk}
