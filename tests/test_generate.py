@@ -66,6 +66,55 @@ def test_resume_keeps_finished_windows_and_redoes_a_cut_one(tmp_path, tiny):
     assert killed.read_text() == full.read_text()
 
 
+class Killed(Exception):
+    pass
+
+
+def test_a_killed_axis_keeps_its_time_and_tokens(tmp_path, tiny, monkeypatch):
+    """Stats so far are written after each window (stats.json's "partial"); the process that finishes the axis adds its
+    own to them, so the axis's prompts and tokens are an uninterrupted run's, however often it was killed."""
+    from h3fusion import generate, runs
+    from h3fusion.config import build_config
+    from h3fusion.generate import _generate_axes
+    from h3fusion.io import write_json
+
+    model, tokenizer = tiny
+    config = build_config({"run_dir": str(tmp_path / "run"),
+                           "generate": {"batch_size": 1, "max_new_tokens": {"helpful": 5}}})  # windows of 4
+    uninterrupted = generate_jsonl(model, tokenizer, RECORDS, tmp_path / "full.jsonl", max_new_tokens=5, batch_size=1,
+                                   progress=False)
+    stats_file = runs.generation_stats_file(config, "base")
+    stats_file.parent.mkdir(parents=True)
+
+    def killed_after_first_window(path, value):  # the process dies right after writing the first window's stats
+        write_json(path, value)
+        if path == stats_file:
+            raise Killed
+
+    monkeypatch.setattr(generate, "write_json", killed_after_first_window)
+    with pytest.raises(Killed):
+        _generate_axes(config, "base", model, tokenizer, {"helpful": RECORDS}, {}, False, print)
+    monkeypatch.undo()
+    written = json.loads(stats_file.read_text())
+    so_far = written[runs.PARTIAL_STATS]["helpful"]
+    assert "helpful" not in written and so_far["prompts"] == 4 and so_far["new_tokens"] > 0
+    assert len(lines(runs.generated_file(config, "base", "helpful"))) == 4
+
+    _generate_axes(config, "base", model, tokenizer, {"helpful": RECORDS}, written, False, print)
+    done = json.loads(stats_file.read_text())
+    assert runs.PARTIAL_STATS not in done  # the axis is finished: its part moved where finished axes are
+    assert done["helpful"]["prompts"] == 7 and done["helpful"]["resumed_after"] == 0
+    assert done["helpful"]["new_tokens"] == uninterrupted["new_tokens"]
+    assert done["helpful"]["seconds"] >= so_far["seconds"]
+    assert lines(runs.generated_file(config, "base", "helpful")) == lines(tmp_path / "full.jsonl")
+
+    # stats that count answers the file no longer holds (it was moved away) are not added
+    again = tmp_path / "again.jsonl"
+    restarted = generate_jsonl(model, tokenizer, RECORDS, again, max_new_tokens=5, batch_size=1, progress=False,
+                               earlier=so_far)
+    assert restarted["prompts"] == 7 and restarted["new_tokens"] == uninterrupted["new_tokens"]
+
+
 def test_corrupt_line_is_named(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"a": 1}\nnot json\n{"a": 2}\n')

@@ -435,9 +435,9 @@ def test_status_keeps_results_by_the_rule_evaluate_keeps_them():
 
 
 def test_generation_left_follows_the_run_s_own_pace(tmp_path):
-    """Answers left x the median seconds per answer of the finished parts on their axis (a resumed part records only
-    what its last process generated), scaled by the system's own speed against those medians; unknown until every axis
-    with answers left has a finished part."""
+    """Answers left x the median seconds per answer of the timed parts on their axis (finished, or an unfinished part's
+    windows so far under "partial"), scaled by the system's own speed against those medians; unknown until every axis
+    with answers left has a timed part."""
     from h3fusion import runs
     from h3fusion.config import build_config
     from h3fusion.status import generation_left
@@ -471,7 +471,11 @@ def test_generation_left_follows_the_run_s_own_pace(tmp_path):
     assert seconds == pytest.approx(expected) and parts == len(counts) + 2
     runs.generation_stats_file(config, fast).write_text(json.dumps({first: {"prompts": 10, "seconds": 20.0},
                                                                     others[0]: {"prompts": 0, "seconds": 0.0}}))
-    assert generation_left(config, counts) is None  # the other axes have answers left and no finished part
+    assert generation_left(config, counts) is None  # the other axes have answers left and no timed part
+    runs.generation_stats_file(config, fast).write_text(json.dumps({  # the other axes' windows so far: 2 s an answer
+        first: {"prompts": 10, "seconds": 20.0},
+        runs.PARTIAL_STATS: {axis: {"prompts": 5, "resumed_after": 0, "seconds": 10.0} for axis in others}}))
+    assert generation_left(config, counts) == (pytest.approx(expected), len(counts) + 2)
 
 
 def test_status_says_where_a_run_stands_and_writes_nothing(tmp_path, uninterrupted, tiny_llama_dir, data_dir,

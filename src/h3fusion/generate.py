@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -51,8 +51,14 @@ def generate_jsonl(
     stop_strings: Sequence[str] = (),
     progress: bool = True,
     log=print,
+    earlier: dict | None = None,
+    on_window: Callable[[dict], None] | None = None,
 ) -> dict:
-    """Answer every record (resuming after the last complete line of ``output``); returns stats."""
+    """Answer every record (resuming after the last complete line of ``output``); returns stats.
+
+    ``earlier``: the stats an earlier, killed process reported for this file through ``on_window`` (called with the
+    stats so far after each window's answers are on disk); they are added to this process's, so a kill loses no
+    answer's time or tokens from the totals. Dropped when the file does not hold the answers they count."""
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     done = read_jsonl(output, repair=True) if output.exists() else []
@@ -75,6 +81,8 @@ def generate_jsonl(
                for i, r in enumerate(records)]
     model.eval()
     stats = {"prompts": len(pending), "resumed_after": len(done), "new_tokens": 0, "seconds": 0.0}
+    if earlier is not None and not 0 < _counted(earlier) <= len(done):
+        earlier = None  # counts answers this file no longer holds (moved away, or made again from the start)
     bar = None
     if progress and pending and os.environ.get("H3FUSION_NO_PROGRESS") != "1":  # as the Trainer's bars
         from tqdm.auto import tqdm
@@ -104,11 +112,31 @@ def generate_jsonl(
                 bar.set_postfix(tok_s=f"{stats['new_tokens'] / max(time.time() - started, 1e-9):.1f}")
         with stage_writes(output, f"answering into {output.name}", need=need):  # a refused write: one line
             append_jsonl(output, [{**records[i], "response": answers[i]} for i in chunk])
+        if on_window is not None:
+            on_window(_totals(earlier, {**stats, "prompts": start + len(chunk)}, time.time() - started))
     if bar is not None:
         bar.close()
-    stats["seconds"] = round(time.time() - started, 2)
-    stats["tokens_per_second"] = round(stats["new_tokens"] / stats["seconds"], 2) if stats["seconds"] else None
-    return stats
+    return _totals(earlier, stats, time.time() - started)
+
+
+def _counted(stats: dict) -> int:
+    """The answers a stats dict's processes leave on disk (0 when it is not one)."""
+    try:
+        return int(stats["resumed_after"]) + int(stats["prompts"])
+    except (KeyError, TypeError, ValueError):
+        return 0
+
+
+def _totals(earlier: dict | None, stats: dict, seconds: float) -> dict:
+    """This process's stats (``seconds`` so far) plus an earlier process's, as one part: prompts, tokens and seconds
+    summed, ``resumed_after`` the answers there before the first of them."""
+    now = {**stats, "seconds": round(seconds, 2)}
+    if earlier is not None:
+        now = {"prompts": earlier["prompts"] + now["prompts"], "resumed_after": earlier["resumed_after"],
+               "new_tokens": earlier.get("new_tokens", 0) + now["new_tokens"],
+               "seconds": round(earlier.get("seconds", 0.0) + now["seconds"], 2)}
+    now["tokens_per_second"] = round(now["new_tokens"] / now["seconds"], 2) if now["seconds"] else None
+    return now
 
 
 def evaluated_records(config, axis: str) -> list[dict]:
@@ -171,20 +199,31 @@ def _generate_axes(config, system: str, model, tokenizer, todo: dict, stats: dic
         records = evaluated_records(config, "honest")
         write_json(runs.mc_file(config, system), mc_scores(model, tokenizer, records, config.data.prompt_format))
     gen = config.generate
+    stats_path = runs.generation_stats_file(config, system)
     for axis, records in todo.items():
         log(f"[generate] {system} / {axis}: {len(records)} prompts")
+
+        def so_far(part: dict, axis: str = axis) -> None:  # a kill keeps the finished windows' time and tokens
+            stats.setdefault(runs.PARTIAL_STATS, {})[axis] = part
+            write_json(stats_path, stats)
+
         stats[axis] = generate_jsonl(
             model, tokenizer, records, runs.generated_file(config, system, axis),
             prompt_format=config.data.prompt_format,
             max_new_tokens=gen.max_new_tokens.get(axis, 128), batch_size=gen.batch_size, do_sample=gen.do_sample,
             temperature=gen.temperature, top_p=gen.top_p, seed=config.seed, stop_strings=gen.stop_strings, log=log,
+            earlier=stats.get(runs.PARTIAL_STATS, {}).get(axis), on_window=so_far,
         )
         if hasattr(model, "moe_layers"):
             from h3fusion.moe.routing import routing_stats
 
             prompts = [format_prompt(*prompt_text(r), config.data.prompt_format, tokenizer) for r in records]
             write_json(runs.routing_file(config, system, axis), routing_stats(model, tokenizer, {axis: prompts}))
-        write_json(runs.generation_stats_file(config, system), stats)
+        partial = stats.get(runs.PARTIAL_STATS, {})
+        partial.pop(axis, None)
+        if not partial:
+            stats.pop(runs.PARTIAL_STATS, None)
+        write_json(stats_path, stats)
 
 
 def generate_prompt_file(model_spec: str, prompts: Path, output: Path, *, base: str | None = None,

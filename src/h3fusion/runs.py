@@ -13,7 +13,8 @@ that refuses to reuse a stage made with other settings. Stages ask this module f
       baselines/multitask-sft/            baselines: an adapter laid out (and finished) like an expert's
       variants/authors-code/              baselines: a run of its own (its moe/ and fused/) for the authors' code
       generations/<system>/               generate: <axis>.jsonl (answers), honest.mc.json, <axis>.routing.json,
-                                          stats.json (an axis is finished once it is named there)
+                                          stats.json (an axis is finished once it is named there;
+                                          "partial": the unfinished axes' stats so far, carried over a kill)
       assembled/<system>/<axis>.jsonl     evaluate: the answers it assembles from the experts' (no model of its own)
       judgements/<system>/<axis>.jsonl    evaluate: the answers with the judge's score and label;
                                           <axis>.judge.json says which judge scored them
@@ -55,6 +56,7 @@ FUSE_MARKER = "fusion_log.json"  # fused/ is complete: written last
 CHECKPOINT_MARKER = "trainer_state.json"  # the last file of a Trainer checkpoint: present = complete
 DEV = "dev"  # the dev split's answers, judgements, results and report (``evaluation_root``)
 GENERATION_STATS = "stats.json"  # per system: an axis named in it is finished (after its answers and routing)
+PARTIAL_STATS = "partial"  # in stats.json: an unfinished axis's stats after its last whole window, added to on resume
 
 
 def root(run: Run) -> Path:

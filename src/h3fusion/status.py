@@ -129,20 +129,21 @@ def evaluated_counts(config: RunConfig) -> dict[str, int]:
 
 
 def generation_left(config: RunConfig, counts: dict[str, int]) -> tuple[float, int] | None:
-    """(seconds, finished parts they are estimated from) of the answers still to generate, at this run's pace: the
-    median seconds per answer of every finished part on that axis (``stats.json``: a resumed part's ``prompts`` and
-    ``seconds`` are what its last process generated, and took), times the system's own speed
-    against those medians on the axes it has finished (ensemble-logits, three passes a token, runs slower; 1 for a
-    system with none finished). None when nothing is left to generate or an axis with answers left has no
-    finished part yet."""
+    """(seconds, parts they are estimated from) of the answers still to generate, at this run's pace: the median
+    seconds per answer of every part on that axis with answers timed (``stats.json``: a finished axis, or an
+    unfinished one's windows so far under "partial"; a resumed part's ``prompts`` and ``seconds`` add up its
+    processes'), times the system's own speed against those medians on the axes it has timed (ensemble-logits, three
+    passes a token, runs slower; 1 for a system with none timed). None when nothing is left to generate or an axis
+    with answers left has no timed part yet."""
     from h3fusion.systems import generated_systems
 
     systems = generated_systems(config)
     paces: dict[str, dict[str, float]] = {}  # system -> axis -> seconds per answer
     for system in systems:
         stats = _json(runs.generation_stats_file(config, system)) or {}
+        partial = stats.get(runs.PARTIAL_STATS)
         for axis in counts:
-            part = stats.get(axis)
+            part = stats.get(axis, partial.get(axis) if isinstance(partial, dict) else None)
             if not isinstance(part, dict) or not _number(part.get("seconds")) or not _number(part.get("prompts")):
                 continue
             if part["prompts"] > 0:  # none: every answer was there before that process (no pace to read)
