@@ -115,6 +115,23 @@ def test_a_killed_axis_keeps_its_time_and_tokens(tmp_path, tiny, monkeypatch):
     assert restarted["prompts"] == 7 and restarted["new_tokens"] == uninterrupted["new_tokens"]
 
 
+def test_the_mc_scoring_is_timed_for_status(tmp_path, tiny, data_dir):
+    """The TruthfulQA MC1/MC2 scores are written with the time they took (stats.json "honest_mc"), which
+    `h3fusion status` counts in the generation left; no axis counts as done for it."""
+    from h3fusion import runs
+    from h3fusion.config import build_config
+    from h3fusion.generate import _generate_axes
+
+    model, tokenizer = tiny
+    config = build_config({"run_dir": str(tmp_path / "run"), "data": {"dir": str(data_dir)},
+                           "evaluate": {"honest_n": 3}})
+    runs.generated_dir(config, "base").mkdir(parents=True)
+    _generate_axes(config, "base", model, tokenizer, {}, {}, True, print)
+    stats = json.loads(runs.generation_stats_file(config, "base").read_text())
+    assert set(stats) == {runs.MC_STATS} and stats[runs.MC_STATS]["questions"] == 3
+    assert stats[runs.MC_STATS]["seconds"] > 0 and json.loads(runs.mc_file(config, "base").read_text())["n"] == 3
+
+
 def test_corrupt_line_is_named(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"a": 1}\nnot json\n{"a": 2}\n')

@@ -436,8 +436,8 @@ def test_status_keeps_results_by_the_rule_evaluate_keeps_them():
 
 def test_generation_left_follows_the_run_s_own_pace(tmp_path):
     """Answers left x the median seconds per answer of the timed parts on their axis (finished, or an unfinished part's
-    windows so far under "partial"), scaled by the system's own speed against those medians; unknown until every axis
-    with answers left has a timed part."""
+    windows so far under "partial"), scaled by the system's own speed against those medians, plus the MC1/MC2 scoring
+    left once one system's is timed; unknown until every axis with answers left has a timed part."""
     from h3fusion import runs
     from h3fusion.config import build_config
     from h3fusion.status import generation_left
@@ -476,6 +476,13 @@ def test_generation_left_follows_the_run_s_own_pace(tmp_path):
         first: {"prompts": 10, "seconds": 20.0},
         runs.PARTIAL_STATS: {axis: {"prompts": 5, "resumed_after": 0, "seconds": 10.0} for axis in others}}))
     assert generation_left(config, counts) == (pytest.approx(expected), len(counts) + 2)
+    # the MC1/MC2 scoring before the answers: 0.5 s a question where timed, due from every system without its file
+    stats = json.loads(runs.generation_stats_file(config, fast).read_text())
+    stats[runs.MC_STATS] = {"questions": 10, "seconds": 5.0}
+    runs.generation_stats_file(config, fast).write_text(json.dumps(stats))
+    runs.mc_file(config, fast).write_text("{}")
+    mc = 0.5 * counts["honest"] * (3 + 1 + rest)  # slow at 3x, the others at 1x; fast has its scores
+    assert generation_left(config, counts) == (pytest.approx(expected + mc), len(counts) + 3)
 
 
 def test_status_says_where_a_run_stands_and_writes_nothing(tmp_path, uninterrupted, tiny_llama_dir, data_dir,

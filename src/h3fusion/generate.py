@@ -192,14 +192,17 @@ def generate_system(config, system: str, axes: Sequence[str] | None = None, log=
 
 
 def _generate_axes(config, system: str, model, tokenizer, todo: dict, stats: dict, need_mc: bool, log) -> None:
+    stats_path = runs.generation_stats_file(config, system)
     if need_mc:  # TruthfulQA MC1/MC2 need the model's log-likelihoods, so they are computed here
         from h3fusion.truthfulqa_mc import mc_scores
 
         log(f"[generate] {system} / honest: MC1/MC2 log-likelihoods")
         records = evaluated_records(config, "honest")
+        started = time.time()
         write_json(runs.mc_file(config, system), mc_scores(model, tokenizer, records, config.data.prompt_format))
+        stats[runs.MC_STATS] = {"questions": len(records), "seconds": round(time.time() - started, 2)}  # status's pace
+        write_json(stats_path, stats)
     gen = config.generate
-    stats_path = runs.generation_stats_file(config, system)
     for axis, records in todo.items():
         log(f"[generate] {system} / {axis}: {len(records)} prompts")
 

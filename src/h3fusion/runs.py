@@ -14,7 +14,8 @@ that refuses to reuse a stage made with other settings. Stages ask this module f
       variants/authors-code/              baselines: a run of its own (its moe/ and fused/) for the authors' code
       generations/<system>/               generate: <axis>.jsonl (answers), honest.mc.json, <axis>.routing.json,
                                           stats.json (an axis is finished once it is named there;
-                                          "partial": the unfinished axes' stats so far, carried over a kill)
+                                          "partial": the unfinished axes' stats so far, carried over a kill;
+                                          "honest_mc": the MC1/MC2 scoring's time)
       assembled/<system>/<axis>.jsonl     evaluate: the answers it assembles from the experts' (no model of its own)
       judgements/<system>/<axis>.jsonl    evaluate: the answers with the judge's score and label;
                                           <axis>.judge.json says which judge scored them
@@ -57,6 +58,7 @@ CHECKPOINT_MARKER = "trainer_state.json"  # the last file of a Trainer checkpoin
 DEV = "dev"  # the dev split's answers, judgements, results and report (``evaluation_root``)
 GENERATION_STATS = "stats.json"  # per system: an axis named in it is finished (after its answers and routing)
 PARTIAL_STATS = "partial"  # in stats.json: an unfinished axis's stats after its last whole window, added to on resume
+MC_STATS = "honest_mc"  # in stats.json: how long the TruthfulQA MC1/MC2 log-likelihoods took (no tokens generated)
 
 
 def root(run: Run) -> Path:

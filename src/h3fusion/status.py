@@ -133,14 +133,19 @@ def generation_left(config: RunConfig, counts: dict[str, int]) -> tuple[float, i
     seconds per answer of every part on that axis with answers timed (``stats.json``: a finished axis, or an
     unfinished one's windows so far under "partial"; a resumed part's ``prompts`` and ``seconds`` add up its
     processes'), times the system's own speed against those medians on the axes it has timed (ensemble-logits, three
-    passes a token, runs slower; 1 for a system with none timed). None when nothing is left to generate or an axis
-    with answers left has no timed part yet."""
+    passes a token, runs slower; 1 for a system with none timed). The TruthfulQA MC1/MC2 scoring each system does
+    before its answers counts too, at the median seconds per question of the systems that timed theirs ("honest_mc"),
+    once one has. None when nothing is left to generate or an axis with answers left has no timed part yet."""
     from h3fusion.systems import generated_systems
 
     systems = generated_systems(config)
     paces: dict[str, dict[str, float]] = {}  # system -> axis -> seconds per answer
+    mc_paces: list[float] = []  # seconds per MC question
     for system in systems:
         stats = _json(runs.generation_stats_file(config, system)) or {}
+        mc = stats.get(runs.MC_STATS)
+        if isinstance(mc, dict) and _number(mc.get("seconds")) and _number(mc.get("questions")) and mc["questions"] > 0:
+            mc_paces.append(mc["seconds"] / mc["questions"])
         partial = stats.get(runs.PARTIAL_STATS)
         for axis in counts:
             part = stats.get(axis, partial.get(axis) if isinstance(partial, dict) else None)
@@ -160,7 +165,9 @@ def generation_left(config: RunConfig, counts: dict[str, int]) -> tuple[float, i
             if axis not in medians:
                 return None
             left += remaining * medians[axis] * factor
-    return (left, sum(len(p) for p in paces.values())) if left > 0 else None
+        if mc_paces and "honest" in counts and not runs.mc_file(config, system).is_file():
+            left += counts["honest"] * median(mc_paces) * factor
+    return (left, sum(len(p) for p in paces.values()) + len(mc_paces)) if left > 0 else None
 
 
 def run_status(config: RunConfig, counts: dict[str, int] | None = None) -> list[Row]:
