@@ -108,6 +108,17 @@ def test_a_killed_axis_keeps_its_time_and_tokens(tmp_path, tiny, monkeypatch):
     assert done["helpful"]["seconds"] >= so_far["seconds"]
     assert lines(runs.generated_file(config, "base", "helpful")) == lines(tmp_path / "full.jsonl")
 
+    # killed after a window's answers were written but before they were recorded: that window counts under
+    # resumed_after (answers on disk the recorded part leaves out), never as a zero-second answer
+    unrecorded = tmp_path / "unrecorded.jsonl"
+    unrecorded.write_text((tmp_path / "full.jsonl").read_text())
+    gap = generate_jsonl(model, tokenizer, RECORDS, unrecorded, max_new_tokens=5, batch_size=1, progress=False,
+                         earlier=so_far)
+    assert (gap["prompts"], gap["resumed_after"], gap["new_tokens"]) == (4, 3, so_far["new_tokens"])
+    # stats that are not such a part (an edited stats.json) are not added
+    edited = generate_jsonl(model, tokenizer, RECORDS, unrecorded, max_new_tokens=5, batch_size=1, progress=False,
+                            earlier={**so_far, "prompts": "4"})
+    assert (edited["prompts"], edited["resumed_after"], edited["new_tokens"]) == (0, 7, 0)
     # stats that count answers the file no longer holds (it was moved away) are not added
     again = tmp_path / "again.jsonl"
     restarted = generate_jsonl(model, tokenizer, RECORDS, again, max_new_tokens=5, batch_size=1, progress=False,
@@ -117,7 +128,7 @@ def test_a_killed_axis_keeps_its_time_and_tokens(tmp_path, tiny, monkeypatch):
 
 def test_the_mc_scoring_is_timed_for_status(tmp_path, tiny, data_dir):
     """The TruthfulQA MC1/MC2 scores are written with the time they took (stats.json "honest_mc"), which
-    `h3fusion status` counts in the generation left; no axis counts as done for it."""
+    `h3fusion status` counts in the generation left; stats.json names no axis for it (an axis named there is done)."""
     from h3fusion import runs
     from h3fusion.config import build_config
     from h3fusion.generate import _generate_axes

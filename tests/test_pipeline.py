@@ -476,12 +476,13 @@ def test_generation_left_follows_the_run_s_own_pace(tmp_path):
         first: {"prompts": 10, "seconds": 20.0},
         runs.PARTIAL_STATS: {axis: {"prompts": 5, "resumed_after": 0, "seconds": 10.0} for axis in others}}))
     assert generation_left(config, counts) == (pytest.approx(expected), len(counts) + 2)
-    # the MC1/MC2 scoring before the answers: 0.5 s a question where timed, due from every system without its file
-    stats = json.loads(runs.generation_stats_file(config, fast).read_text())
-    stats[runs.MC_STATS] = {"questions": 10, "seconds": 5.0}
-    runs.generation_stats_file(config, fast).write_text(json.dumps(stats))
-    runs.mc_file(config, fast).write_text("{}")
-    mc = 0.5 * counts["honest"] * (3 + 1 + rest)  # slow at 3x, the others at 1x; fast has its scores
+    # the MC1/MC2 scoring before the answers, due from every system without its file: timed on the slow system
+    # (1.5 s a question at its 3x), so 0.5 s a question at the medians' speed
+    stats = json.loads(runs.generation_stats_file(config, slow).read_text())
+    stats[runs.MC_STATS] = {"questions": 10, "seconds": 15.0}
+    runs.generation_stats_file(config, slow).write_text(json.dumps(stats))
+    runs.mc_file(config, slow).write_text("{}")
+    mc = 0.5 * counts["honest"] * (1 + 1 + rest)  # fast, partial and the rest at 1x; slow has its scores
     assert generation_left(config, counts) == (pytest.approx(expected + mc), len(counts) + 3)
 
 

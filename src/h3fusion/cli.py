@@ -375,7 +375,8 @@ def status(config: ConfigArg, set_: SetOpt = None, out: OutOpt = None) -> None:
         took = f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min" if minutes else \
             "under a minute"
         typer.echo(f"generation left: about {took} at this run's pace so far "
-                   f"(seconds per answer from {left[1]} timed parts, scaled by each system's own speed where known)")
+                   f"(the pace of {left[1]} timed parts, answers and MC1/MC2 scoring, scaled by each system's own speed "
+                   "where known)")
     pick_up = next_row(rows)
     if pick_up is None:
         typer.echo("complete")

@@ -57,8 +57,10 @@ def generate_jsonl(
     """Answer every record (resuming after the last complete line of ``output``); returns stats.
 
     ``earlier``: the stats an earlier, killed process reported for this file through ``on_window`` (called with the
-    stats so far after each window's answers are on disk); they are added to this process's, so a kill loses no
-    answer's time or tokens from the totals. Dropped when the file does not hold the answers they count."""
+    stats so far after each window's answers are on disk); they are added to this process's, so a kill keeps every
+    recorded window's time and tokens in the totals (a window written but not yet recorded counts under
+    ``resumed_after``, the answers on disk that ``prompts`` leaves out). Dropped when they are not such stats or the
+    file does not hold the answers they count."""
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     done = read_jsonl(output, repair=True) if output.exists() else []
@@ -81,8 +83,7 @@ def generate_jsonl(
                for i, r in enumerate(records)]
     model.eval()
     stats = {"prompts": len(pending), "resumed_after": len(done), "new_tokens": 0, "seconds": 0.0}
-    if earlier is not None and not 0 < _counted(earlier) <= len(done):
-        earlier = None  # counts answers this file no longer holds (moved away, or made again from the start)
+    earlier = _earlier_part(earlier, len(done))
     bar = None
     if progress and pending and os.environ.get("H3FUSION_NO_PROGRESS") != "1":  # as the Trainer's bars
         from tqdm.auto import tqdm
@@ -119,22 +120,32 @@ def generate_jsonl(
     return _totals(earlier, stats, time.time() - started)
 
 
-def _counted(stats: dict) -> int:
-    """The answers a stats dict's processes leave on disk (0 when it is not one)."""
-    try:
-        return int(stats["resumed_after"]) + int(stats["prompts"])
-    except (KeyError, TypeError, ValueError):
-        return 0
+def _earlier_part(earlier, on_disk: int) -> dict | None:
+    """``earlier`` as the recorded part of the ``on_disk`` answers this process starts from: its prompts, tokens and
+    seconds, the other answers on disk as ``resumed_after``. None when it is not such stats (an older or edited
+    stats.json) or counts answers the file no longer holds (moved away, made again from the start, cut back to a
+    window's start)."""
+    def count(value) -> bool:
+        return isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
+
+    if not (isinstance(earlier, dict) and all(count(earlier.get(k)) for k in ("prompts", "resumed_after",
+                                                                            "new_tokens", "seconds"))):
+        return None
+    if not 0 < earlier["resumed_after"] + earlier["prompts"] <= on_disk:
+        return None
+    return {"prompts": int(earlier["prompts"]), "resumed_after": on_disk - int(earlier["prompts"]),
+            "new_tokens": int(earlier["new_tokens"]), "seconds": float(earlier["seconds"])}
 
 
 def _totals(earlier: dict | None, stats: dict, seconds: float) -> dict:
-    """This process's stats (``seconds`` so far) plus an earlier process's, as one part: prompts, tokens and seconds
-    summed, ``resumed_after`` the answers there before the first of them."""
+    """This process's stats (``seconds`` so far) plus an earlier process's part (``_earlier_part``), as one part:
+    prompts, tokens and seconds summed, ``resumed_after`` the answers on disk before this process that the earlier
+    part does not count."""
     now = {**stats, "seconds": round(seconds, 2)}
     if earlier is not None:
         now = {"prompts": earlier["prompts"] + now["prompts"], "resumed_after": earlier["resumed_after"],
-               "new_tokens": earlier.get("new_tokens", 0) + now["new_tokens"],
-               "seconds": round(earlier.get("seconds", 0.0) + now["seconds"], 2)}
+               "new_tokens": earlier["new_tokens"] + now["new_tokens"],
+               "seconds": round(earlier["seconds"] + now["seconds"], 2)}
     now["tokens_per_second"] = round(now["new_tokens"] / now["seconds"], 2) if now["seconds"] else None
     return now
 
@@ -161,8 +172,9 @@ def generate_run(config, systems: Sequence[str] | None = None, axes: Sequence[st
 def generate_system(config, system: str, axes: Sequence[str] | None = None, log=print) -> dict:
     """Answer every evaluated prompt of each axis with one system (resumable, skipped when complete).
 
-    Writes ``<run>/generations/<system>/<axis>.jsonl``, ``stats.json`` (tokens/s per axis; ``cost``:
-    parameters and peak memory of the last run that generated), ``honest.mc.json``
+    Writes ``<run>/generations/<system>/<axis>.jsonl``, ``stats.json`` (tokens/s per finished axis; ``partial``: an
+    unfinished axis's so far; ``honest_mc``: the MC scoring's time; ``cost``: parameters and peak memory of the last
+    run that generated), ``honest.mc.json``
     (TruthfulQA MC1/MC2) and, for MoE systems, ``<axis>.routing.json`` (see ``moe.routing``).
     """
     from h3fusion.systems import load_system
@@ -203,6 +215,10 @@ def _generate_axes(config, system: str, model, tokenizer, todo: dict, stats: dic
         stats[runs.MC_STATS] = {"questions": len(records), "seconds": round(time.time() - started, 2)}  # status's pace
         write_json(stats_path, stats)
     gen = config.generate
+    if not isinstance(stats.get(runs.PARTIAL_STATS, {}), dict):
+        stats.pop(runs.PARTIAL_STATS)  # not ours: nothing to carry over
+    for axis in todo:
+        stats.pop(axis, None)  # an entry of answers since moved away is not this axis's: it is finished when named again
     for axis, records in todo.items():
         log(f"[generate] {system} / {axis}: {len(records)} prompts")
 

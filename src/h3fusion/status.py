@@ -131,21 +131,21 @@ def evaluated_counts(config: RunConfig) -> dict[str, int]:
 def generation_left(config: RunConfig, counts: dict[str, int]) -> tuple[float, int] | None:
     """(seconds, parts they are estimated from) of the answers still to generate, at this run's pace: the median
     seconds per answer of every part on that axis with answers timed (``stats.json``: a finished axis, or an
-    unfinished one's windows so far under "partial"; a resumed part's ``prompts`` and ``seconds`` add up its
-    processes'), times the system's own speed against those medians on the axes it has timed (ensemble-logits, three
-    passes a token, runs slower; 1 for a system with none timed). The TruthfulQA MC1/MC2 scoring each system does
-    before its answers counts too, at the median seconds per question of the systems that timed theirs ("honest_mc"),
-    once one has. None when nothing is left to generate or an axis with answers left has no timed part yet."""
+    unfinished one's windows so far under "partial"), times the system's own speed against those medians on the axes
+    it has timed (ensemble-logits, three passes a token, runs slower; 1 for a system with none timed). The TruthfulQA
+    MC1/MC2 scoring each system does before its answers counts too, once one system has timed it ("honest_mc"): the
+    median seconds per question of those timed, each divided by its system's speed, times the speed of the system
+    still to score. None when nothing is left to generate or an axis with answers left has no timed part yet."""
     from h3fusion.systems import generated_systems
 
     systems = generated_systems(config)
     paces: dict[str, dict[str, float]] = {}  # system -> axis -> seconds per answer
-    mc_paces: list[float] = []  # seconds per MC question
+    mc_paces: dict[str, float] = {}  # system -> seconds per MC question
     for system in systems:
         stats = _json(runs.generation_stats_file(config, system)) or {}
         mc = stats.get(runs.MC_STATS)
         if isinstance(mc, dict) and _number(mc.get("seconds")) and _number(mc.get("questions")) and mc["questions"] > 0:
-            mc_paces.append(mc["seconds"] / mc["questions"])
+            mc_paces[system] = mc["seconds"] / mc["questions"]
         partial = stats.get(runs.PARTIAL_STATS)
         for axis in counts:
             part = stats.get(axis, partial.get(axis) if isinstance(partial, dict) else None)
@@ -154,19 +154,22 @@ def generation_left(config: RunConfig, counts: dict[str, int]) -> tuple[float, i
             if part["prompts"] > 0:  # none: every answer was there before that process (no pace to read)
                 paces.setdefault(system, {})[axis] = part["seconds"] / part["prompts"]
     medians = {axis: median(found) for axis in counts if (found := [p[axis] for p in paces.values() if axis in p])}
-    left = 0.0
+    factors = {}
     for system in systems:
         own = [pace / medians[axis] for axis, pace in paces.get(system, {}).items() if medians[axis] > 0]
-        factor = median(own) if own else 1.0
+        factors[system] = median(own) if own else 1.0
+    mc_median = median(pace / factors[system] for system, pace in mc_paces.items()) if mc_paces else None
+    left = 0.0
+    for system in systems:
         for axis, needed in counts.items():
             remaining = needed - min(_complete_lines(runs.generated_file(config, system, axis)), needed)
             if remaining <= 0:
                 continue
             if axis not in medians:
                 return None
-            left += remaining * medians[axis] * factor
-        if mc_paces and "honest" in counts and not runs.mc_file(config, system).is_file():
-            left += counts["honest"] * median(mc_paces) * factor
+            left += remaining * medians[axis] * factors[system]
+        if mc_median is not None and "honest" in counts and not runs.mc_file(config, system).is_file():
+            left += counts["honest"] * mc_median * factors[system]
     return (left, sum(len(p) for p in paces.values()) + len(mc_paces)) if left > 0 else None
 
 
