@@ -92,8 +92,9 @@ def test_a_killed_axis_keeps_its_time_and_tokens(tmp_path, tiny, monkeypatch):
             raise Killed
 
     monkeypatch.setattr(generate, "write_json", killed_after_first_window)
-    with pytest.raises(Killed):
-        _generate_axes(config, "base", model, tokenizer, {"helpful": RECORDS}, {}, False, print)
+    stale = {"helpful": {"prompts": 7, "resumed_after": 0, "new_tokens": 1, "seconds": 1.0}}  # answers since moved
+    with pytest.raises(Killed):  # away: the axis is to do, and its old entry must not make it look finished
+        _generate_axes(config, "base", model, tokenizer, {"helpful": RECORDS}, stale, False, print)
     monkeypatch.undo()
     written = json.loads(stats_file.read_text())
     so_far = written[runs.PARTIAL_STATS]["helpful"]
