@@ -70,6 +70,17 @@ class Killed(Exception):
     pass
 
 
+class Clock:
+    """``generate``'s clock: each reading ``step`` seconds after the last (a process as slow as the test says)."""
+
+    def __init__(self, step: float):
+        self.now, self.step = 0.0, step
+
+    def time(self) -> float:
+        self.now += self.step
+        return self.now
+
+
 def test_a_killed_axis_keeps_its_time_and_tokens(tmp_path, tiny, monkeypatch):
     """Stats so far are written after each window (stats.json's "partial"); the process that finishes the axis adds its
     own to them, so the axis's prompts and tokens are an uninterrupted run's, however often it was killed."""
@@ -92,6 +103,7 @@ def test_a_killed_axis_keeps_its_time_and_tokens(tmp_path, tiny, monkeypatch):
             raise Killed
 
     monkeypatch.setattr(generate, "write_json", killed_after_first_window)
+    monkeypatch.setattr(generate, "time", Clock(100.0))  # the killed process: slow
     stale = {"helpful": {"prompts": 7, "resumed_after": 0, "new_tokens": 1, "seconds": 1.0}}  # answers since moved
     with pytest.raises(Killed):  # away: the axis is to do, and its old entry must not make it look finished
         _generate_axes(config, "base", model, tokenizer, {"helpful": RECORDS}, stale, False, print)
@@ -99,14 +111,15 @@ def test_a_killed_axis_keeps_its_time_and_tokens(tmp_path, tiny, monkeypatch):
     written = json.loads(stats_file.read_text())
     so_far = written[runs.PARTIAL_STATS]["helpful"]
     assert "helpful" not in written and so_far["prompts"] == 4 and so_far["new_tokens"] > 0
-    assert len(lines(runs.generated_file(config, "base", "helpful"))) == 4
+    assert len(lines(runs.generated_file(config, "base", "helpful"))) == 4 and so_far["seconds"] >= 100
 
+    monkeypatch.setattr(generate, "time", Clock(1.0))  # the process that finishes: fast
     _generate_axes(config, "base", model, tokenizer, {"helpful": RECORDS}, written, False, print)
     done = json.loads(stats_file.read_text())
     assert runs.PARTIAL_STATS not in done  # the axis is finished: its part moved where finished axes are
     assert done["helpful"]["prompts"] == 7 and done["helpful"]["resumed_after"] == 0
     assert done["helpful"]["new_tokens"] == uninterrupted["new_tokens"]
-    assert done["helpful"]["seconds"] >= so_far["seconds"]
+    assert done["helpful"]["seconds"] >= so_far["seconds"] + 1  # the killed process's time plus this one's
     assert lines(runs.generated_file(config, "base", "helpful")) == lines(tmp_path / "full.jsonl")
 
     # killed after a window's answers were written but before they were recorded: that window counts under
@@ -127,21 +140,51 @@ def test_a_killed_axis_keeps_its_time_and_tokens(tmp_path, tiny, monkeypatch):
     assert restarted["prompts"] == 7 and restarted["new_tokens"] == uninterrupted["new_tokens"]
 
 
-def test_the_mc_scoring_is_timed_for_status(tmp_path, tiny, data_dir):
+def test_a_stale_part_is_replaced_before_the_first_window_is_written(tmp_path, tiny):
+    """The part an earlier process recorded for answers since moved away is replaced as soon as a new process starts:
+    killed after writing its first window but before recording it, the next process must not read the old part as
+    that window's (same count of answers, another process's time and tokens)."""
+    model, tokenizer = tiny
+    out = tmp_path / "moved.jsonl"  # its earlier answers were moved away: the file is new
+    stale = {"prompts": 4, "resumed_after": 0, "new_tokens": 999, "seconds": 500.0}
+    recorded: list[dict] = []
+
+    def killed_before_recording_a_window(part):
+        if part["prompts"] > 0:
+            raise Killed  # the window's answers are on disk, its stats are not
+        recorded.append(part)
+
+    with pytest.raises(Killed):
+        generate_jsonl(model, tokenizer, RECORDS, out, max_new_tokens=5, batch_size=1, progress=False,
+                       earlier=stale, on_window=killed_before_recording_a_window)
+    assert len(lines(out)) == 4 and recorded and recorded[-1]["new_tokens"] == 0
+    resumed = generate_jsonl(model, tokenizer, RECORDS, out, max_new_tokens=5, batch_size=1, progress=False,
+                             earlier=recorded[-1] if recorded else stale)
+    assert (resumed["prompts"], resumed["resumed_after"]) == (3, 4) and resumed["new_tokens"] < 999
+    # a part no stats.json should hold (an edited file: an infinite count) is dropped, not a crash
+    again = generate_jsonl(model, tokenizer, RECORDS, tmp_path / "edited.jsonl", max_new_tokens=5, batch_size=1,
+                           progress=False, earlier={**stale, "new_tokens": float("inf")})
+    assert again["prompts"] == 7 and again["resumed_after"] == 0
+
+
+def test_the_mc_scoring_is_timed_for_status(tmp_path, tiny, data_dir, monkeypatch):
     """The TruthfulQA MC1/MC2 scores are written with the time they took (stats.json "honest_mc"), which
     `h3fusion status` counts in the generation left; stats.json names no axis for it (an axis named there is done)."""
     from h3fusion import runs
     from h3fusion.config import build_config
     from h3fusion.generate import _generate_axes
 
+    from h3fusion import generate
+
     model, tokenizer = tiny
     config = build_config({"run_dir": str(tmp_path / "run"), "data": {"dir": str(data_dir)},
                            "evaluate": {"honest_n": 3}})
     runs.generated_dir(config, "base").mkdir(parents=True)
+    monkeypatch.setattr(generate, "time", Clock(2.5))  # read before and after the scoring: 2.5 s apart
     _generate_axes(config, "base", model, tokenizer, {}, {}, True, print)
     stats = json.loads(runs.generation_stats_file(config, "base").read_text())
     assert set(stats) == {runs.MC_STATS} and stats[runs.MC_STATS]["questions"] == 3
-    assert stats[runs.MC_STATS]["seconds"] > 0 and json.loads(runs.mc_file(config, "base").read_text())["n"] == 3
+    assert stats[runs.MC_STATS]["seconds"] == 2.5 and json.loads(runs.mc_file(config, "base").read_text())["n"] == 3
 
 
 def test_corrupt_line_is_named(tmp_path):

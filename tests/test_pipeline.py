@@ -484,6 +484,12 @@ def test_generation_left_follows_the_run_s_own_pace(tmp_path):
     runs.mc_file(config, slow).write_text("{}")
     mc = 0.5 * counts["honest"] * (1 + 1 + rest)  # fast, partial and the rest at 1x; slow has its scores
     assert generation_left(config, counts) == (pytest.approx(expected + mc), len(counts) + 3)
+    # an edited stats.json: a part that took no time (no speed to scale by: 1x, never a division by zero), with
+    # its MC time at 0.5 s a question; a negative duration is not a pace
+    runs.generation_stats_file(config, partial).write_text(json.dumps({
+        first: {"prompts": 10, "seconds": 0.0}, runs.MC_STATS: {"questions": 10, "seconds": 5.0},
+        runs.PARTIAL_STATS: {others[0]: {"prompts": 5, "resumed_after": 0, "seconds": -10.0}}}))
+    assert generation_left(config, counts) == (pytest.approx(expected + mc), len(counts) + 4)
 
 
 def test_status_says_where_a_run_stands_and_writes_nothing(tmp_path, uninterrupted, tiny_llama_dir, data_dir,

@@ -10,6 +10,7 @@ the batch).
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -83,7 +84,11 @@ def generate_jsonl(
                for i, r in enumerate(records)]
     model.eval()
     stats = {"prompts": len(pending), "resumed_after": len(done), "new_tokens": 0, "seconds": 0.0}
-    earlier = _earlier_part(earlier, len(done))
+    given, earlier = earlier, _earlier_part(earlier, len(done))
+    if given is not None and earlier is None and on_window is not None:
+        # the stale part is replaced now: left on disk until this process's first window is recorded, it could
+        # pass for that window's part once the window is written (a kill between the two)
+        on_window(_totals(None, {**stats, "prompts": 0}, 0.0))
     bar = None
     if progress and pending and os.environ.get("H3FUSION_NO_PROGRESS") != "1":  # as the Trainer's bars
         from tqdm.auto import tqdm
@@ -126,7 +131,7 @@ def _earlier_part(earlier, on_disk: int) -> dict | None:
     stats.json) or counts answers the file no longer holds (moved away, made again from the start, cut back to a
     window's start)."""
     def count(value) -> bool:
-        return isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
 
     if not (isinstance(earlier, dict) and all(count(earlier.get(k)) for k in ("prompts", "resumed_after",
                                                                             "new_tokens", "seconds"))):

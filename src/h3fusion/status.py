@@ -13,6 +13,7 @@ with one line naming them) and judgements by a judge since refitted (``evaluate`
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import median
@@ -41,7 +42,8 @@ def _json(path: Path) -> dict | None:
 
 
 def _number(value) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    """A count or duration as stats.json records one: finite and not negative (an edited file may say otherwise)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
 
 
 def _complete_lines(path: Path) -> int:
@@ -157,7 +159,8 @@ def generation_left(config: RunConfig, counts: dict[str, int]) -> tuple[float, i
     factors = {}
     for system in systems:
         own = [pace / medians[axis] for axis, pace in paces.get(system, {}).items() if medians[axis] > 0]
-        factors[system] = median(own) if own else 1.0
+        # a system whose timed parts took no time (only an edited stats.json) has no speed to scale by
+        factors[system] = median(own) if own and median(own) > 0 else 1.0
     mc_median = median(pace / factors[system] for system, pace in mc_paces.items()) if mc_paces else None
     left = 0.0
     for system in systems:
