@@ -170,11 +170,9 @@ def test_a_stale_part_is_replaced_before_the_first_window_is_written(tmp_path, t
 def test_the_mc_scoring_is_timed_for_status(tmp_path, tiny, data_dir, monkeypatch):
     """The TruthfulQA MC1/MC2 scores are written with the time they took (stats.json "honest_mc"), which
     `h3fusion status` counts in the generation left; stats.json names no axis for it (an axis named there is done)."""
-    from h3fusion import runs
+    from h3fusion import generate, runs
     from h3fusion.config import build_config
     from h3fusion.generate import _generate_axes
-
-    from h3fusion import generate
 
     model, tokenizer = tiny
     config = build_config({"run_dir": str(tmp_path / "run"), "data": {"dir": str(data_dir)},
