@@ -100,7 +100,9 @@ def judge_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("judges")
 
 
-SMALL_JUDGES = {"fit_max_rows": 300}  # smoke-test judges: fast to fit, figures meaningless
+SMALL_JUDGES = {"fit_max_rows": 100}
+"""Smoke-test judges: fast to fit, figures meaningless. test_judges fits them at this size too, into the session's
+`judge_cache`, so the tests that evaluate and those that check the judges share one fit."""
 EVALUATED = {"helpful_n": 4, "harmless_n": 4, "honest_n": 4}
 
 
