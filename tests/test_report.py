@@ -170,8 +170,9 @@ def test_axis_targets_show_the_paired_difference_to_their_own_expert(run):
         line = next(line for line in targets.splitlines() if f"no {axis} loss" in line)
         ours, theirs = systems["h3fusion"][axis], systems[f"expert-{axis}"][axis]
         corrected = sign * (ours[f"{key}_corrected"] - theirs[f"{key}_corrected"])
-        assert f"{ours[key]:.3f} vs {theirs[key]:.3f}; corrected difference (positive: H3Fusion better) " \
-               f"{corrected:+.3f} [" in line, line
+        raw = sign * (ours[key] - theirs[key])
+        assert f"{ours[key]:.3f} vs {theirs[key]:.3f}, difference (positive: H3Fusion better) {raw:+.3f}, the " \
+               f"verdict's; judge-corrected difference {corrected:+.3f} [" in line, line
         assert line.endswith("(prompts + judge)")
 
 

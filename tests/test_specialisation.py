@@ -228,5 +228,6 @@ def test_stretch_margins_read_the_figures_the_hhh_verdicts_read():
     targets = {t.text: t for t in check_targets(results, ["helpful"], reps, {})}
     over_expert = next(t for text, t in targets.items() if "over best expert" in text)
     over_merge = next(t for text, t in targets.items() if "over best merge" in text)
-    assert over_expert.status == MISSED and over_expert.figures == "+4.00% over expert-helpful (corrected hhh)"
+    assert over_expert.status == MISSED  # corrected 0.52 / 0.50, though raw 0.46 / 0.40 is +15%: printed beside it
+    assert over_expert.figures == "+4.00% over expert-helpful (corrected hhh; raw hhh +15.00%)"
     assert over_merge.status == MET and over_merge.figures == "+15.00% over merge-linear"  # raw: 0.46 / 0.40
