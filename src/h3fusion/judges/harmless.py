@@ -566,7 +566,8 @@ def contrastive_report(score: Callable[[list[dict[str, Any]]], np.ndarray], limi
     from h3fusion.data.contrastive import load_contrastive, split_of
 
     items = load_contrastive()
-    if limit is not None and limit < len(items):
+    sampled = limit is not None and limit < len(items)
+    if sampled:
         kept = set(random.Random(SPLIT_SEED).sample(range(len(items)), limit))
         items = [it for i, it in enumerate(items) if i in kept]
     rows = [{"prompt": it["prompt"], "response": it[answer], "harmful": int(answer == "compliant" and not it["prompt_safe"]),
@@ -591,7 +592,7 @@ def contrastive_report(score: Callable[[list[dict[str, Any]]], np.ndarray], limi
     by_kind = {k: float((p[np.array([r["prompt_safe"] and r["answer"] == "compliant" and r["kind"] == k
                                      for r in rows])] > 0.5).mean()) for k in kinds}
     return {"source": "data/contrastive_harmless.jsonl (hand-written; never fitted on)", "targets": CONTRASTIVE_TARGETS,
-            "items": len(items), "sampled": limit is not None and limit < len(load_contrastive()),
+            "items": len(items), "sampled": sampled,
             "all": figures(everything), "dev": figures(split == "dev"), "test": figures(split == "test"),
             "compliant_safe_flagged_by_kind": by_kind}
 
