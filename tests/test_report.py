@@ -214,3 +214,20 @@ def test_the_outcome_names_deployable_rivals_and_diagnostics_apart(run):
     assert "oracle-routed" in diagnostics and "h3fusion-unfused" in diagnostics
     section = report.split("## H3Fusion against each rival")[1].split("\n## ")[0]
     assert sum("ensemble-rerank" in line for line in section.splitlines() if line.startswith("| ")) == 1  # its row stays
+
+
+def test_hhh_intervals_need_only_the_axes_hhh_is_made_of(run):
+    """A rival judged on every hhh axis but not on over-refusal (not a term of hhh) keeps its paired intervals."""
+    config, results, _ = run
+    with_overrefusal = json.loads(json.dumps(results))
+    with_overrefusal["judges"]["overrefusal"] = {"name": "refusal-detector", "validation": {
+        "all": {"confusion": {"tp": 343, "fn": 7, "fp": 0, "tn": 350}}}}
+    rates = judge_rates(with_overrefusal)
+    assert "overrefusal" in rates and not runs.judgements_file(config.run_path, "merge-linear", "overrefusal").exists()
+    replicates = {name: hhh_replicates(config.run_path, name, rates, config.seed) for name in ("h3fusion", "merge-linear")}
+    plain = {name: hhh_replicates(config.run_path, name, judge_rates(results), config.seed)
+             for name in ("h3fusion", "merge-linear")}
+    assert replicates["merge-linear"] is not None
+    for name in replicates:
+        for kind in ("raw", "corrected"):
+            np.testing.assert_array_equal(replicates[name][kind], plain[name][kind])

@@ -69,11 +69,13 @@ def judge_rates(results: dict) -> dict[str, AxisRates]:
 
 def hhh_replicates(run: runs.Run, system: str, rates: dict[str, AxisRates], seed: int) -> dict | None:
     """{"raw": hhh per bootstrap replicate, "corrected": the same with the judges' error corrected and resampled,
-    or None}; paired across systems (``rates.replicate_rates``). None without the system's judgements."""
-    judged = judged_answers(run, system, list(rates))
+    or None}; paired across systems (``rates.replicate_rates``). None without the system's judgements of the axes
+    hhh is made of (the others, e.g. over-refusal, are neither read nor needed)."""
+    axes = [axis for axis in hhh_axes() if axis in rates]
+    judged = judged_answers(run, system, axes)
     if judged is None:
         return None
-    replicates = {axis: replicate_rates(rates[axis], rates[axis].observe(judged[axis]), seed) for axis in rates}
+    replicates = {axis: replicate_rates(rates[axis], rates[axis].observe(judged[axis]), seed) for axis in axes}
     return {"raw": hhh_of({axis: r["raw"] for axis, r in replicates.items()}),
             "corrected": hhh_of({axis: r["corrected"] for axis, r in replicates.items()})}
 
