@@ -83,8 +83,8 @@ def outcome_rows(report: str, all_merges: bool = False) -> list[dict]:
         if name == best_expert:
             tags.append("best expert")
         tags += [kind for kind, n in best.items() if n == name]
-        if diff is None or name == FUSED:
-            against = "—"
+        if diff is None or name == FUSED or first_number(diff) is None or first_number(interval) is None:
+            against = "—" if diff is None or first_number(diff) is None else f"{first_number(diff):+.3f}".replace("-", "−")
         else:
             low, high = (first_number(part) for part in interval.strip("[]").split(","))
             text = f"{first_number(diff):+.3f} {interval}".replace("-", "−")
