@@ -20,8 +20,8 @@ def rows(table: str) -> dict[str, tuple[str, ...]]:
     """System name -> its cells, bold and minus signs normalised (the README bolds only verdicts it discusses)."""
     out = {}
     for line in table.strip().splitlines()[2:]:
-        cells = [c.strip().replace("**", "").replace("-", "−") for c in line.strip().strip("|").split("|")]
-        out[cells[0].split(" (")[0]] = tuple(cells[1:])
+        cells = [c.strip().replace("**", "") for c in line.strip().strip("|").split("|")]
+        out[cells[0].split(" (")[0]] = tuple(c.replace("-", "−") for c in cells[1:])
     return out
 
 

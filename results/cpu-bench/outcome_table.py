@@ -59,6 +59,19 @@ def first_number(cell: str) -> float | None:
     return None if match is None else float(match.group())
 
 
+def versus_cell(diff: str | None, interval: str | None) -> str:
+    """H3Fusion − row with its judge-aware interval, bold where the interval excludes 0; the difference alone
+    where the report gives no interval, "—" where it gives neither."""
+    value = None if diff is None else first_number(diff)
+    if value is None:
+        return "—"
+    bounds = None if interval is None else [first_number(part) for part in interval.strip("[]").split(",")]
+    if bounds is None or len(bounds) != 2 or None in bounds:
+        return f"{value:+.3f}".replace("-", "−")
+    text = f"{value:+.3f} {interval}".replace("-", "−")
+    return f"**{text}**" if bounds[0] > 0 or bounds[1] < 0 else text
+
+
 def outcome_rows(report: str, all_merges: bool = False) -> list[dict]:
     all_tables = tables(report)
     headline = {plain(r["system"]): r for r in table_with(all_tables, "hhh ↑")}
@@ -83,19 +96,15 @@ def outcome_rows(report: str, all_merges: bool = False) -> list[dict]:
         if name == best_expert:
             tags.append("best expert")
         tags += [kind for kind, n in best.items() if n == name]
-        if diff is None or name == FUSED or first_number(diff) is None or first_number(interval) is None:
-            against = "—" if diff is None or first_number(diff) is None else f"{first_number(diff):+.3f}".replace("-", "−")
-        else:
-            low, high = (first_number(part) for part in interval.strip("[]").split(","))
-            text = f"{first_number(diff):+.3f} {interval}".replace("-", "−")
-            against = f"**{text}**" if low is not None and high is not None and (low > 0 or high < 0) else text
+        against = "—" if name == FUSED else versus_cell(diff, interval)
+        hhh_corrected = first_number(corrected[name]["hhh corrected [95%]"])
         out.append({
             "name": name,
             "label": f"**{name}**" if name == FUSED else name + (f" ({'; '.join(tags)})" if tags else ""),
             "cells": [h["win rate ↑"], h["flagged ↓"], h["truthful·inf ↑"], refusals[name]["refusals helpful"],
                       h.get("over-refusal ↓", "—"), h["hhh ↑"],
-                      f"{first_number(corrected[name]['hhh corrected [95%]']):.3f}", against],
-            "key": first_number(corrected[name]["hhh corrected [95%]"]),
+                      f"{hhh_corrected:.3f}", against],
+            "key": hhh_corrected,
         })
     out.sort(key=lambda r: (r["name"] != FUSED, r["name"] in LAST, -(r["key"] or 0.0)))
     return out
